@@ -1,0 +1,51 @@
+"""Sessions: ``tests`` (CPU suite, coverage per package), ``lint``, ``gpu``, ``bench``.
+
+``./dev test`` runs ``nox --no-venv -s tests`` inside the project's .venv. Each package's tests run
+in their own pytest process with coverage of that package alone; cross-package tests in
+``tests/`` run last with coverage of everything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.sessions = ["tests"]
+
+
+def packages() -> list[tuple[str, str]]:
+    """(distribution directory, import name) of every package under packages/."""
+    out = []
+    for pkg in sorted((ROOT / "packages").iterdir()):
+        src = pkg / "src"
+        if (pkg / "pyproject.toml").exists() and src.exists():
+            names = [p.name for p in src.iterdir() if (p / "__init__.py").exists()]
+            out.extend((pkg.name, n) for n in names)
+    return out
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """CPU test suite: one pytest run per package, then the cross-package tests."""
+    extra = list(session.posargs)
+    for dist, module in packages():
+        tests_dir = ROOT / "packages" / dist / "tests"
+        session.log(f"=== {dist} (coverage of {module}) ===")
+        session.run("pytest", str(tests_dir), f"--cov={module}", "--cov-report=term",
+                    "-m", "not gpu", *extra)
+    session.log("=== cross-package tests ===")
+    covs = [f"--cov={m}" for _, m in packages()]
+    session.run("pytest", str(ROOT / "tests"), *covs, "--cov-report=term", "-m", "not gpu", *extra)
+
+
+@nox.session(venv_backend="none")
+def lint(session: nox.Session) -> None:
+    session.run("ruff", "check", "packages", "tests", "noxfile.py")
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """GPU tests (need CUDA): ``nox -s gpu`` on the GPU machine."""
+    session.run("pytest", "-m", "gpu", "packages", "tests", *session.posargs)

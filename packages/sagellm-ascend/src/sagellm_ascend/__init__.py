@@ -1,0 +1,1 @@
+"""sagellm-ascend: Huawei Ascend NPU backend for sageLLM (torch_npu, HCCL)."""

@@ -1,0 +1,1 @@
+"""Reusable building blocks for backends, and the built-in CPU backend."""

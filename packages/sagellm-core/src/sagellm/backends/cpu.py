@@ -1,0 +1,67 @@
+"""The built-in CPU backend: reference attention in torch, gloo for communication.
+
+It registers through core's own ``sagellm.backends`` entry point, exactly like a third-party
+plugin does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sagellm.backends.torch_attention import TorchAttentionBackend
+from sagellm.backends.torch_comm import TorchDistributedComm
+from sagellm.backends.torch_kv import TorchKVBackend
+from sagellm.hookspecs import hookimpl
+from sagellm.protocols import (
+    Availability,
+    Capabilities,
+    KVCacheSpec,
+    MemoryInfo,
+    Platform,
+)
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+
+    @classmethod
+    def is_available(cls) -> Availability:
+        return Availability.yes(f"{os.cpu_count()} cores, torch {torch.__version__}")
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        return Capabilities(
+            dtypes=(torch.float32, torch.bfloat16, torch.float16),
+            default_dtype=torch.float32,
+            supports_graphs=False,
+            dist_backend="gloo",
+            priority=0,
+        )
+
+    def memory_info(self) -> MemoryInfo:
+        try:
+            pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            pages = free = 8 << 30
+        return MemoryInfo(free_bytes=free, total_bytes=pages)
+
+    def device_name(self) -> str:
+        return f"cpu ({os.cpu_count()} cores)"
+
+    def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> TorchKVBackend:
+        return TorchKVBackend(spec, num_blocks, self.device)
+
+    def make_attention_backend(self) -> TorchAttentionBackend:
+        return TorchAttentionBackend()
+
+    def make_comm_backend(self, rank: int, world_size: int) -> TorchDistributedComm:
+        return TorchDistributedComm(self.device)
+
+
+@hookimpl
+def sagellm_register_backends(register) -> None:  # type: ignore[no-untyped-def]
+    register(CpuPlatform)

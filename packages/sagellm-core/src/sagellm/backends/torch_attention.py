@@ -1,0 +1,88 @@
+"""Reference attention over the paged pool in plain torch.
+
+Correct on every device torch supports and the numerical reference for faster kernels: each
+backend's conformance tests compare against this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sagellm.protocols import AttentionBackend, DecodeMetadata, PrefillMetadata
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` cached tokens of one sequence: ``[length, kv_heads, head_dim]``."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    blocks = cache[block_table[:num_blocks].long()]
+    return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          causal: bool, scale: float) -> torch.Tensor:
+    # q: [Lq, H, D], k/v: [Lk, Hkv, D] -> [Lq, H, D]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+    )
+    return out.transpose(0, 1)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch-sdpa"
+
+    def write_kv(self, key, value, key_cache, value_cache, slot_mapping):  # type: ignore[override]
+        valid = slot_mapping >= 0
+        if not bool(valid.all()):
+            key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+        key_cache.view(-1, *key_cache.shape[2:])[slot_mapping.long()] = key.to(key_cache.dtype)
+        value_cache.view(-1, *value_cache.shape[2:])[slot_mapping.long()] = value.to(value_cache.dtype)
+
+    def prefill(self, query, key, value, key_cache, value_cache, meta: PrefillMetadata, scale):  # type: ignore[override]
+        out = torch.empty_like(query)
+        cu = meta.cu_seqlens_q.tolist()
+        seq_lens = meta.seq_lens_list or meta.seq_lens.tolist()
+        ctx_lens = meta.context_lens_list or meta.context_lens.tolist()
+        for i in range(len(seq_lens)):
+            s, e = cu[i], cu[i + 1]
+            q = query[s:e]
+            if ctx_lens[i] == 0:
+                out[s:e] = _sdpa(q, key[s:e], value[s:e], None, True, scale)
+                continue
+            k = gather_kv(key_cache, meta.block_tables[i], seq_lens[i]).to(q.dtype)
+            v = gather_kv(value_cache, meta.block_tables[i], seq_lens[i]).to(q.dtype)
+            q_pos = torch.arange(ctx_lens[i], seq_lens[i], device=q.device)
+            k_pos = torch.arange(seq_lens[i], device=q.device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+            out[s:e] = _sdpa(q, k, v, mask, False, scale)
+        return out
+
+    def decode(self, query, key_cache, value_cache, meta: DecodeMetadata, scale):  # type: ignore[override]
+        # Batched: gather every sequence's blocks into a padded [B, L, Hkv, D] and mask the tail.
+        bsz = query.shape[0]
+        block_size = key_cache.shape[1]
+        max_blocks = (meta.max_seq_len + block_size - 1) // block_size
+        tables = meta.block_tables[:, :max_blocks].long()
+        k = key_cache[tables].reshape(bsz, max_blocks * block_size, *key_cache.shape[2:])
+        v = value_cache[tables].reshape(bsz, max_blocks * block_size, *value_cache.shape[2:])
+        k, v = k.to(query.dtype), v.to(query.dtype)
+        groups = query.shape[1] // k.shape[2]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=2)
+            v = v.repeat_interleave(groups, dim=2)
+        pos = torch.arange(max_blocks * block_size, device=query.device)
+        mask = pos[None, :] < meta.seq_lens[:, None].to(query.device)  # [B, L]
+        out = F.scaled_dot_product_attention(
+            query.unsqueeze(2),  # [B, H, 1, D]
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+        )
+        return out.squeeze(2)

@@ -1,0 +1,143 @@
+"""The ``sagellm`` command: ``backends``, ``generate``, ``chat``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", default="auto", help="backend name, or auto (default)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "safetensors", "gguf", "dummy"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug (one line per step)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+
+
+def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from sagellm.llm import LLM
+
+    kwargs = {"dtype": args.dtype, "load_format": args.load_format,
+              "tensor_parallel_size": args.tensor_parallel_size}
+    if args.max_model_len:
+        kwargs["max_model_len"] = args.max_model_len
+    return LLM(model=args.model, backend=args.backend, **kwargs)
+
+
+def _params(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from sagellm.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from sagellm.plugins import get_registry
+
+    reg = get_registry()
+    if args.json:
+        choice = reg.auto_choice()
+        print(json.dumps({
+            "backends": [b.as_dict() for b in reg.backends.values()],
+            "failures": [{"entry_point": f.entry_point, "distribution": f.distribution,
+                          "error": f.error} for f in reg.failures],
+            "clashes": {n: [b.distribution for b in bs] for n, bs in reg.clashes.items()},
+            "auto": choice.name if choice else None,
+        }, indent=2))
+    else:
+        print(reg.describe())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    prompts = args.prompt or [sys.stdin.read()]
+    params = _params(args)
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    for out in outs:
+        print(out.text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _params(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("sagellm chat: type a message, /reset to clear, Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        out = llm.chat(history, params, use_tqdm=False)[0]
+        print(out.text, flush=True)
+        history.append({"role": "assistant", "content": out.text})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sagellm", description="sageLLM inference engine")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("backends", help="list discovered backends and which one auto picks")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_backends)
+    g = sub.add_parser("generate", help="generate for one or more prompts")
+    g.add_argument("prompt", nargs="*", help="prompt text (default: read stdin)")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the chat template (default on; --no-chat for raw completion)")
+    _engine_args(g)
+    _sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with the model")
+    c.add_argument("--system", default=None, help="system prompt")
+    _engine_args(c)
+    _sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0), logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from sagellm.plugins import BackendError
+
+        if isinstance(exc, (BackendError, FileNotFoundError, ValueError)):
+            print(f"sagellm: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Engine configuration, validated once at start-up."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LoadFormat = Literal["auto", "hf", "safetensors", "gguf", "dummy"]
+
+
+class EngineConfig(BaseModel):
+    """Everything ``LLMEngine`` needs; ``LLM(**kwargs)`` and the CLIs fill it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="HF directory, GGUF file, or None for the embedded default")
+    tokenizer: str | None = None
+    backend: str = "auto"
+    dtype: str = "auto"
+    load_format: LoadFormat = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = Field(16, ge=1)
+    #: Fraction of device memory the engine may use in total (weights, activations, KV).
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    #: Fixed KV pool size in blocks (overrides profiling); mainly for tests and small devices.
+    num_kv_blocks: int | None = Field(None, ge=1)
+    #: KV pool size in bytes for the CPU backend (which does not profile).
+    cpu_kv_cache_bytes: int = Field(1 << 30, ge=1 << 20)
+    max_num_seqs: int = Field(256, ge=1)
+    #: Token budget of one step, prefill and decode tokens together.
+    max_num_batched_tokens: int = Field(8192, ge=16)
+    #: Prefill token budget of one step; longer prompts are prefilled in chunks of at most this.
+    max_prefill_tokens: int | None = Field(None, ge=16)
+    enforce_eager: bool = False
+    tensor_parallel_size: int = Field(1, ge=1)
+    device_index: int = 0
+
+    @model_validator(mode="after")
+    def _budgets(self) -> EngineConfig:
+        if self.max_prefill_tokens is None:
+            self.max_prefill_tokens = self.max_num_batched_tokens
+        if self.max_prefill_tokens > self.max_num_batched_tokens:
+            raise ValueError("max_prefill_tokens must not exceed max_num_batched_tokens")
+        return self

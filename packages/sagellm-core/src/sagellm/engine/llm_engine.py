@@ -1,0 +1,319 @@
+"""The synchronous engine: requests in, one scheduled and executed step per ``step()`` call."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from sagellm.config import EngineConfig
+from sagellm.engine.block_manager import BlockManager
+from sagellm.engine.detokenizer import IncrementalDetokenizer
+from sagellm.engine.model_runner import ModelRunner
+from sagellm.engine.plan import PrefillOp, StepPlan
+from sagellm.engine.scheduler import Scheduler
+from sagellm.engine.sequence import Sequence, SequenceStatus
+from sagellm.layers.parallel import SINGLE, TPGroup
+from sagellm.loader import load_model
+from sagellm.models.llama import head_dim_of
+from sagellm.outputs import RequestMetrics, RequestOutput
+from sagellm.plugins import Registry, get_registry, make_plugin_manager
+from sagellm.protocols import KVCacheSpec, Platform
+from sagellm.sampling_params import SamplingParams
+
+logger = logging.getLogger("sagellm.engine")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    kv_fragmentation: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    num_preemptions: int
+    num_steps: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, *, registry: Registry | None = None,
+                 platform: Platform | None = None, tp: TPGroup = SINGLE, **kwargs: object) -> None:
+        t0 = time.perf_counter()
+        self.config = config = config or EngineConfig(**kwargs)  # type: ignore[arg-type]
+        self.registry = registry or get_registry()
+        self.platform = platform or self.registry.select(config.backend).platform(config.device_index)
+        self.platform.set_device()
+        caps = self.platform.capabilities()
+        device = self.platform.device
+        self.device = device
+        torch.manual_seed(config.seed)
+        loaded = load_model(config, device, caps.default_dtype, tp)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.hf_config = loaded.hf_config
+        hf = self.hf_config
+        self.max_model_len = config.max_model_len or int(hf.max_position_embeddings)  # type: ignore[attr-defined]
+        self.vocab_size = int(hf.vocab_size)  # type: ignore[attr-defined]
+        self.eos_token_ids = self._eos_ids()
+        num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # type: ignore[index]
+        self.kv_spec = KVCacheSpec(
+            num_layers=int(hf.num_hidden_layers),  # type: ignore[attr-defined]
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim_of(hf),
+            block_size=config.block_size,
+            dtype=loaded.dtype,
+        )
+        self.attention = self.platform.make_attention_backend()
+        num_blocks = self._num_kv_blocks()
+        self.kv = self.platform.make_kv_backend(self.kv_spec, num_blocks)
+        self.block_manager = BlockManager(self.kv, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens,
+                                   config.max_prefill_tokens or config.max_num_batched_tokens)
+        runner = self.platform.make_model_runner(
+            model=self.model, kv=self.kv, attention=self.attention, device=device,
+            block_size=config.block_size, config=config)
+        self.runner: ModelRunner = runner or ModelRunner(  # type: ignore[assignment]
+            self.model, self.kv, self.attention, device, config.block_size)
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._prompts: dict[str, str | None] = {}
+        self._next_id = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self.startup_seconds = time.perf_counter() - t0
+        logger.info("engine ready in %.1f s: backend %s (%s), model %s, dtype %s, KV pool %d blocks "
+                    "x %d tokens = %d tokens", self.startup_seconds, self.platform.name,
+                    self.platform.device_name(), loaded.source, loaded.dtype, num_blocks,
+                    config.block_size, num_blocks * config.block_size)
+        self._notify_started()
+
+    # -- start-up helpers ------------------------------------------------------------------
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(eos)
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(self.tokenizer.eos_token_id)  # type: ignore[union-attr]
+        return frozenset(ids)
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        per_block = self.kv_spec.bytes_per_block
+        useful = -(-self.max_model_len // cfg.block_size) * cfg.max_num_seqs
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if self.device.type == "cpu":
+            return max(1, min(cfg.cpu_kv_cache_bytes // per_block, useful))
+        activation = self._profile_activation_bytes()
+        mem = self.platform.memory_info()
+        used = mem.total_bytes - mem.free_bytes
+        budget = int(mem.total_bytes * cfg.gpu_memory_utilization) - used - activation
+        if budget < per_block:
+            raise RuntimeError(
+                f"no device memory left for the KV cache: {mem.total_bytes / 2**30:.1f} GiB total, "
+                f"{used / 2**30:.1f} GiB in use, {activation / 2**30:.1f} GiB of activations; raise "
+                f"gpu_memory_utilization ({cfg.gpu_memory_utilization}) or lower max_num_batched_tokens")
+        return int(budget // per_block)
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self) -> int:
+        """Peak activation memory of the largest step, measured with a dummy prefill."""
+        from sagellm.engine.model_runner import ModelRunner
+
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        bs = self.config.block_size
+        tmp_kv = self.platform.make_kv_backend(self.kv_spec, -(-n // bs))
+        seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1))
+        seq.block_table = list(range(-(-n // bs)))
+        runner = ModelRunner(self.model, tmp_kv, self.attention, self.device, bs)
+        self.platform.synchronize()
+        self.platform.reset_peak_memory()
+        base = self.platform.max_memory_allocated()
+        plan = StepPlan(step_id=0, prefills=[PrefillOp(seq, 0, n)])
+        inp = runner.prepare(plan)
+        hidden = runner.forward(inp)
+        self.model.compute_logits(hidden)  # type: ignore[operator]
+        self.platform.synchronize()
+        peak = self.platform.max_memory_allocated() - base
+        del tmp_kv, runner, inp, hidden
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return max(peak, 0)
+
+    def _notify_started(self) -> None:
+        info = {"backend": self.platform.name, "model": self.loaded.source,
+                "num_kv_blocks": self.kv.num_blocks, "startup_seconds": self.startup_seconds}
+        if self.registry.pm is None:
+            return
+        for impl in self.registry.pm.hook.sagellm_engine_started.get_hookimpls():
+            try:
+                impl.function(engine_info=info)
+            except Exception:
+                logger.exception("sagellm_engine_started of %s failed", impl.plugin_name)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids")
+        return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]
+
+    def validate_prompt(self, token_ids: Seq[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in token_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens; the model's context is "
+                             f"{self.max_model_len}")
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = self.tokenize(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        self.validate_prompt(token_ids, params)
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, token_ids, params, self.eos_token_ids)
+        self.scheduler.add(seq)
+        self._seqs[request_id] = seq
+        self._prompts[request_id] = text
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return False
+        self._forget(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _forget(self, request_id: str) -> None:
+        self._seqs.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        self._prompts.pop(request_id, None)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        seqs = plan.sampling_seqs()
+        token_ids = self.runner.execute(plan)
+        self.scheduler.commit(plan)
+        self.num_prompt_tokens += sum(op.num_tokens for op in plan.prefills
+                                      if op.start < op.seq.num_prompt_tokens)
+        now = time.monotonic()
+        outputs = []
+        for seq, tok in zip(seqs, token_ids):
+            seq.append_token(tok)
+            self.num_generation_tokens += 1
+            m = seq.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            self._detokenize(seq)
+            self._check_stop(seq, tok)
+            if seq.status.finished:
+                m.finished_time = now
+                self.scheduler.finish(seq, seq.status)
+            new_text = self._emit_text(seq)
+            outputs.append(self._output(seq, [tok], new_text))
+            if seq.status.finished:
+                self._forget(seq.request_id)
+        return outputs
+
+    def _detokenize(self, seq: Sequence) -> None:
+        detok = self._detok.get(seq.request_id)
+        if detok is not None:
+            seq.output_text += detok.step(seq.token_ids)
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if tok in p.stop_token_ids:
+                seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, tok
+                return
+            if not p.ignore_eos and tok in seq.eos_token_ids:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                return
+            if p.stop:
+                for s in p.stop:
+                    idx = seq.output_text.find(s, max(0, seq.num_text_emitted - len(s)))
+                    if idx >= 0:
+                        seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, s
+                        seq.output_text = seq.output_text[: idx + (len(s) if p.include_stop_str_in_output else 0)]
+                        return
+        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.status = SequenceStatus.FINISHED_LENGTH
+
+    @staticmethod
+    def _emit_text(seq: Sequence) -> str:
+        """Text newly safe to show. While running, the last ``max(len(stop)) - 1`` characters
+        are held back, since they may turn out to start a stop string."""
+        text = seq.output_text
+        end = len(text)
+        if not seq.status.finished and seq.params.stop:
+            end = max(seq.num_text_emitted, end - max(len(s) for s in seq.params.stop) + 1)
+        delta = text[seq.num_text_emitted:end]
+        seq.num_text_emitted = end
+        return delta
+
+    def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
+        m = seq.metrics
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=self._prompts.get(seq.request_id),
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids,
+            text=seq.output_text,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            finished=seq.status.finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_preemptions=seq.num_preemptions,
+            metrics=RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time,
+                                   m.last_token_time, m.finished_time),
+        )
+
+    def get_stats(self) -> EngineStats:
+        b = self.block_manager.stats()
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=b.usage,
+            num_kv_blocks=b.num_blocks,
+            num_free_kv_blocks=b.num_free_blocks,
+            kv_fragmentation=b.fragmentation,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.scheduler.num_steps,
+        )

@@ -1,0 +1,171 @@
+"""Executes a step plan: builds the flat batch and attention metadata, runs the model, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from sagellm.engine.plan import StepPlan
+from sagellm.engine.sequence import Sequence
+from sagellm.layers.attention import ForwardContext
+from sagellm.layers.sampler import Sampler, SamplingBatch
+from sagellm.protocols import (
+    AttentionBackend,
+    AttentionMetadata,
+    DecodeMetadata,
+    KVBackend,
+    PrefillMetadata,
+)
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn_metadata: AttentionMetadata
+    #: Rows of the model output whose logits are sampled, in ``plan.sampling_seqs()`` order.
+    logits_indices: torch.Tensor
+
+
+def _block_table_tensor(seqs: list[Sequence], device: torch.device, width: int | None = None
+                        ) -> torch.Tensor:
+    width = width or max((len(s.block_table) for s in seqs), default=1) or 1
+    table = np.zeros((len(seqs), width), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        table[i, : len(s.block_table)] = s.block_table
+    return torch.from_numpy(table).to(device, non_blocking=True)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, kv: KVBackend, attention: AttentionBackend,
+                 device: torch.device, block_size: int) -> None:
+        self.model = model
+        self.kv = kv
+        self.attention = attention
+        self.device = device
+        self.block_size = block_size
+        self.sampler = Sampler()
+        self.pin = device.type == "cuda"
+
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        if self.pin:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def prepare(self, plan: StepPlan) -> ModelInput:
+        bs = self.block_size
+        ids: list[np.ndarray] = []
+        pos: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        logits_idx: list[int] = []
+        prefill = None
+        offset = 0
+        if plan.prefills:
+            cu = [0]
+            seq_lens, ctx_lens = [], []
+            for op in plan.prefills:
+                seq = op.seq
+                p = np.arange(op.start, op.end, dtype=np.int64)
+                table = np.asarray(seq.block_table, dtype=np.int64)
+                ids.append(np.asarray(seq.token_ids[op.start:op.end], dtype=np.int64))
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+                offset += op.num_tokens
+                cu.append(offset)
+                seq_lens.append(op.end)
+                ctx_lens.append(op.start)
+                if op.samples:
+                    logits_idx.append(offset - 1)
+            prefill = PrefillMetadata(
+                cu_seqlens_q=self._to_device(np.asarray(cu, dtype=np.int32)),
+                seq_lens=self._to_device(np.asarray(seq_lens, dtype=np.int32)),
+                context_lens=self._to_device(np.asarray(ctx_lens, dtype=np.int32)),
+                block_tables=_block_table_tensor([op.seq for op in plan.prefills], self.device),
+                max_seqlen_q=max(op.num_tokens for op in plan.prefills),
+                max_seqlen_k=max(seq_lens),
+                has_prefix=any(c > 0 for c in ctx_lens),
+                seq_lens_list=seq_lens,
+                context_lens_list=ctx_lens,
+            )
+        decode = None
+        if plan.decodes:
+            seqs = [op.seq for op in plan.decodes]
+            n = len(seqs)
+            dpos = np.fromiter((s.num_tokens - 1 for s in seqs), dtype=np.int64, count=n)
+            last_blocks = np.fromiter((s.block_table[(s.num_tokens - 1) // bs] for s in seqs),
+                                      dtype=np.int64, count=n)
+            ids.append(np.fromiter((s.last_token_id for s in seqs), dtype=np.int64, count=n))
+            pos.append(dpos)
+            slots.append(last_blocks * bs + dpos % bs)
+            logits_idx.extend(range(offset, offset + n))
+            decode = DecodeMetadata(
+                seq_lens=self._to_device((dpos + 1).astype(np.int32)),
+                block_tables=_block_table_tensor(seqs, self.device),
+                max_seq_len=int(dpos.max()) + 1,
+            )
+        meta = AttentionMetadata(
+            num_prefill_tokens=plan.num_prefill_tokens,
+            num_decode_tokens=plan.num_decode_tokens,
+            slot_mapping=self._to_device(np.concatenate(slots)),
+            prefill=prefill,
+            decode=decode,
+        )
+        return ModelInput(
+            input_ids=self._to_device(np.concatenate(ids)),
+            positions=self._to_device(np.concatenate(pos)),
+            attn_metadata=meta,
+            logits_indices=self._to_device(np.asarray(logits_idx, dtype=np.int64)),
+        )
+
+    def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        gens: list[torch.Generator | None] = []
+        for s in seqs:
+            if s.params.seed is not None and s.generator is None and s.params.temperature > 0:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(s.params.seed)
+                s.generator = g
+            gens.append(s.generator)
+        return SamplingBatch(
+            temperatures=[s.params.temperature for s in seqs],
+            top_ks=[s.params.top_k for s in seqs],
+            top_ps=[s.params.top_p for s in seqs],
+            generators=gens,
+        )
+
+    # -- execution -------------------------------------------------------------------------
+
+    def forward(self, inp: ModelInput) -> torch.Tensor:
+        """Run the model; returns the hidden states of the rows that sample."""
+        ctx = ForwardContext(inp.attn_metadata, self.kv.kv_caches(), self.attention)
+        hidden = self.model(inp.input_ids, inp.positions, ctx)
+        return hidden[inp.logits_indices]
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[int]:
+        """Run one step; returns one sampled token per ``plan.sampling_seqs()`` entry."""
+        if plan.blocks_to_copy:
+            self.kv.copy_blocks(plan.blocks_to_copy)
+        seqs = plan.sampling_seqs()
+        inp = self.prepare(plan)
+        hidden = self.forward(inp)
+        if not seqs:
+            return []
+        logits = self.model.compute_logits(hidden).float()
+        self._suppress_early_stop(logits, seqs)
+        return self.sampler(logits, self.sampling_batch(seqs)).tolist()
+
+    @staticmethod
+    def _suppress_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for i, s in enumerate(seqs):
+            if s.params.min_tokens and s.num_output_tokens < s.params.min_tokens:
+                banned = set(s.params.stop_token_ids)
+                if not s.params.ignore_eos:
+                    banned |= s.eos_token_ids
+                if banned:
+                    logits[i, list(banned)] = float("-inf")

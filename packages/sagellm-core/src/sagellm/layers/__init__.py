@@ -1,0 +1,1 @@
+"""Model building blocks: tensor-parallel linears, rotary embedding, norms, attention, sampler."""

@@ -1,0 +1,99 @@
+"""The offline API: ``LLM(model=...).generate(prompts)`` and ``.chat(messages)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sagellm.config import EngineConfig
+from sagellm.engine.llm_engine import LLMEngine
+from sagellm.outputs import RequestOutput
+from sagellm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+def _normalize_prompts(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # type: ignore[arg-type]
+    return prompts  # type: ignore[return-value]
+
+
+class LLM:
+    """An engine plus a blocking batch API.
+
+    ``model`` is a local HF directory, a ``.gguf`` file, or ``None`` for the embedded
+    SmolLM2-135M-Instruct. Any :class:`~sagellm.config.EngineConfig` field may be passed.
+    """
+
+    def __init__(self, model: str | None = None, backend: str = "auto", **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, backend=backend, **kwargs))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        items = _normalize_prompts(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(f"{len(items)} prompts but {len(params)} sampling params")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(items, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: Seq[Message] | Seq[Seq[Message]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them and generate."""
+        convs: list[Seq[Message]]
+        if messages and isinstance(messages[0], dict):
+            convs = [messages]  # type: ignore[list-item]
+        else:
+            convs = list(messages)  # type: ignore[arg-type]
+        prompts: list[Prompt] = [self.apply_chat_template(c, add_generation_prompt, chat_template)
+                                 for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages: Seq[Message], add_generation_prompt: bool = True,
+                            chat_template: str | None = None) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        if chat_template is None and not getattr(tok, "chat_template", None):
+            raise ValueError("the model's tokenizer has no chat template; pass chat_template=")
+        text = tok.apply_chat_template(list(messages), tokenize=False,
+                                       add_generation_prompt=add_generation_prompt,
+                                       chat_template=chat_template)
+        return list(tok(text, add_special_tokens=False).input_ids)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(request_ids)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in pending:
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[r] for r in request_ids]

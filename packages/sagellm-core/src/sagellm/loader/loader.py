@@ -1,0 +1,139 @@
+"""Turn an ``EngineConfig`` into a model with weights on the platform's device, and a tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sagellm.config import EngineConfig
+from sagellm.layers.parallel import SINGLE, TPGroup
+from sagellm.loader.default_model import default_model_path
+from sagellm.models import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    hf_config: object
+    tokenizer: object | None
+    model_dir: Path
+    source: str
+    dtype: torch.dtype
+    load_seconds: float
+
+
+def resolve_model_path(model: str | None) -> Path:
+    path = Path(model).expanduser() if model else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model {model!r} not found: give a local HF directory or a .gguf "
+                                f"file (nothing is downloaded at run time)")
+    return path
+
+
+def resolve_dtype(name: str, default: torch.dtype, hf_config: object | None = None) -> torch.dtype:
+    if name == "auto":
+        return default
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(str(model_dir / "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir} (use load_format='dummy' "
+                                f"for random weights)")
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights (normal, std 0.02; norms at 1) so benchmarks do realistic work."""
+    gen_device = next(model.parameters()).device
+    g = torch.Generator(device=gen_device)
+    g.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(config: EngineConfig, device: torch.device, default_dtype: torch.dtype,
+               tp: TPGroup = SINGLE, load_tokenizer: bool = True) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    t0 = time.perf_counter()
+    path = resolve_model_path(config.model)
+    fmt = config.load_format
+    source = str(path)
+    if path.is_file():
+        if path.suffix != ".gguf" and fmt != "gguf":
+            raise ValueError(f"{path} is a file but not a .gguf file")
+        from sagellm.loader.gguf_loader import gguf_to_hf_dir
+
+        model_dir = gguf_to_hf_dir(path)
+        if fmt == "auto":
+            fmt = "safetensors"
+    else:
+        model_dir = path
+        if not (model_dir / "config.json").exists():
+            raise FileNotFoundError(f"{model_dir} has no config.json")
+    hf_config = AutoConfig.from_pretrained(str(model_dir))
+    dtype = resolve_dtype(config.dtype, default_dtype, hf_config)
+    cls = resolve_model_class(hf_config)
+    with torch.device(device), _default_dtype(dtype):
+        model = cls(hf_config, tp)
+    if fmt == "dummy":
+        init_dummy_weights(model, config.seed)
+    else:
+        loaded = model.load_weights(iter_safetensors(model_dir))  # type: ignore[operator]
+        missing = {n for n, _ in model.named_parameters()} - loaded
+        if getattr(model, "tie_word_embeddings", False):
+            missing.discard("lm_head.weight")
+        if missing:
+            raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. "
+                             f"{sorted(missing)[:3]}")
+    model.eval()
+    tokenizer = None
+    if load_tokenizer:
+        tok_dir = Path(config.tokenizer) if config.tokenizer else model_dir
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        except (OSError, ValueError) as exc:
+            if config.tokenizer:
+                raise
+            logger.warning("no tokenizer in %s (%s): token-id prompts only", tok_dir, exc)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return LoadedModel(model, hf_config, tokenizer, model_dir, source, dtype,
+                       time.perf_counter() - t0)

@@ -1,0 +1,25 @@
+"""Model registry: HF ``architectures`` names to our classes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sagellm.models.llama import LlamaForCausalLM
+from sagellm.models.qwen2 import Qwen2ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def resolve_model_class(config) -> type[nn.Module]:  # type: ignore[no-untyped-def]
+    archs = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "model_type", None) in MODEL_TYPES:
+        archs.append(MODEL_TYPES[config.model_type])
+    for arch in archs:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(f"model architecture {archs or config.model_type!r} is not supported; "
+                     f"supported: {', '.join(sorted(MODEL_REGISTRY))}")

@@ -1,0 +1,454 @@
+"""The backend contract: what a hardware package implements so that core can run on it.
+
+Four abstractions, each small and typed:
+
+* :class:`KVBackend`  - owns the device memory of the paged KV pool and hands out physical blocks.
+* :class:`AttentionBackend` - paged prefill, paged decode and KV writes.
+* :class:`CommBackend` - collectives and KV-block transfer between ranks.
+* :class:`Platform` - describes a device kind, says whether it can run here, and builds the three
+  objects above.
+
+Core owns all bookkeeping (which sequence holds which block, reference counts, scheduling); a
+backend owns memory and kernels. ``CONTRACT_VERSION`` is bumped on every incompatible change; a
+plugin may declare the version it was written against with ``Platform.contract_version``.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+CONTRACT_VERSION = 1
+
+
+class KVPoolExhausted(RuntimeError):
+    """Raised by :meth:`KVBackend.allocate_blocks` when fewer blocks are free than asked for."""
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shape of the paged KV pool, decided by core from the model config."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes over all layers, keys and values together."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass(frozen=True)
+class KVMemoryUsage:
+    """What :meth:`KVBackend.get_memory_usage` reports."""
+
+    num_blocks: int
+    num_free_blocks: int
+    block_size: int
+    bytes_total: int
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
+
+
+class KVBackend(abc.ABC):
+    """The paged KV pool of one device.
+
+    Created once by the engine after memory profiling (``Platform.make_kv_backend``). The pool
+    holds ``num_blocks`` physical blocks per layer; block ``i`` of every layer belongs to the same
+    owner. Core's ``BlockManager`` asks for physical blocks with :meth:`allocate_blocks`, keeps the
+    reference counts, and returns blocks with :meth:`free_blocks` when the last reference is gone.
+    """
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.device = device
+
+    @property
+    @abc.abstractmethod
+    def num_free_blocks(self) -> int:
+        """Blocks not handed out. Read by the block manager before every allocation."""
+
+    @abc.abstractmethod
+    def allocate_blocks(self, num_blocks: int) -> list[int]:
+        """Hand out ``num_blocks`` free physical block ids.
+
+        Called by the block manager when a sequence grows into a new block. Raises
+        :class:`KVPoolExhausted` (allocating nothing) if fewer are free.
+        """
+
+    @abc.abstractmethod
+    def free_blocks(self, block_ids: Sequence[int]) -> None:
+        """Take blocks back. Called by the block manager when a block's last reference drops.
+
+        Freeing a block that is not allocated is a bug in the caller and must raise ``ValueError``.
+        """
+
+    @abc.abstractmethod
+    def copy_blocks(self, src_to_dst: Sequence[tuple[int, int]]) -> None:
+        """Copy whole blocks (all layers, keys and values) inside the pool.
+
+        Called by the model runner before a step whose plan lists copies (copy-on-write of a
+        shared block, defragmentation).
+        """
+
+    @abc.abstractmethod
+    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The pool tensors: per layer ``(key_cache, value_cache)``.
+
+        Each has shape ``[num_blocks, block_size, num_kv_heads, head_dim]``. Passed by the model
+        runner to the attention backend on every forward. Must return the same tensors every
+        call (CUDA graphs capture their addresses).
+        """
+
+    @abc.abstractmethod
+    def get_memory_usage(self) -> KVMemoryUsage:
+        """Blocks in use and bytes held. Read by metrics and logs after each step."""
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrefillMetadata:
+    """The prefill part of a batch: ``num_seqs`` sequences with one or more new tokens each.
+
+    ``cu_seqlens_q`` [num_seqs + 1] int32: offsets of each sequence's new tokens in the flat batch.
+    ``seq_lens`` [num_seqs] int32: total tokens of context after this step (cached + new).
+    ``context_lens`` [num_seqs] int32: tokens already in the cache before this step (cached prefix
+    or earlier chunks); the new tokens sit at positions ``context_lens .. seq_lens``.
+    ``block_tables`` [num_seqs, max_blocks] int32, padded with 0.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    has_prefix: bool
+    seq_lens_list: list[int] = field(default_factory=list)
+    context_lens_list: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DecodeMetadata:
+    """The decode part of a batch: one new token per sequence.
+
+    ``seq_lens`` [num_seqs] int32 counts the new token; ``block_tables`` [num_seqs, max_blocks].
+    """
+
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_seq_len: int
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one forward, built by the model runner from the step plan.
+
+    The flat batch holds the prefill tokens first, then the decode tokens. ``slot_mapping`` gives,
+    for every token of the batch, its slot ``block_id * block_size + offset`` in the pool; a
+    negative slot means "do not write" (padding).
+    """
+
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    slot_mapping: torch.Tensor
+    prefill: PrefillMetadata | None
+    decode: DecodeMetadata | None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+
+class AttentionBackend(abc.ABC):
+    """Attention kernels over the paged KV pool.
+
+    Called by every attention layer of the model in every forward, in this order: ``write_kv``
+    with the new keys and values, then ``prefill`` on the prefill tokens and ``decode`` on the
+    decode tokens. Shapes: queries ``[tokens, num_heads, head_dim]``, keys and values
+    ``[tokens, num_kv_heads, head_dim]``; ``num_heads`` is a multiple of ``num_kv_heads`` (GQA).
+    """
+
+    name: ClassVar[str] = "attention"
+
+    @abc.abstractmethod
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Store new keys and values at ``slot_mapping`` (skip negative slots)."""
+
+    @abc.abstractmethod
+    def prefill(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: PrefillMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of the new tokens over their cached prefix and themselves.
+
+        ``key``/``value`` are the new tokens' own keys and values (already written to the cache),
+        so a backend may skip reading the cache when ``meta.has_prefix`` is false. Returns
+        ``[tokens, num_heads, head_dim]``.
+        """
+
+    @abc.abstractmethod
+    def decode(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: DecodeMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of one new token per sequence over its whole cached context."""
+
+
+# --------------------------------------------------------------------------------------------
+# Communication
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BandwidthStats:
+    """Bytes moved and time spent per operation kind since the backend was created."""
+
+    bytes_by_op: dict[str, int] = field(default_factory=dict)
+    seconds_by_op: dict[str, float] = field(default_factory=dict)
+    calls_by_op: dict[str, int] = field(default_factory=dict)
+
+    def record(self, op: str, nbytes: int, seconds: float) -> None:
+        self.bytes_by_op[op] = self.bytes_by_op.get(op, 0) + nbytes
+        self.seconds_by_op[op] = self.seconds_by_op.get(op, 0.0) + seconds
+        self.calls_by_op[op] = self.calls_by_op.get(op, 0) + 1
+
+    def gbps(self, op: str) -> float:
+        """Algorithm bandwidth of ``op`` in GB/s (bytes of the payload over wall time)."""
+        secs = self.seconds_by_op.get(op, 0.0)
+        return self.bytes_by_op.get(op, 0) / secs / 1e9 if secs > 0 else 0.0
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {
+            op: {
+                "bytes": self.bytes_by_op[op],
+                "seconds": self.seconds_by_op[op],
+                "calls": self.calls_by_op[op],
+                "gbps": self.gbps(op),
+            }
+            for op in sorted(self.bytes_by_op)
+        }
+
+
+class CommBackend(abc.ABC):
+    """Collectives between the ranks of one engine (tensor parallel, prefill/decode workers).
+
+    Created by ``Platform.make_comm_backend`` in every worker process once the process group
+    exists. Every method is collective over the ranks it names and blocks until the data is
+    usable on this rank.
+    """
+
+    rank: int
+    world_size: int
+
+    @abc.abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks, in place; returns it. Called by row-parallel layers."""
+
+    @abc.abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along ``dim``. Called by the vocab-parallel head."""
+
+    @abc.abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Copy ``src``'s tensor to every rank, in place. Called to ship step plans and ids."""
+
+    @abc.abstractmethod
+    def send_kv_blocks(self, kv: KVBackend, block_ids: Sequence[int], dst: int) -> None:
+        """Send the content of ``block_ids`` (every layer) to rank ``dst``.
+
+        Called by a prefill worker once a sequence's prompt is in the cache. Block ids, shapes and
+        dtypes travel with the data so the receiver can check them.
+        """
+
+    @abc.abstractmethod
+    def recv_kv_blocks(self, kv: KVBackend, block_ids: Sequence[int], src: int) -> None:
+        """Receive blocks sent by ``src`` into the local ``block_ids`` (same count, same order)."""
+
+    @abc.abstractmethod
+    def get_bandwidth_stats(self) -> BandwidthStats:
+        """Bytes and time per operation since creation. Read by logs, metrics and benchmarks."""
+
+    def barrier(self) -> None:
+        """Wait for every rank. Default: an all-reduce of one element."""
+        self.all_reduce(torch.zeros(1, device=self.device))
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """The device tensors handed to this backend live on."""
+
+
+# --------------------------------------------------------------------------------------------
+# Platform
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a platform can run here; ``reason`` says why not, in words a user can act on."""
+
+    available: bool
+    reason: str = ""
+
+    @classmethod
+    def yes(cls, detail: str = "") -> Availability:
+        return cls(True, detail)
+
+    @classmethod
+    def no(cls, reason: str) -> Availability:
+        return cls(False, reason)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    dtypes: tuple[torch.dtype, ...]
+    default_dtype: torch.dtype
+    supports_graphs: bool = False
+    dist_backend: str = "gloo"
+    #: ``auto`` prefers higher priorities; the CPU backend has 0 and is the fallback.
+    priority: int = 100
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    free_bytes: int
+    total_bytes: int
+
+
+class Platform(abc.ABC):
+    """One kind of device, as a plugin hands it to core (``sagellm_register_backends``).
+
+    Core instantiates the class once per engine with the device index; everything else is built
+    through the factories below.
+    """
+
+    #: The name users select with ``backend=NAME``.
+    name: ClassVar[str]
+    #: The ``torch.device`` type string (``cpu``, ``cuda``, ``npu``, ``mlu``).
+    device_type: ClassVar[str]
+    #: The contract version this platform was written against.
+    contract_version: ClassVar[int] = CONTRACT_VERSION
+
+    def __init__(self, device_index: int = 0) -> None:
+        self.device_index = device_index
+
+    @classmethod
+    @abc.abstractmethod
+    def is_available(cls) -> Availability:
+        """Can this platform run here? Must never raise: catch and explain instead.
+
+        Called by discovery (``sagellm backends``, server start-up) and by ``auto`` selection.
+        """
+
+    @classmethod
+    @abc.abstractmethod
+    def capabilities(cls) -> Capabilities:
+        """Dtypes, graph support, distributed backend and ``auto`` priority."""
+
+    @property
+    def device(self) -> torch.device:
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.device_type, self.device_index)
+
+    def set_device(self) -> None:
+        """Make this platform's device current for the process. Called once by each worker."""
+
+    @abc.abstractmethod
+    def memory_info(self) -> MemoryInfo:
+        """Free and total bytes of the device, read by the engine to size the KV pool."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work; used around timings and memory profiling."""
+
+    def max_memory_allocated(self) -> int:
+        """Peak bytes allocated by torch on the device since the last reset (0 if unknown)."""
+        return 0
+
+    def reset_peak_memory(self) -> None:
+        """Reset the counter behind :meth:`max_memory_allocated`."""
+
+    def device_name(self) -> str:
+        return self.device_type
+
+    @abc.abstractmethod
+    def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> KVBackend:
+        """Build the KV pool. Called once by the engine after profiling."""
+
+    @abc.abstractmethod
+    def make_attention_backend(self) -> AttentionBackend:
+        """Build the attention kernels. Called once by the model runner."""
+
+    @abc.abstractmethod
+    def make_comm_backend(self, rank: int, world_size: int) -> CommBackend:
+        """Build the communication backend once ``torch.distributed`` is initialised.
+
+        Called by each worker of a multi-rank engine after ``init_process_group`` with
+        ``capabilities().dist_backend``.
+        """
+
+    def make_model_runner(self, *args: object, **kwargs: object) -> object | None:
+        """Optionally return a specialised model runner (CUDA graphs and the like).
+
+        Return ``None`` (the default) to use core's ``ModelRunner``.
+        """
+        return None
+
+
+class Timer:
+    """A tiny context manager used by comm backends to time transfers."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> Timer:
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t

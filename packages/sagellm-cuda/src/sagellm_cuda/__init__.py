@@ -1,0 +1,1 @@
+"""sagellm-cuda: NVIDIA CUDA backend for sageLLM (Triton kernels, CUDA graphs, NCCL)."""

@@ -1,0 +1,1 @@
+"""sagellm-mlu: Cambricon MLU backend for sageLLM (torch_mlu, CNCL)."""
