@@ -1,0 +1,564 @@
+"""The FastAPI application: OpenAI-compatible routes over one shared :class:`AsyncEngine`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import sagellm
+from sagellm.outputs import RequestOutput
+from sagellm.sampling_params import SamplingParams
+from sagellm_server import __version__
+from sagellm_server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestHandle
+from sagellm_server.metrics import CONTENT_TYPE, ServerMetrics
+from sagellm_server.openai_protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_error,
+)
+
+logger = logging.getLogger("sagellm.server")
+
+M = TypeVar("M", bound=BaseModel)
+
+#: Routes reachable without the API key (load balancers probe it).
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    max_model_len: int
+    vocab_size: int
+    api_key: str | None = None
+    max_request_body_bytes: int = 4 << 20
+    #: Seconds between throughput log lines; 0 disables them.
+    log_interval: float = 10.0
+    backend: str = ""
+    device_name: str = ""
+    registry: Any = None
+    extra_model_names: list[str] = field(default_factory=list)
+
+
+# -- middleware ---------------------------------------------------------------------------
+
+
+def _error_bytes(err: ApiError) -> bytes:
+    return json.dumps(err.body()).encode()
+
+
+async def _send_error(send: Send, err: ApiError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = _error_bytes(err)
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """API key check (constant time) and request-body size limit, before any routing."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] not in PUBLIC_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                what = "missing" if not given else "invalid"
+                await _send_error(send, ApiError(
+                    401, f"{what} API key: send 'Authorization: Bearer <key>'",
+                    type="authentication_error", code="invalid_api_key"),
+                    [(b"www-authenticate", b"Bearer")])
+                return
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                await _send_error(send, ApiError(400, "invalid Content-Length header"))
+                return
+            if too_big:
+                await _send_error(send, _too_large(self.max_body))
+                return
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        # No Content-Length (chunked upload): read the body here, within the limit, and replay it.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await _send_error(send, _too_large(self.max_body))
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body exceeds the limit of {limit} bytes",
+                    code="request_too_large")
+
+
+# -- streaming chunks ---------------------------------------------------------------------
+
+
+class _ChunkFormatter:
+    """Builds SSE events from a prefix serialized once per request (this runs per token)."""
+
+    def __init__(self, chat: bool, request_id: str, created: int, model: str, include_usage: bool,
+                 return_token_ids: bool) -> None:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        self.chat = chat
+        self.head = (f'data: {{"id":{json.dumps(request_id)},"object":"{obj}","created":{created},'
+                     f'"model":{json.dumps(model)},"choices":[{{"index":')
+        self.tail = ',"usage":null}\n\n' if include_usage else '}\n\n'
+        self.return_token_ids = return_token_ids
+        self.created = created
+        self.request_id = request_id
+        self.model = model
+        self.object = obj
+
+    def chunk(self, index: int, text: str, token_ids: list[int] | None, finish_reason: str | None,
+              role: bool = False) -> str:
+        fr = "null" if finish_reason is None else f'"{finish_reason}"'
+        ids = f',"token_ids":{json.dumps(token_ids)}' if self.return_token_ids and token_ids is not None else ""
+        if self.chat:
+            delta = '{"role":"assistant","content":""}' if role else f'{{"content":{json.dumps(text)}}}'
+            body = f'{index},"delta":{delta},"logprobs":null,"finish_reason":{fr}{ids}}}]'
+        else:
+            body = f'{index},"text":{json.dumps(text)},"logprobs":null,"finish_reason":{fr}{ids}}}]'
+        return self.head + body + self.tail
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+        obj = {"id": self.request_id, "object": self.object, "created": self.created,
+               "model": self.model, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+        return f"data: {json.dumps(obj)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _merge(streams: list[AsyncIterator[list[RequestOutput]]]
+                 ) -> AsyncIterator[tuple[int, list[RequestOutput]]]:
+    """Interleave several requests' output batches, tagged with their prompt index."""
+    if len(streams) == 1:
+        async for batch in streams[0]:
+            yield 0, batch
+        return
+    q: asyncio.Queue[tuple[int, list[RequestOutput] | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[list[RequestOutput]]) -> None:
+        try:
+            async for batch in s:
+                q.put_nowait((i, batch))
+        except Exception as exc:
+            q.put_nowait((i, exc))
+        finally:
+            q.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await q.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        # Let the cancelled pumps run their streams' clean-up (which aborts the requests).
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+T = TypeVar("T")
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; cancel it (aborting its requests) if the client goes away first."""
+    job = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await job
+        watcher.cancel()
+    if job.cancelled():
+        raise ApiError(499, "the client closed the connection", code="client_closed")
+    try:
+        return job.result()
+    except EngineDeadError as exc:
+        raise ApiError(500, str(exc), type="server_error", code="engine_dead") from None
+    except ValueError as exc:  # the engine refused the request
+        raise ApiError(400, str(exc), code="invalid_value") from None
+
+
+# -- the application ----------------------------------------------------------------------
+
+
+class _Server:
+    """Route logic; one instance per app."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, tokenizer: Any,
+                 metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.config = config
+        # A private copy: HF fast tokenizers must not be used from two threads at once, and the
+        # engine thread detokenizes with the original.
+        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self.metrics = metrics
+        self.model_names = {config.served_model_name, *config.extra_model_names}
+        self.started = int(time.time())
+
+    # -- parsing and validation ------------------------------------------------------------
+
+    async def parse(self, request: Request, model: type[M]) -> M:
+        raw = await request.body()
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            req = model.model_validate(obj)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        name = getattr(req, "model", None)
+        if name is not None and name not in self.model_names:
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves "
+                           f"'{self.config.served_model_name}'", param="model", code="model_not_found")
+        req.check_supported()  # type: ignore[attr-defined]
+        return req
+
+    def tokenize(self, text: str | list[str], add_special_tokens: bool = True) -> Any:
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer: send token ids", param="prompt")
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def check_prompt(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param=param, code="invalid_value")
+        vocab = self.config.vocab_size
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise ApiError(400, f"token id {t} is outside the vocabulary (0..{vocab - 1})",
+                               param=param, code="invalid_value")
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the "
+                           f"prompt has {len(ids)} tokens, leaving no room for a completion",
+                           param=param, code="context_length_exceeded")
+
+    def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int,
+                        requested: int | None, default: int | None) -> SamplingParams:
+        limit = self.config.max_model_len
+        if requested is not None:
+            max_tokens = requested
+        else:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
+            max_tokens = limit - prompt_len if default is None else min(default, limit - prompt_len)
+        if prompt_len + max_tokens > limit:
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens, but "
+                           f"{prompt_len + max_tokens} were requested ({prompt_len} in the prompt + "
+                           f"{max_tokens} max_tokens); reduce the prompt or max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "min_tokens": req.min_tokens,
+                                  "ignore_eos": req.ignore_eos, "seed": req.seed,
+                                  "include_stop_str_in_output": req.include_stop_str_in_output,
+                                  "skip_special_tokens": req.skip_special_tokens}
+        for name in ("temperature", "top_p", "top_k", "stop", "stop_token_ids"):
+            value = getattr(req, name)
+            if value is not None:
+                kwargs[name] = value
+        try:
+            return SamplingParams(**kwargs)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    def admit(self, base_id: str, prompts: list[list[int]], params: list[SamplingParams],
+              stream: bool) -> list[RequestHandle]:
+        try:
+            self.engine.check_capacity(len(prompts))
+        except QueueFullError as exc:
+            raise ApiError(503, str(exc), type="service_unavailable_error", code="queue_full") from None
+        except EngineDeadError as exc:
+            raise ApiError(503, str(exc), type="service_unavailable_error", code="engine_dead") from None
+        if len(prompts) == 1:
+            return [self.engine.add(base_id, prompts[0], params[0], stream)]
+        return [self.engine.add(f"{base_id}-{i}", p, sp, stream)
+                for i, (p, sp) in enumerate(zip(prompts, params))]
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        req = await self.parse(request, CompletionRequest)
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [list(self.tokenize(p))]
+        elif isinstance(p[0], str):
+            prompts = [list(x) for x in self.tokenize(p)]  # type: ignore[arg-type]
+        elif isinstance(p[0], int):
+            prompts = [list(p)]  # type: ignore[arg-type]
+        else:
+            prompts = [list(x) for x in p]  # type: ignore[union-attr]
+        for ids in prompts:
+            self.check_prompt(ids, "prompt")
+        params = [self.sampling_params(req, len(ids), req.max_tokens, 16) for ids in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        handles = self.admit(rid, prompts, params, req.stream)
+        if req.stream:
+            fmt = _ChunkFormatter(False, rid, int(time.time()), self.config.served_model_name,
+                                  req.include_usage, req.return_token_ids)
+            return _sse(self._stream(fmt, handles, prompts, req.include_usage))
+        outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.result(h) for h in handles)))
+        choices = []
+        for i, out in enumerate(outs):
+            choice: dict[str, Any] = {"index": i, "text": out.text, "logprobs": None,
+                                      "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+            if req.return_token_ids:
+                choice["token_ids"] = out.token_ids
+            choices.append(choice)
+        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                             "model": self.config.served_model_name, "choices": choices,
+                             "usage": _usage(sum(map(len, prompts)), sum(len(o.token_ids) for o in outs))})
+
+    async def chat(self, request: Request) -> Response:
+        req = await self.parse(request, ChatCompletionRequest)
+        tok = self.tokenizer
+        if tok is None:
+            raise ApiError(400, "this model has no tokenizer, so it has no chat template")
+        if req.chat_template is None and not getattr(tok, "chat_template", None):
+            raise ApiError(400, "the model has no chat template; pass chat_template", param="chat_template")
+        try:
+            text = tok.apply_chat_template([m.as_template_dict() for m in req.messages], tokenize=False,
+                                           add_generation_prompt=req.add_generation_prompt,
+                                           chat_template=req.chat_template)
+        except Exception as exc:  # a template may raise on an unexpected conversation shape
+            raise ApiError(400, f"the chat template failed on these messages: {exc}", param="messages") from None
+        ids = list(self.tokenize(text, add_special_tokens=False))
+        self.check_prompt(ids, "messages")
+        params = self.sampling_params(req, len(ids), req.requested_max_tokens, None)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        handles = self.admit(rid, [ids], [params], req.stream)
+        if req.stream:
+            fmt = _ChunkFormatter(True, rid, int(time.time()), self.config.served_model_name,
+                                  req.include_usage, req.return_token_ids)
+            return _sse(self._stream(fmt, handles, [ids], req.include_usage))
+        out = await _unless_disconnected(request, self.engine.result(handles[0]))
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out.text},
+                                  "logprobs": None, "finish_reason": out.finish_reason,
+                                  "stop_reason": out.stop_reason}
+        if req.return_token_ids:
+            choice["token_ids"] = out.token_ids
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                             "model": self.config.served_model_name, "choices": [choice],
+                             "usage": _usage(len(ids), len(out.token_ids))})
+
+    async def _stream(self, fmt: _ChunkFormatter, handles: list[RequestHandle],
+                      prompts: list[list[int]], include_usage: bool) -> AsyncIterator[str]:
+        streams = [self.engine.stream(h) for h in handles]
+        merged = _merge(streams)
+        num_generated = 0
+        try:
+            if fmt.chat:
+                yield fmt.chunk(0, "", None, None, role=True)
+            async for i, batch in merged:
+                if len(batch) == 1:
+                    out = batch[0]
+                    text, ids = out.new_text, out.new_token_ids
+                else:
+                    text = "".join(o.new_text for o in batch)
+                    ids = [t for o in batch for t in o.new_token_ids]
+                num_generated += len(ids)
+                yield fmt.chunk(i, text, ids, batch[-1].finish_reason)
+            if include_usage:
+                yield fmt.usage(sum(map(len, prompts)), num_generated)
+        except (EngineDeadError, ValueError) as exc:
+            err = ApiError(500 if isinstance(exc, EngineDeadError) else 400, str(exc),
+                           type="server_error" if isinstance(exc, EngineDeadError) else "invalid_request_error")
+            yield f"data: {json.dumps(err.body())}\n\n"
+        finally:
+            # Closing the streams aborts whatever has not finished (client gone, error).
+            for gen in (merged, *streams):
+                with contextlib.suppress(RuntimeError):
+                    await gen.aclose()  # type: ignore[attr-defined]
+        yield "data: [DONE]\n\n"
+
+    # -- information -----------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.started, "owned_by": "sagellm",
+             "root": self.config.served_model_name, "max_model_len": self.config.max_model_len}
+            for name in [self.config.served_model_name, *self.config.extra_model_names]]}
+
+    def backends(self) -> dict[str, Any]:
+        reg = self.config.registry
+        if reg is None:
+            return {"backends": [], "failures": [], "serving": {"name": self.config.backend}}
+        choice = reg.auto_choice()
+        return {
+            "backends": [b.as_dict() for b in sorted(reg.backends.values(), key=lambda b: b.name)],
+            "failures": [{"entry_point": f.entry_point, "distribution": f.distribution,
+                          "error": f.error} for f in reg.failures],
+            "clashes": {n: [b.distribution for b in bs] for n, bs in reg.clashes.items()},
+            "auto": choice.name if choice else None,
+            "serving": {"name": self.config.backend, "device": self.config.device_name},
+        }
+
+
+def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _log_stats(engine: AsyncEngine, interval: float) -> None:
+    """One line per interval with throughput and load, while there is anything to report."""
+    prev, prev_time = engine.snapshot, time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        s, now = engine.snapshot, time.monotonic()
+        dt = max(now - prev_time, 1e-9)
+        prompt_tps = (s.num_prompt_tokens - prev.num_prompt_tokens) / dt
+        gen_tps = (s.num_generation_tokens - prev.num_generation_tokens) / dt
+        if prompt_tps or gen_tps or s.num_running or s.num_waiting:
+            logger.info("prompt throughput %.1f tokens/s, generation throughput %.1f tokens/s, "
+                        "running %d, waiting %d, KV usage %.1f%%", prompt_tps, gen_tps,
+                        s.num_running, s.num_waiting, 100 * s.kv_usage)
+        prev, prev_time = s, now
+
+
+def create_app(engine: AsyncEngine, config: ServerConfig, tokenizer: Any,
+               metrics: ServerMetrics | None = None) -> FastAPI:
+    """The ASGI app; it starts ``engine``'s loop on start-up and stops it on shutdown."""
+    metrics = metrics or engine.metrics or ServerMetrics(config.served_model_name)
+    server = _Server(engine, config, tokenizer, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start(asyncio.get_running_loop())
+        logger_task = (asyncio.ensure_future(_log_stats(engine, config.log_interval))
+                       if config.log_interval > 0 else None)
+        try:
+            yield
+        finally:
+            if logger_task is not None:
+                logger_task.cancel()
+            engine.shutdown()
+
+    app = FastAPI(title="sageLLM", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status != 499:
+            metrics.reject(exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        err = ApiError(500, f"internal server error: {type(exc).__name__}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_alive:
+            return JSONResponse({"status": "ok"})
+        err = ApiError(503, f"the engine loop is not running: {engine.error!r}",
+                       type="service_unavailable_error", code="engine_dead")
+        return JSONResponse(err.body(), status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__, "sagellm_core": sagellm.__version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return server.models()
+
+    @app.get("/v1/backends")
+    async def backends() -> dict[str, Any]:
+        return server.backends()
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await server.chat(request)
+
+    app.add_middleware(GuardMiddleware, api_key=config.api_key,  # type: ignore[arg-type]
+                       max_body_bytes=config.max_request_body_bytes)
+    return app
+

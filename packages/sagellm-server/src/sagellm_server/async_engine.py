@@ -1,0 +1,284 @@
+"""One engine, one thread, many asyncio clients.
+
+``LLMEngine`` is synchronous and not thread-safe, so exactly one background thread (the engine
+loop) owns it. The event loop hands it commands through a ``queue.SimpleQueue`` (add, abort,
+stop); after every step the loop thread hands the whole batch of outputs back with a single
+``loop.call_soon_threadsafe``, and the event loop routes each output to its request: an
+``asyncio.Queue`` for streaming requests, a future resolved only by the last output otherwise.
+Per-token latency histograms are observed there too, off the engine's critical path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sagellm.outputs import RequestOutput
+from sagellm.sampling_params import SamplingParams
+
+from sagellm_server.metrics import ServerMetrics
+
+logger = logging.getLogger("sagellm.server")
+
+#: How often (seconds) the loop refreshes its stats snapshot while busy; always when idle.
+STATS_INTERVAL = 0.1
+
+
+class EngineLike(Protocol):
+    """The part of :class:`sagellm.engine.llm_engine.LLMEngine` the loop uses."""
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str) -> str: ...
+    def abort_request(self, request_id: str) -> bool: ...
+    def step(self) -> list[RequestOutput]: ...
+    def has_unfinished_requests(self) -> bool: ...
+    def get_stats(self) -> Any: ...
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; nothing more will be served."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than ``max_queued_requests`` allows."""
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_kv_blocks: int = 0
+    num_free_kv_blocks: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    alive: bool = True
+    time: float = field(default_factory=time.monotonic)
+
+
+class RequestHandle:
+    """The event-loop side of one request."""
+
+    __slots__ = ("request_id", "queue", "future", "arrival", "last_token_time", "done")
+
+    def __init__(self, request_id: str, stream: bool, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput | BaseException] | None = asyncio.Queue() if stream else None
+        self.future: asyncio.Future[RequestOutput] | None = None if stream else loop.create_future()
+        self.arrival = time.monotonic()
+        self.last_token_time: float | None = None
+        self.done = False
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+    """Owns the engine loop thread; everything public is called from the event loop."""
+
+    def __init__(self, engine: EngineLike, *, max_num_seqs: int, max_queued_requests: int | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self.max_num_seqs = max_num_seqs
+        self.max_queued_requests = max_queued_requests
+        self.metrics = metrics
+        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._requests: dict[str, RequestHandle] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._last_stats_time = 0.0
+        self.snapshot = self._take_snapshot()
+        self.error: BaseException | None = None
+        if metrics is not None:
+            metrics.attach(lambda: self.snapshot)
+
+    # -- lifecycle (event loop) ------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        assert self._thread is None, "the engine loop is already running"
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="sagellm-engine-loop", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._requests)
+
+    # -- requests (event loop) -------------------------------------------------------------
+
+    def check_capacity(self, num_new: int = 1) -> None:
+        """Raise if ``num_new`` more requests cannot be admitted now."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine loop is not running: {self.error!r}" if self.error
+                                  else "the engine loop is not running")
+        if self.max_queued_requests is not None:
+            waiting = len(self._requests) + num_new - self.max_num_seqs
+            if waiting > self.max_queued_requests:
+                raise QueueFullError(f"the server is at capacity: {len(self._requests)} requests in "
+                                     f"flight, at most {self.max_num_seqs} running plus "
+                                     f"{self.max_queued_requests} queued; retry later")
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+            stream: bool) -> RequestHandle:
+        """Admit a request (``check_capacity`` first); its outputs go to the returned handle."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        assert self._loop is not None, "start() the engine loop first"
+        handle = RequestHandle(request_id, stream, self._loop)
+        self._requests[request_id] = handle
+        self._commands.put(("add", request_id, prompt_token_ids, params))
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        handle = self._requests.pop(request_id, None)
+        if handle is None:
+            return
+        handle.done = True
+        self._commands.put(("abort", request_id))
+        if self.metrics is not None:
+            self.metrics.finished("abort")
+
+    async def stream(self, handle: RequestHandle) -> AsyncIterator[list[RequestOutput]]:
+        """Yield the outputs of a streaming request, batched: everything that arrived since the
+        last yield, so a slow client receives fewer, larger chunks. Aborts the request if the
+        consumer stops early (client disconnect, cancellation)."""
+        q = handle.queue
+        assert q is not None, "not a streaming request"
+        try:
+            while True:
+                item = await q.get()
+                batch = [item]
+                while not q.empty():
+                    batch.append(q.get_nowait())
+                for it in batch:
+                    if isinstance(it, BaseException):
+                        raise it
+                yield batch  # type: ignore[misc]
+                if batch[-1].finished:  # type: ignore[union-attr]
+                    return
+        finally:
+            if not handle.done:
+                self.abort(handle.request_id)
+
+    async def result(self, handle: RequestHandle) -> RequestOutput:
+        """The final output of a non-streaming request; aborts it if cancelled."""
+        assert handle.future is not None, "a streaming request"
+        try:
+            return await handle.future
+        finally:
+            if not handle.done:
+                self.abort(handle.request_id)
+
+    # -- routing outputs (event loop) ------------------------------------------------------
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        requests = self._requests
+        m = self.metrics
+        now = time.monotonic()
+        for out in outputs:
+            handle = requests.get(out.request_id)
+            if handle is None:
+                continue  # aborted on this side; the abort command is on its way
+            t = out.metrics.last_token_time if out.metrics is not None and \
+                out.metrics.last_token_time is not None else now
+            if m is not None:
+                if handle.last_token_time is None:
+                    m.ttft.observe(t - handle.arrival)
+                else:
+                    m.itl.observe(t - handle.last_token_time)
+            handle.last_token_time = t
+            if out.finished:
+                del requests[out.request_id]
+                handle.done = True
+                if m is not None:
+                    m.e2e.observe(t - handle.arrival)
+                    m.finished(out.finish_reason)
+            if handle.queue is not None:
+                handle.queue.put_nowait(out)
+            elif out.finished and not handle.future.done():  # type: ignore[union-attr]
+                handle.future.set_result(out)  # type: ignore[union-attr]
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        handle = self._requests.pop(request_id, None)
+        if handle is None:
+            return
+        handle.done = True
+        if handle.queue is not None:
+            handle.queue.put_nowait(exc)
+        elif not handle.future.done():  # type: ignore[union-attr]
+            handle.future.set_exception(exc)  # type: ignore[union-attr]
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for rid in list(self._requests):
+            self._fail(rid, EngineDeadError(f"the engine loop died: {exc!r}"))
+
+    # -- the engine loop (its own thread) --------------------------------------------------
+
+    def _take_snapshot(self) -> EngineSnapshot:
+        s = self.engine.get_stats()
+        return EngineSnapshot(s.num_running, s.num_waiting, s.kv_usage, s.num_kv_blocks,
+                              s.num_free_kv_blocks, s.num_prompt_tokens, s.num_generation_tokens,
+                              s.num_preemptions, s.num_steps, alive=self._thread is None or self.error is None)
+
+    def _apply(self, cmd: tuple[Any, ...]) -> None:
+        if cmd[0] == "add":
+            _, rid, ids, params = cmd
+            try:
+                self.engine.add_request(ids, params, rid)
+            except Exception as exc:  # validation the server missed: fail this request only
+                self._loop.call_soon_threadsafe(self._fail, rid, exc)  # type: ignore[union-attr]
+        else:
+            self.engine.abort_request(cmd[1])
+
+    def _run(self) -> None:
+        engine = self.engine
+        commands = self._commands
+        loop = self._loop
+        assert loop is not None
+        try:
+            while True:
+                if not engine.has_unfinished_requests():
+                    self.snapshot = self._take_snapshot()
+                    cmd = commands.get()
+                    if cmd is _STOP:
+                        return
+                    self._apply(cmd)  # type: ignore[arg-type]
+                while not commands.empty():
+                    cmd = commands.get_nowait()
+                    if cmd is _STOP:
+                        return
+                    self._apply(cmd)  # type: ignore[arg-type]
+                if not engine.has_unfinished_requests():
+                    continue
+                outputs = engine.step()
+                if outputs:
+                    loop.call_soon_threadsafe(self._dispatch, outputs)
+                now = time.monotonic()
+                if now - self._last_stats_time >= STATS_INTERVAL:
+                    self._last_stats_time = now
+                    self.snapshot = self._take_snapshot()
+        except BaseException as exc:
+            self.error = exc
+            logger.exception("the engine loop died; /health now answers 503")
+            try:
+                self.snapshot = self._take_snapshot()
+            except Exception:
+                self.snapshot = EngineSnapshot(alive=False)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._fail_all, exc)

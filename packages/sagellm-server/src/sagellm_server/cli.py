@@ -1,0 +1,123 @@
+"""``sagellm-server``: load one engine and serve it over the OpenAI HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY_ENV = "SAGELLM_API_KEY"
+
+logger = logging.getLogger("sagellm.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sagellm-server",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /v1/backends, /metrics, /health, /version). "
+                    "All clients share one engine, so their requests are batched together.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None,
+                   help="HF model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    m.add_argument("--tokenizer", default=None, help="tokenizer directory, if not the model's own")
+    m.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists; default: the model "
+                        "directory or file name")
+    m.add_argument("--dtype", default="auto", help="weights and activations: auto, float32, bfloat16, float16")
+    m.add_argument("--load-format", default="auto", choices=["auto", "hf", "safetensors", "gguf", "dummy"],
+                   help="how to read the weights (dummy: random weights, for load tests)")
+    m.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (prompt + completion); default: the model's own")
+    m.add_argument("--seed", type=int, default=0, help="engine random seed")
+    e = p.add_argument_group("engine")
+    e.add_argument("--backend", default="auto",
+                   help="hardware backend by name (see GET /v1/backends or `sagellm backends`); "
+                        "auto picks the single available accelerator, else the CPU")
+    e.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most requests decoded together in one step (the running batch)")
+    e.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="most requests waiting beyond the running batch; more get HTTP 503")
+    e.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="token budget of one engine step (prefill chunks plus decodes)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of device memory the engine may use (weights, activations, KV cache)")
+    e.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="fixed KV pool size in blocks, instead of sizing it from memory")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; use 0.0.0.0 to accept other machines (set --api-key then)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health "
+                        f"(also from ${API_KEY_ENV})")
+    s.add_argument("--max-request-body-bytes", type=int, default=4 << 20,
+                   help="larger request bodies get HTTP 413")
+    s.add_argument("--log-interval", type=float, default=10.0,
+                   help="seconds between throughput log lines (0: none)")
+    s.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _served_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return str(args.served_model_name)
+    if args.model:
+        return Path(args.model).name or str(args.model)
+    return DEFAULT_MODEL_NAME
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+    from pydantic import ValidationError
+
+    from sagellm.config import EngineConfig
+    from sagellm.engine.llm_engine import LLMEngine
+    from sagellm.plugins import BackendError, get_registry
+    from sagellm_server.app import ServerConfig, create_app
+    from sagellm_server.async_engine import AsyncEngine
+    from sagellm_server.metrics import ServerMetrics
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logger.warning("binding %s without --api-key: anyone who can reach it may use it", args.host)
+    try:
+        config = EngineConfig(model=args.model, tokenizer=args.tokenizer, backend=args.backend,
+                              dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+                              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              num_kv_blocks=args.num_kv_blocks)
+        registry = get_registry()
+        engine = LLMEngine(config, registry=registry)
+    except (ValidationError, BackendError, FileNotFoundError, ValueError) as exc:
+        print(f"sagellm-server: error: {exc}", file=sys.stderr)
+        return 2
+    name = _served_name(args)
+    metrics = ServerMetrics(name)
+    async_engine = AsyncEngine(engine, max_num_seqs=args.max_num_seqs,
+                               max_queued_requests=args.max_queued_requests, metrics=metrics)
+    server_config = ServerConfig(
+        served_model_name=name, max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+        api_key=args.api_key or None, max_request_body_bytes=args.max_request_body_bytes,
+        log_interval=args.log_interval, backend=engine.platform.name,
+        device_name=engine.platform.device_name(), registry=registry)
+    app = create_app(async_engine, server_config, engine.tokenizer, metrics)
+    logger.info("serving %s as %r on http://%s:%d (backend %s, context %d, API key %s)",
+                engine.loaded.source, name, args.host, args.port, engine.platform.name,
+                engine.max_model_len, "required" if args.api_key else "off")
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,
+                log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
