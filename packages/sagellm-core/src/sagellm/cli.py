@@ -1,4 +1,4 @@
-"""The ``sagellm`` command: ``backends``, ``generate``, ``chat``."""
+"""The ``sagellm`` command: ``backends``, ``generate``, ``chat``, ``bench``."""
 
 from __future__ import annotations
 
@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(c)
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
+    from sagellm.bench.main import add_arguments as bench_args, cmd_bench
+
+    bn = sub.add_parser("bench", help="run the benchmark workloads and compare with a baseline")
+    bench_args(bn)
+    bn.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,110 @@
+"""``sagellm bench`` / ``python -m sagellm.bench``: run the workloads, write JSON, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import platform as pyplatform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sagellm.bench import report, workloads
+
+OFFLINE = ["ttft_512", "tpot_512_256", "batch8_512_256", "batch16_512_256", "nano256_random",
+           "kv_fragmentation"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF directory of the bench model (config only is "
+                   "fine: weights are random)")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--platform-class", default=None,
+                   help="module:Class of a Platform to use instead of discovery (e.g. when the "
+                        "backend is on PYTHONPATH but not installed)")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--workloads", default="all",
+                   help=f"comma list of {','.join(OFFLINE)},serve_c1,serve_c16 (default all "
+                        "offline ones, plus serve rows when --serve-url is given)")
+    p.add_argument("--serve-url", default=None, help="base URL of a running sagellm-server")
+    p.add_argument("--baseline-dir", type=Path, default=None,
+                   help="folder of baseline JSONs (per card: h100/vllm_offline.json ...)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
+    p.add_argument("--enforce-eager", action="store_true")
+
+
+def _make_engine(args: argparse.Namespace) -> Any:
+    from sagellm.config import EngineConfig
+    from sagellm.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(model=args.model, backend=args.backend, load_format="dummy",
+                          dtype="auto", max_model_len=args.max_model_len,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          enforce_eager=args.enforce_eager)
+    platform = None
+    if args.platform_class:
+        mod, _, cls = args.platform_class.partition(":")
+        platform = getattr(importlib.import_module(mod), cls)(config.device_index)
+    return LLMEngine(config, platform=platform)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    names = OFFLINE if args.workloads == "all" else args.workloads.split(",")
+    if args.workloads == "all" and args.serve_url:
+        names = names + ["serve_c1", "serve_c16"]
+    result: dict[str, Any] = {"engine": "sagellm", "python": pyplatform.python_version()}
+    t0 = time.perf_counter()
+    engine = _make_engine(args)
+    t_ready = time.perf_counter() - t0
+    warm = workloads.warm_up(engine)
+    result["startup"] = {"engine_ready_s": t_ready, "first_request_s": warm,
+                         "to_first_request_s": time.perf_counter() - t0,
+                         "graph_capture_s": getattr(engine.runner, "capture_seconds", None)}
+    result["device"] = engine.platform.device_name()
+    result["backend"] = engine.platform.name
+    result["kv_capacity"] = workloads.kv_capacity(engine)
+    table: dict[str, Callable[[], dict[str, Any]]] = {
+        "ttft_512": lambda: workloads.ttft_512(engine),
+        "tpot_512_256": lambda: workloads.tpot_512_256(engine),
+        "batch8_512_256": lambda: workloads.batch_512_256(engine, 8, 3000),
+        "batch16_512_256": lambda: workloads.batch_512_256(engine, 16, 3100),
+        "nano256_random": lambda: workloads.nano256_random(engine),
+        "kv_fragmentation": lambda: workloads.kv_fragmentation(engine),
+    }
+    for name in names:
+        if name.startswith("serve_"):
+            from sagellm.bench import serve
+
+            conc, num = (1, 8) if name == "serve_c1" else (16, 64)
+            result[name] = serve.run_serve(args.serve_url, conc, num)
+        else:
+            result[name] = table[name]()
+        logging.getLogger("sagellm.bench").warning("%s done: %s", name, {
+            k: v for k, v in result[name].items() if not isinstance(v, list)})
+    runner = engine.runner
+    result["runner"] = {k: getattr(runner, k) for k in ("num_graph_steps", "num_eager_steps")
+                        if hasattr(runner, k)}
+    result["total_s"] = time.perf_counter() - t0
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sagellm bench", description=__doc__)
+    add_arguments(p)
+    return cmd_bench(p.parse_args(argv))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    result = run(args)
+    base = report.load_baseline(args.baseline_dir, result["device"])
+    result["vs_baseline"] = report.rows(result, base)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(report.format_table(result["vs_baseline"], result["device"]))
+    print(f"(JSON: {args.out})", file=sys.stderr)
+    return 0

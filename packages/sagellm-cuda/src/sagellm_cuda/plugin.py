@@ -1,0 +1,138 @@
+"""Hook implementations of sagellm-cuda and the CUDA :class:`~sagellm.protocols.Platform`.
+
+Importing this module touches neither the GPU nor Triton: discovery must stay cheap and must work
+on machines without CUDA, where :meth:`CudaPlatform.is_available` explains what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sagellm.hookspecs import hookimpl
+from sagellm.protocols import (
+    Availability,
+    Capabilities,
+    KVCacheSpec,
+    MemoryInfo,
+    Platform,
+)
+
+if TYPE_CHECKING:
+    from sagellm_cuda.attention import TritonAttentionBackend
+    from sagellm_cuda.comm import NcclComm
+    from sagellm_cuda.kv import CudaKVBackend
+
+
+def cuda_availability() -> Availability:
+    """Why CUDA can or cannot be used here; never raises."""
+    try:
+        if torch.version.cuda is None:
+            return Availability.no(
+                f"torch {torch.__version__} is a build without CUDA: install a CUDA build of torch "
+                f"(e.g. from https://download.pytorch.org/whl/cu128)")
+        try:
+            count = torch.cuda.device_count()
+            if count:
+                torch.cuda.get_device_properties(0)
+        except Exception as exc:  # driver missing or broken
+            return Availability.no(f"CUDA driver error: {exc}")
+        if count == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            extra = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+            if not torch.cuda.is_available():
+                return Availability.no(f"no CUDA device visible{extra}, or the NVIDIA driver is "
+                                       f"not loaded (torch built for CUDA {torch.version.cuda})")
+            return Availability.no(f"no CUDA device visible{extra}")
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:
+            return Availability.no(f"triton is not importable ({exc}): pip install triton")
+        props = torch.cuda.get_device_properties(0)
+        if props.major < 7:
+            return Availability.no(f"{props.name} has compute capability {props.major}."
+                                   f"{props.minor}; the Triton kernels need 7.0 or newer")
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
+        return Availability.yes(f"{count} device(s): {names}; torch {torch.__version__}, "
+                                f"CUDA {torch.version.cuda}")
+    except Exception as exc:  # pragma: no cover - belt and braces: never raise from here
+        return Availability.no(f"CUDA check failed: {type(exc).__name__}: {exc}")
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+
+    @classmethod
+    def is_available(cls) -> Availability:
+        return cuda_availability()
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        return Capabilities(
+            dtypes=(torch.bfloat16, torch.float16, torch.float32),
+            default_dtype=torch.bfloat16,
+            supports_graphs=True,
+            dist_backend="nccl",
+            priority=100,
+        )
+
+    def set_device(self) -> None:
+        torch.cuda.set_device(self.device_index)
+
+    def memory_info(self) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(self.device_index)
+        return MemoryInfo(free_bytes=free, total_bytes=total)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device_index)
+
+    def max_memory_allocated(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device_index))
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device_index)
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device_index)
+
+    def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> CudaKVBackend:
+        from sagellm_cuda.kv import CudaKVBackend
+
+        return CudaKVBackend(spec, num_blocks, self.device)
+
+    def make_attention_backend(self) -> TritonAttentionBackend:
+        from sagellm_cuda.attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+
+    def make_comm_backend(self, rank: int, world_size: int) -> NcclComm:
+        from sagellm_cuda.comm import NcclComm
+
+        return NcclComm(self.device)
+
+    def make_model_runner(self, *args: object, **kwargs: Any) -> object | None:
+        """Fused kernels in the model, then a runner that replays decode steps as CUDA graphs."""
+        from sagellm_cuda.fused import use_fused_kernels
+        from sagellm_cuda.graphs import CudaGraphModelRunner
+
+        model = kwargs["model"]
+        config = kwargs.get("config")
+        if os.environ.get("SAGELLM_CUDA_NO_FUSION") != "1":
+            use_fused_kernels(model)  # type: ignore[arg-type]
+        max_model_len = getattr(config, "max_model_len", None) or int(
+            model.config.max_position_embeddings)  # type: ignore[union-attr]
+        return CudaGraphModelRunner(
+            model, kwargs["kv"], kwargs["attention"], kwargs["device"],  # type: ignore[arg-type]
+            int(kwargs["block_size"]),  # type: ignore[call-overload]
+            max_model_len=max_model_len,
+            max_batch_size=int(getattr(config, "max_num_seqs", 256)),
+            enforce_eager=bool(getattr(config, "enforce_eager", False)),
+        )
+
+
+@hookimpl
+def sagellm_register_backends(register) -> None:  # type: ignore[no-untyped-def]
+    register(CudaPlatform)

@@ -1,0 +1,203 @@
+"""Each Triton kernel against a torch fp32 reference on random inputs, over many shapes.
+
+Run on a GPU machine: ``pytest -m gpu packages/sagellm-cuda/tests``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sagellm.backends.torch_attention import TorchAttentionBackend, gather_kv
+from sagellm.layers.activation import SiluAndMul
+from sagellm.layers.norm import RMSNorm
+from sagellm.layers.rotary import RotaryEmbedding
+from sagellm.protocols import DecodeMetadata, PrefillMetadata
+
+pytestmark = pytest.mark.gpu
+REF = TorchAttentionBackend()
+DEV = "cuda"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def tol(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}[dtype]
+
+
+def make_pool(num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    k = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEV).to(dtype)
+    v = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEV).to(dtype)
+    return k, v
+
+
+def block_tables(seq_lens: list[int], block_size: int, num_blocks: int) -> torch.Tensor:
+    need = [-(-n // block_size) for n in seq_lens]
+    perm = torch.randperm(num_blocks)[: sum(need)]
+    width = max(need) + 3
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    off = 0
+    for i, n in enumerate(need):
+        table[i, :n] = perm[off:off + n]
+        off += n
+    return table.to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kv_heads,head_dim", [(2, 128), (1, 64), (4, 32)])
+def test_write_kv(dtype: torch.dtype, kv_heads: int, head_dim: int) -> None:
+    from sagellm_cuda.attention import write_kv
+
+    kc, vc = make_pool(32, 16, kv_heads, head_dim, dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    qkv = torch.randn(37, (4 + 2) * kv_heads * head_dim, device=DEV).to(dtype)
+    k = qkv[:, 4 * kv_heads * head_dim: 5 * kv_heads * head_dim].view(37, kv_heads, head_dim)
+    v = qkv[:, 5 * kv_heads * head_dim:].view(37, kv_heads, head_dim)  # strided views, like the model
+    slots = torch.randperm(32 * 16, device=DEV)[:37]
+    slots[::5] = -1
+    write_kv(k, v, kc, vc, slots)
+    REF.write_kv(k, v, kc2, vc2, slots)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+DECODE_CASES = [
+    # heads, kv_heads, head_dim, block_size, seq_lens
+    (12, 2, 128, 16, [1, 17, 768, 4000]),
+    (32, 8, 128, 16, [5, 64, 65, 300]),
+    (8, 8, 64, 32, [33, 1, 129]),
+    (16, 2, 64, 16, [1000] * 9),
+    (9, 3, 32, 16, [7, 8, 9, 255, 256, 257]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", DECODE_CASES)
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_paged_decode(dtype: torch.dtype, case: tuple, num_splits: int | None) -> None:  # type: ignore[type-arg]
+    from sagellm_cuda.attention import paged_decode
+
+    heads, kv_heads, head_dim, bs, lens = case
+    nb = sum(-(-n // bs) for n in lens) + 8
+    kc, vc = make_pool(nb, bs, kv_heads, head_dim, dtype)
+    table = block_tables(lens, bs, nb)
+    q = torch.randn(len(lens), heads, head_dim, device=DEV).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    scale = head_dim ** -0.5
+    out = paged_decode(q, kc, vc, table, seq_lens, max(lens), scale, num_splits)
+    meta = DecodeMetadata(seq_lens=seq_lens, block_tables=table, max_seq_len=max(lens))
+    ref = REF.decode(q.float(), kc.float(), vc.float(), meta, scale)
+    assert rel_err(out, ref) < tol(dtype)
+
+
+PREFILL_CASES = [
+    # heads, kv_heads, head_dim, block_size, context_lens, query_lens
+    (12, 2, 128, 16, [0], [512]),
+    (12, 2, 128, 16, [0, 0, 0], [1, 100, 257]),
+    (12, 2, 128, 16, [16, 100, 700], [16, 33, 300]),
+    (8, 8, 64, 32, [0, 5], [130, 64]),
+    (16, 4, 64, 16, [63, 0, 1], [1, 2, 200]),
+    (4, 2, 32, 16, [48], [1000]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_paged_prefill(dtype: torch.dtype, case: tuple) -> None:  # type: ignore[type-arg]
+    from sagellm_cuda.attention import paged_prefill
+
+    heads, kv_heads, head_dim, bs, ctx, qlens = case
+    total = [c + q for c, q in zip(ctx, qlens)]
+    nb = sum(-(-n // bs) for n in total) + 8
+    kc, vc = make_pool(nb, bs, kv_heads, head_dim, dtype)
+    table = block_tables(total, bs, nb)
+    cu = [0]
+    for n in qlens:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], heads, head_dim, device=DEV).to(dtype)
+    scale = head_dim ** -0.5
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    ctx_t = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    out = paged_prefill(q, kc, vc, table, cu_t, ctx_t, max(qlens), scale)
+    meta = PrefillMetadata(cu_seqlens_q=cu_t, seq_lens=torch.tensor(total, device=DEV),
+                           context_lens=ctx_t, block_tables=table, max_seqlen_q=max(qlens),
+                           max_seqlen_k=max(total), has_prefix=any(ctx), seq_lens_list=total,
+                           context_lens_list=ctx)
+    k_new = torch.cat([gather_kv(kc, table[i], total[i])[ctx[i]:] for i in range(len(ctx))])
+    v_new = torch.cat([gather_kv(vc, table[i], total[i])[ctx[i]:] for i in range(len(ctx))])
+    ref = REF.prefill(q.float(), k_new.float(), v_new.float(), kc.float(), vc.float(), meta, scale)
+    assert rel_err(out, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,hidden", [(1, 1536), (37, 1536), (300, 576), (5, 4096)])
+def test_rms_norm(dtype: torch.dtype, rows: int, hidden: int) -> None:
+    from sagellm_cuda.fused import rms_norm
+
+    norm = RMSNorm(hidden, 1e-6).to(DEV, dtype)
+    norm.weight.data.normal_()
+    x = torch.randn(rows, hidden, device=DEV).to(dtype)
+    r = torch.randn(rows, hidden, device=DEV).to(dtype)
+    out, _ = rms_norm(x, norm.weight, 1e-6)
+    assert rel_err(out, RMSNorm.forward(norm, x)) < (1e-2 if dtype != torch.float32 else 1e-5)
+    out, res = rms_norm(x, norm.weight, 1e-6, r)
+    ref_out, ref_res = RMSNorm.forward(norm, x, r)
+    assert torch.equal(res, ref_res)
+    ref32 = (x.float() + r.float())
+    ref32 = ref32 * torch.rsqrt(ref32.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.float()
+    assert rel_err(out, ref32) < tol(dtype)
+    assert rel_err(out, ref_out) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,inter", [(1, 8960), (33, 8960), (257, 1536), (3, 100)])
+def test_silu_and_mul(dtype: torch.dtype, rows: int, inter: int) -> None:
+    from sagellm_cuda.fused import silu_and_mul
+
+    x = torch.randn(rows, 2 * inter, device=DEV).to(dtype)
+    ref = torch.nn.functional.silu(x[:, :inter].float()) * x[:, inter:].float()
+    out = silu_and_mul(x)
+    assert rel_err(out, ref) < tol(dtype)
+    assert rel_err(out, SiluAndMul()(x)) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 2, 128), (9, 3, 64), (32, 8, 128)])
+def test_rotary(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+    from sagellm_cuda.fused import rotary_inplace
+
+    rope = RotaryEmbedding(head_dim, 4096, 1e6).to(DEV)
+    t = 77
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, device=DEV).to(dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q, k = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim)
+    pos = torch.randint(0, 4096, (t,), device=DEV)
+    q32, k32 = RotaryEmbedding.forward(rope, pos, q.float(), k.float())
+    rq, rk = RotaryEmbedding.forward(rope, pos, q.clone(), k.clone())
+    rotary_inplace(pos, q, k, rope.cos_sin)
+    assert rel_err(q, q32) < tol(dtype) and rel_err(k, k32) < tol(dtype)
+    assert torch.equal(q, rq) and torch.equal(k, rk)
+
+
+def test_decode_in_a_cuda_graph_follows_new_lengths() -> None:
+    """The captured launch must read lengths and tables from memory, not from capture time."""
+    from sagellm_cuda.attention import paged_decode
+
+    heads, kv_heads, d, bs = 12, 2, 128, 16
+    kc, vc = make_pool(600, bs, kv_heads, d, torch.bfloat16)
+    table = block_tables([4096, 4096], bs, 600)
+    q = torch.randn(2, heads, d, device=DEV, dtype=torch.bfloat16)
+    lens = torch.tensor([10, 20], dtype=torch.int32, device=DEV)
+    paged_decode(q, kc, vc, table, lens, 4096, d ** -0.5)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = paged_decode(q, kc, vc, table, lens, 4096, d ** -0.5)
+    for new in ([1, 4096], [700, 33]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        g.replay()
+        meta = DecodeMetadata(seq_lens=lens, block_tables=table, max_seq_len=max(new))
+        ref = REF.decode(q.float(), kc.float(), vc.float(), meta, d ** -0.5)
+        assert rel_err(out, ref) < 1.5e-2
