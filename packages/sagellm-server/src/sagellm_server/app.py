@@ -10,19 +10,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import sagellm
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from sagellm.outputs import RequestOutput
+from sagellm.sampling_params import SamplingParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import sagellm
-from sagellm.outputs import RequestOutput
-from sagellm.sampling_params import SamplingParams
 from sagellm_server import __version__
 from sagellm_server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestHandle
 from sagellm_server.metrics import CONTENT_TYPE, ServerMetrics
@@ -343,7 +343,7 @@ class _Server:
         if len(prompts) == 1:
             return [self.engine.add(base_id, prompts[0], params[0], stream)]
         return [self.engine.add(f"{base_id}-{i}", p, sp, stream)
-                for i, (p, sp) in enumerate(zip(prompts, params))]
+                for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
 
     # -- generation ------------------------------------------------------------------------
 

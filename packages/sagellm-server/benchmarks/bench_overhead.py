@@ -1,0 +1,166 @@
+"""Serving overhead: the HTTP server versus the offline engine, same model, prompts and settings.
+
+For each concurrency level C, C requests (greedy, ``ignore_eos``, ``--max-tokens`` each) start
+together; we report mean TPOT (time per output token after the first, per request) and output
+tokens/s (all tokens over the wall time). The offline run drives ``LLMEngine.step()`` directly
+in this process; the server run starts ``sagellm-server`` on a free port and streams with raw
+httpx (one SSE event per token). Run the two one after the other, never together.
+
+    python packages/sagellm-server/benchmarks/bench_overhead.py [--concurrency 1 16] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass
+class Result:
+    mode: str
+    concurrency: int
+    tpot_ms: float
+    ttft_ms: float
+    tokens_per_s: float
+    num_tokens: int
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a short story about robot number {i} who learns to paint." for i in range(n)]
+
+
+def bench_offline(levels: list[int], max_tokens: int, repeats: int) -> list[Result]:
+    from sagellm.config import EngineConfig
+    from sagellm.engine.llm_engine import LLMEngine
+    from sagellm.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(max_num_seqs=max(levels)))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    warm = engine.add_request("warm up", SamplingParams(temperature=0, max_tokens=4))
+    while engine.has_unfinished_requests():
+        engine.step()
+    del warm
+    results = []
+    for c in levels:
+        runs = []
+        for _ in range(repeats):
+            t0 = time.monotonic()
+            ids = [engine.add_request(p, params) for p in prompts(c)]
+            first: dict[str, float] = {}
+            last: dict[str, float] = {}
+            count = 0
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    now = time.monotonic()
+                    first.setdefault(out.request_id, now)
+                    last[out.request_id] = now
+                    count += len(out.new_token_ids)
+            wall = time.monotonic() - t0
+            tpot = statistics.mean((last[r] - first[r]) / (max_tokens - 1) for r in ids)
+            ttft = statistics.mean(first[r] - t0 for r in ids)
+            runs.append(Result("offline", c, tpot * 1e3, ttft * 1e3, count / wall, count))
+        results.append(_best(runs))
+    del engine
+    gc.collect()
+    return results
+
+
+async def _one(client: httpx.AsyncClient, prompt: str, max_tokens: int, t0: float) -> tuple[float, float, int]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}
+    first = last = 0.0
+    n = 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            now = time.monotonic()
+            k = len(json.loads(line[6:])["choices"][0]["token_ids"])
+            if k:
+                if n == 0:
+                    first = now
+                last = now
+                n += k
+    return first - t0, (last - first) / max(n - 1, 1), n
+
+
+async def _server_level(url: str, c: int, max_tokens: int) -> Result:
+    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await _one(client, "warm up", 4, time.monotonic())
+        t0 = time.monotonic()
+        res = await asyncio.gather(*(_one(client, p, max_tokens, t0) for p in prompts(c)))
+        wall = time.monotonic() - t0
+    total = sum(n for _, _, n in res)
+    return Result("server", c, statistics.mean(t for _, t, _ in res) * 1e3,
+                  statistics.mean(f for f, _, _ in res) * 1e3, total / wall, total)
+
+
+def bench_server(levels: list[int], max_tokens: int, repeats: int, url: str | None) -> list[Result]:
+    proc = None
+    if url is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, "-m", "sagellm_server.cli", "--port", str(port),
+                                 "--max-num-seqs", str(max(levels)), "--log-level", "warning"],
+                                env={**os.environ, "SAGELLM_API_KEY": ""})
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.5)
+    try:
+        return [_best([asyncio.run(_server_level(url, c, max_tokens)) for _ in range(repeats)])
+                for c in levels]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _best(runs: list[Result]) -> Result:
+    """The run with the highest throughput (least disturbed by other load on the machine)."""
+    return max(runs, key=lambda r: r.tokens_per_s)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--url", default=None, help="an already running server (default: start one)")
+    args = ap.parse_args()
+    offline = bench_offline(args.concurrency, args.max_tokens, args.repeats)
+    server = bench_server(args.concurrency, args.max_tokens, args.repeats, args.url)
+    print(f"\nmodel: embedded SmolLM2-135M-Instruct, greedy, ignore_eos, {args.max_tokens} output tokens "
+          f"per request, best of {args.repeats}, {os.cpu_count()} CPU cores")
+    print(f"{'clients':>7} | {'offline TPOT ms':>15} | {'server TPOT ms':>14} | {'TPOT overhead':>13} | "
+          f"{'offline tok/s':>13} | {'server tok/s':>12} | {'tok/s ratio':>11} | {'server TTFT ms':>14}")
+    for o, s in zip(offline, server, strict=True):
+        print(f"{o.concurrency:>7} | {o.tpot_ms:>15.1f} | {s.tpot_ms:>14.1f} | "
+              f"{100 * (s.tpot_ms / o.tpot_ms - 1):>+12.1f}% | {o.tokens_per_s:>13.1f} | "
+              f"{s.tokens_per_s:>12.1f} | {s.tokens_per_s / o.tokens_per_s:>11.2f} | {s.ttft_ms:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""A real ``sagellm-server`` process on a free port, shared by a test module."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The root config uses --import-mode=importlib, which does not put test directories on sys.path.
+sys.path.insert(0, str(Path(__file__).parent))
+from server_harness import Server, start_server, stop_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("server"), "--max-num-seqs", "32",
+                       "--max-queued-requests", "4")
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
