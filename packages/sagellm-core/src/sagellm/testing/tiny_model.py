@@ -25,10 +25,13 @@ TINY_LLAMA: dict[str, Any] = dict(
 )
 
 
-def make_tiny_llama(path: str | Path, seed: int = 0, **overrides: Any) -> Path:
+def make_tiny_llama(path: str | Path, seed: int = 0, tokenizer: bool = False,
+                    **overrides: Any) -> Path:
     """Write a random-weight Llama checkpoint (config.json + safetensors) to ``path``.
 
-    No tokenizer is written: prompts are token ids. Weights are saved (not ``load_format=
+    With ``tokenizer=True`` a byte-level tokenizer (one token per byte, no merges, vocabulary
+    256) is written too, so text prompts, the CLI and the server work; otherwise prompts are
+    token ids. Weights are saved (not ``load_format=
     "dummy"``) so engines on different devices load bit-identical parameters; they are written
     directly under the Hugging Face names, without building a transformers model (fast).
     """
@@ -61,7 +64,23 @@ def make_tiny_llama(path: str | Path, seed: int = 0, **overrides: Any) -> Path:
             pre + "post_attention_layernorm.weight": torch.ones(h),
         })
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer:
+        _write_byte_tokenizer(path)
     return path
+
+
+def _write_byte_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 256,
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}"}))
 
 
 def greedy_generate(platform: Platform, model_dir: str | Path, prompts: Sequence[Sequence[int]],
