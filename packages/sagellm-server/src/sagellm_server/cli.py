@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind; use 0.0.0.0 to accept other machines (set --api-key then)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port")
-    s.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    s.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health "
-                        f"(also from ${API_KEY_ENV})")
+                        f"(default: ${API_KEY_ENV}; never printed)")
     s.add_argument("--max-request-body-bytes", type=int, default=4 << 20,
                    help="larger request bodies get HTTP 413")
     s.add_argument("--log-interval", type=float, default=10.0,
@@ -75,6 +75,8 @@ def _served_name(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Read here rather than as the argparse default, so --help never prints the key.
+    args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
