@@ -210,7 +210,8 @@ def discover(entry_points: Iterable[md.EntryPoint] | None = None,
             continue
     for impl in pm.hook.sagellm_register_backends.get_hookimpls():
         dist, _, ep_name = impl.plugin_name.partition(":")
-        version = next((p.version for p in reg.loaded if p.entry_point == ep_name), "")
+        version = next((p.version for p in reg.loaded
+                        if p.entry_point == ep_name and p.distribution == dist), "")
         found: list[type[Platform]] = []
         try:
             impl.function(register=found.append)
