@@ -35,6 +35,9 @@ class EngineConfig(BaseModel):
     max_prefill_tokens: int | None = Field(None, ge=16)
     enforce_eager: bool = False
     tensor_parallel_size: int = Field(1, ge=1)
+    #: Prefill on a second worker (device ``device_index + 1``) and hand the prompts' KV
+    #: blocks to this one, which decodes (``sagellm.distributed.disagg``).
+    disaggregate_prefill: bool = False
     device_index: int = 0
 
     @model_validator(mode="after")

@@ -49,6 +49,14 @@ class LLMEngine:
         self.registry = registry or get_registry()
         self.platform = platform or self.registry.select(config.backend).platform(config.device_index)
         self.platform.set_device()
+        #: The other ranks of a tensor-parallel or disaggregated engine (``sagellm.distributed``).
+        self.workers = None
+        if tp.size == 1 and (config.tensor_parallel_size > 1 or config.disaggregate_prefill):
+            from sagellm.distributed.launcher import launch
+
+            self.workers = launch(config, self.platform)
+            self.config = config = self.workers.config
+            tp = self.workers.tp
         caps = self.platform.capabilities()
         device = self.platform.device
         self.device = device
@@ -72,6 +80,10 @@ class LLMEngine:
         )
         self.attention = self.platform.make_attention_backend()
         num_blocks = self._num_kv_blocks()
+        if tp.comm is not None:
+            from sagellm.distributed.tp_worker import min_over_ranks
+
+            num_blocks = min_over_ranks(tp.comm, num_blocks)  # block ids are shared by all ranks
         self.kv = self.platform.make_kv_backend(self.kv_spec, num_blocks)
         self.block_manager = BlockManager(self.kv, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
@@ -82,6 +94,8 @@ class LLMEngine:
             block_size=config.block_size, config=config)
         self.runner: ModelRunner = runner or ModelRunner(  # type: ignore[assignment]
             self.model, self.kv, self.attention, device, config.block_size)
+        if self.workers is not None:
+            self.workers.attach(self)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
@@ -94,6 +108,11 @@ class LLMEngine:
                     self.platform.device_name(), loaded.source, loaded.dtype, num_blocks,
                     config.block_size, num_blocks * config.block_size)
         self._notify_started()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a multi-rank engine (a no-op for one rank)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     # -- start-up helpers ------------------------------------------------------------------
 

@@ -42,12 +42,16 @@ class DecodeOp:
 
 @dataclass
 class KVTransferOp:
-    """Move ``block_ids`` of ``request_id`` from rank ``src`` to rank ``dst``."""
+    """Move ``block_ids`` of ``request_id`` from rank ``src`` to rank ``dst``.
+
+    ``dst_block_ids`` are the blocks reserved for them on ``dst`` (same count, same order).
+    """
 
     request_id: str
     block_ids: list[int]
     src: int
     dst: int
+    dst_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
