@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from sagellm import plugins
 from sagellm.testing import make_distribution
 

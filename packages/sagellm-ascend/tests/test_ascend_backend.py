@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from sagellm import plugins
 from sagellm.cli import main
 from sagellm.testing import make_paged_case
@@ -46,7 +45,7 @@ def _run_all(attn: AscendAttentionBackend) -> list[torch.Tensor]:
         slots = torch.tensor([s for i, c in enumerate(ctx) for s in case.slots(i, c, seq_lens[i])])
         attn.write_kv(key, value, kc, vc, slots)
         query = torch.cat(case.queries)
-        if all(s - c == 1 for s, c in zip(seq_lens, ctx)):
+        if all(s - c == 1 for s, c in zip(seq_lens, ctx, strict=True)):
             out = attn.decode(query, kc, vc, case.decode_metadata(torch.device("cpu")), SCALE)
         else:
             out = attn.prefill(query, key, value, kc, vc, case.prefill_metadata(torch.device("cpu")), SCALE)

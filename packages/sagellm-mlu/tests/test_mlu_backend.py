@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from sagellm import plugins
 from sagellm.cli import main
 from sagellm.protocols import KVCacheSpec
@@ -57,7 +56,7 @@ def _run_all(attn: MluAttentionBackend) -> list[float]:
         attn.write_kv(key, value, kc, vc, slots)
         query = torch.cat(case.queries)
         cpu = torch.device("cpu")
-        if all(s - c == 1 for s, c in zip(seq_lens, ctx)):
+        if all(s - c == 1 for s, c in zip(seq_lens, ctx, strict=True)):
             out = attn.decode(query, kc, vc, case.decode_metadata(cpu), SCALE)
         else:
             out = attn.prefill(query, key, value, kc, vc, case.prefill_metadata(cpu), SCALE)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from sagellm.hookspecs import hookimpl
 from sagellm.protocols import Platform
+
 from sagellm_example_backend.platform import ExamplePlatform
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-
 from sagellm.backends.torch_attention import TorchAttentionBackend
 from sagellm.protocols import DecodeMetadata, PrefillMetadata
 
@@ -113,7 +112,7 @@ class AscendAttentionBackend(TorchAttentionBackend):
         num_heads, head_dim = query.shape[1], query.shape[2]
         seq_lens = meta.seq_lens_list or [int(n) for n in meta.seq_lens.tolist()]
         ctx_lens = meta.context_lens_list or [int(n) for n in meta.context_lens.tolist()]
-        q_ends = list(itertools.accumulate(s - c for s, c in zip(seq_lens, ctx_lens)))
+        q_ends = list(itertools.accumulate(s - c for s, c in zip(seq_lens, ctx_lens, strict=True)))
         common: dict[str, Any] = dict(
             query=query.contiguous(), atten_mask=self._causal_mask(query.device),
             actual_seq_lengths=q_ends, num_heads=num_heads, num_key_value_heads=key.shape[1],

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from sagellm.backends.torch_kv import TorchKVBackend
 
 

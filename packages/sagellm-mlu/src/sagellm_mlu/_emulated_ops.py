@@ -43,7 +43,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
     assert q.dim() == 3 and k.dim() == 3, "packed mode: q [total_q, heads, dim]"
     assert alibi_slope is None and attn_bias is None and not rest
     cq, ckv = cu_seq_lens_q.tolist(), cu_seq_lens_kv.tolist()
-    assert max(b - a for a, b in zip(cq, cq[1:])) <= max_seq_len_q
+    assert max(b - a for a, b in zip(cq, cq[1:], strict=False)) <= max_seq_len_q
     for i in range(len(cq) - 1):
         out[cq[i]:cq[i + 1]] = _attend(q[cq[i]:cq[i + 1]], k[ckv[i]:ckv[i + 1]],
                                        v[ckv[i]:ckv[i + 1]], softmax_scale, is_causal)

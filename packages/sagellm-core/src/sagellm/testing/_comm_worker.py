@@ -59,7 +59,7 @@ def two_rank_worker(rank: int, platform_cls: type[Platform], devices: tuple[int,
             expect = platform.make_kv_backend(spec, 8)
             _fill(expect.kv_caches(), 6, seed=11)
             _fill(expect.kv_caches(), 2, seed=44)
-            for (k, v), (ek, ev) in zip(kv.kv_caches(), expect.kv_caches()):
+            for (k, v), (ek, ev) in zip(kv.kv_caches(), expect.kv_caches(), strict=True):
                 assert torch.equal(k.cpu(), ek.cpu()), "received keys differ from what was sent"
                 assert torch.equal(v.cpu(), ev.cpu()), "received values differ from what was sent"
             assert comm.get_bandwidth_stats().calls_by_op.get("recv_kv_blocks") == 1

@@ -59,7 +59,7 @@ class PagedCase:
         return torch.tensor(rows, dtype=torch.int32, device=device)
 
     def prefill_metadata(self, device: torch.device) -> PrefillMetadata:
-        q_lens = [s - c for s, c in zip(self.seq_lens, self.context_lens)]
+        q_lens = [s - c for s, c in zip(self.seq_lens, self.context_lens, strict=True)]
         cu = [0]
         for n in q_lens:
             cu.append(cu[-1] + n)
@@ -86,7 +86,7 @@ class PagedCase:
     def expected(self, scale: float) -> torch.Tensor:
         """Dense float64 reference for the new tokens of every sequence, concatenated."""
         outs = [dense_attention(q, k, v, scale, c)
-                for q, k, v, c in zip(self.queries, self.keys, self.values, self.context_lens)]
+                for q, k, v, c in zip(self.queries, self.keys, self.values, self.context_lens, strict=True)]
         return torch.cat(outs)
 
 
@@ -108,7 +108,7 @@ def make_paged_case(seq_lens: list[int], context_lens: list[int], num_heads: int
         tables.append(order[taken:taken + n])
         taken += n
     queries, keys, values = [], [], []
-    for s, c in zip(seq_lens, context_lens):
+    for s, c in zip(seq_lens, context_lens, strict=True):
         queries.append(torch.randn(s - c, num_heads, head_dim, generator=gen))
         keys.append(torch.randn(s, num_kv_heads, head_dim, generator=gen))
         values.append(torch.randn(s, num_kv_heads, head_dim, generator=gen))

@@ -163,7 +163,7 @@ class BackendSuite:
                 assert t.dtype == test_dtype
                 assert t.device.type == platform.device.type
         again = kv.kv_caches()
-        assert all(k1 is k2 and v1 is v2 for (k1, v1), (k2, v2) in zip(caches, again)), (
+        assert all(k1 is k2 and v1 is v2 for (k1, v1), (k2, v2) in zip(caches, again, strict=True)), (
             "kv_caches() must return the same tensors every call")
 
     def test_kv_copy_blocks(self, platform: Platform, test_dtype: torch.dtype) -> None:
@@ -235,7 +235,7 @@ class BackendSuite:
         kc, vc = self._pool(platform, case, kv_heads, test_dtype)
         if any(ctx):
             self._write(attn, case, kc, vc, [(0, c) for c in ctx])
-        key, value = self._write(attn, case, kc, vc, list(zip(ctx, seq_lens)))
+        key, value = self._write(attn, case, kc, vc, list(zip(ctx, seq_lens, strict=True)))
         query = torch.cat(case.queries).to(kc.device, test_dtype)
         scale = self.head_dim ** -0.5
         out = attn.prefill(query, key, value, kc, vc, case.prefill_metadata(kc.device), scale)
@@ -254,7 +254,7 @@ class BackendSuite:
         kc, vc = self._pool(platform, case, kv_heads, test_dtype)
         if any(ctx):
             self._write(attn, case, kc, vc, [(0, c) for c in ctx])
-        self._write(attn, case, kc, vc, list(zip(ctx, seq_lens)))
+        self._write(attn, case, kc, vc, list(zip(ctx, seq_lens, strict=True)))
         query = torch.cat(case.queries).to(kc.device, test_dtype)
         scale = self.head_dim ** -0.5
         out = attn.decode(query, kc, vc, case.decode_metadata(kc.device), scale)
