@@ -30,7 +30,7 @@ def test_same_tokens_alone_and_in_a_batch(prompts, llama: LLM) -> None:
 
 def test_hundred_requests_return_every_block_and_fragmentation_is_low(prompts, llama: LLM) -> None:
     eng = llama.engine
-    free_before = eng.kv.num_free_blocks
+    free_before = eng.block_manager.num_free_blocks
     prompts = prompts(100, 320, lo=20, hi=300, seed=11)
     params = [SamplingParams(temperature=0, max_tokens=8 + (i * 37) % 120, ignore_eos=True)
               for i in range(100)]
@@ -44,8 +44,10 @@ def test_hundred_requests_return_every_block_and_fragmentation_is_low(prompts, l
         if stats.num_running:
             fragmentation.append(stats.kv_fragmentation)
     assert finished == 100
-    assert eng.kv.num_free_blocks == free_before == eng.kv.num_blocks
     assert eng.block_manager.ref_counts == {}
+    assert eng.block_manager.num_free_blocks == free_before == eng.kv.num_blocks
+    eng.block_manager.reset_prefix_cache()
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
     mean_frag = sum(fragmentation) / len(fragmentation)
     print(f"KV fragmentation over {len(fragmentation)} steps: mean {mean_frag:.2%}, "
           f"max {max(fragmentation):.2%}")
@@ -61,7 +63,7 @@ def test_small_kv_pool_preempts_and_still_finishes_everything(prompts, tiny_llam
     assert [o.token_ids for o in outs] == expected
     assert small.engine.get_stats().num_preemptions > 0
     assert sum(o.num_preemptions for o in outs) == small.engine.get_stats().num_preemptions
-    assert small.engine.kv.num_free_blocks == 24
+    assert small.engine.block_manager.num_free_blocks == 24
 
 
 def test_long_prompt_is_prefilled_in_chunks(prompts, tiny_llama_dir: Path, llama: LLM,
@@ -118,10 +120,10 @@ def test_abort_frees_blocks(prompts, llama: LLM) -> None:
     eng: LLMEngine = llama.engine
     rid = eng.add_request(prompts(1, 320, lo=50, hi=51)[0], GREEDY)
     eng.step()
-    assert eng.kv.num_free_blocks < eng.kv.num_blocks
+    assert eng.block_manager.num_free_blocks < eng.kv.num_blocks
     assert eng.abort_request(rid)
     assert not eng.abort_request(rid)
-    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+    assert eng.block_manager.num_free_blocks == eng.kv.num_blocks
     assert not eng.has_unfinished_requests()
 
 
@@ -143,3 +145,33 @@ def test_generation_stops_at_the_context_limit(tiny_llama_dir: Path) -> None:
     out = llm.generate([[3] * 30], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
                        use_tqdm=False)[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 10
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_outputs(prompts, tiny_llama_dir: Path) -> None:
+    shared = prompts(1, 320, lo=70, hi=71, seed=40)[0]
+    tails = prompts(4, 320, lo=3, hi=20, seed=41)
+    batch = [shared + t for t in tails]
+    plain = LLM(model=str(tiny_llama_dir), num_kv_blocks=200, enable_prefix_caching=False)
+    cached = LLM(model=str(tiny_llama_dir), num_kv_blocks=200)
+    expected = [o.token_ids for o in plain.generate(batch, GREEDY, use_tqdm=False)]
+    first = cached.generate([batch[0]], GREEDY, use_tqdm=False)[0]
+    bm = cached.engine.block_manager
+    assert first.token_ids == expected[0] and bm.num_cache_hits == 0
+    assert bm.num_cached_blocks > 0 and cached.engine.kv.num_free_blocks < 200
+    outs = cached.generate(batch[1:], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected[1:]
+    assert bm.num_cache_hits >= 3 * 64  # four full 16-token blocks of the shared prefix, 3 times
+    again = cached.generate([batch[0]], GREEDY, use_tqdm=False)[0]
+    assert again.token_ids == expected[0]
+    assert bm.num_free_blocks == 200 and bm.ref_counts == {}
+    assert bm.reset_prefix_cache() > 0 and cached.engine.kv.num_free_blocks == 200
+
+
+def test_prefix_cache_evicts_under_pressure(prompts, tiny_llama_dir: Path) -> None:
+    llm = LLM(model=str(tiny_llama_dir), num_kv_blocks=12)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for p in prompts(6, 320, lo=90, hi=120, seed=50):  # each needs 6-8 of the 12 blocks
+        out = llm.generate([p], sp, use_tqdm=False)[0]
+        assert len(out.token_ids) == 8
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == 12 and bm.num_cached_blocks <= 12

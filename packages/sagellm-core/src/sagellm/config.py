@@ -33,6 +33,8 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(8192, ge=16)
     #: Prefill token budget of one step; longer prompts are prefilled in chunks of at most this.
     max_prefill_tokens: int | None = Field(None, ge=16)
+    #: Reuse the KV blocks of identical prompt prefixes across requests.
+    enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tensor_parallel_size: int = Field(1, ge=1)
     #: Prefill on a second worker (device ``device_index + 1``) and hand the prompts' KV

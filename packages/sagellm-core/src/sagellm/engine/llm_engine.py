@@ -85,7 +85,7 @@ class LLMEngine:
 
             num_blocks = min_over_ranks(tp.comm, num_blocks)  # block ids are shared by all ranks
         self.kv = self.platform.make_kv_backend(self.kv_spec, num_blocks)
-        self.block_manager = BlockManager(self.kv, config.block_size)
+        self.block_manager = BlockManager(self.kv, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens,
                                    config.max_prefill_tokens or config.max_num_batched_tokens)

@@ -107,8 +107,12 @@ class Scheduler:
         # 3. Admit waiting sequences (preempted ones first) while budgets, slots and blocks allow.
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            bm.acquire_cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens, token_budget, prefill_budget)
             if n <= 0 or not bm.can_allocate(seq, n):
+                if seq.block_table:  # give the cached prefix back until it can run
+                    bm.free(seq)
+                    seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -154,10 +158,14 @@ class Scheduler:
 
     def commit(self, plan: StepPlan) -> None:
         """Mark the plan's tokens as computed (called after the forward, before sampling)."""
+        bm = self.block_manager
         for op in plan.prefills:
             op.seq.num_computed_tokens = op.end
+            bm.register_computed_blocks(op.seq)
         for op in plan.decodes:
             op.seq.num_computed_tokens = op.seq.num_tokens
+            if op.seq.num_computed_tokens % bm.block_size == 0:
+                bm.register_computed_blocks(op.seq)
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         if seq in self.running:

@@ -50,6 +50,8 @@ class Sequence:
         self.eos_token_ids = eos_token_ids
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        #: Content hashes of the full blocks at the head of ``block_table`` (prefix caching).
+        self.block_hashes: list[int] = []
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
