@@ -264,7 +264,12 @@ class DisaggScheduler(Scheduler):
         plan.preempted.append(seq.request_id)
 
     def commit(self, plan: StepPlan) -> None:
-        super().commit(plan)
+        # No prefix caching across the pair yet: no block is hashed, so a freed block goes
+        # straight back to its pool on either side.
+        for op in plan.prefills:
+            op.seq.num_computed_tokens = op.end
+        for op in plan.decodes:
+            op.seq.num_computed_tokens = op.seq.num_tokens
         by_id = {op.seq.request_id: op.seq for op in plan.prefills}
         for t in plan.kv_transfers:
             seq = by_id[t.request_id]

@@ -272,6 +272,8 @@ def launch(config: EngineConfig, platform: Platform) -> WorkerGroup:
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process: one "
                            "multi-rank engine per process (shut the previous one down first)")
+    if role == "tensor-parallel":
+        _check_divisible(config)
     backend = platform.capabilities().dist_backend
     trun = torchrun_env()
     processes: dict[int, Any] = {}
@@ -307,6 +309,25 @@ def launch(config: EngineConfig, platform: Platform) -> WorkerGroup:
                 "torchrun" if trun else "spawned")
     _active = WorkerGroup(role, config, platform, comm, processes)
     return _active
+
+
+def _check_divisible(config: EngineConfig) -> None:
+    """Fail before starting any process when the heads cannot be split (HF directories only)."""
+    from pathlib import Path
+
+    path = Path(config.model).expanduser() if config.model else None
+    if path is None or not (path / "config.json").is_file():
+        return  # GGUF or the embedded default: the model constructor checks on every rank
+    import json
+
+    hf = json.loads((path / "config.json").read_text())
+    n, heads = config.tensor_parallel_size, hf.get("num_attention_heads")
+    kv = hf.get("num_key_value_heads") or heads
+    if heads and heads % n:
+        raise ValueError(f"attention heads ({heads}) is not divisible by tensor_parallel_size ({n})")
+    if kv and kv % n and n % kv:
+        raise ValueError(f"tensor_parallel_size ({n}) must divide the key/value heads ({kv}) "
+                         f"or be a multiple of them")
 
 
 def _mp_context() -> Any:
