@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+from sagellm.backends.accelerator import Probe
+from sagellm.backends.accelerator import emulation_mode as _emulation_mode
 
 EMULATE_ENV = "SAGELLM_MLU_EMULATE"
 INSTALL_HINT = (f"install torch_mlu (Cambricon PyTorch, from Cambricon's SDK release matching "
@@ -24,19 +25,7 @@ INSTALL_HINT = (f"install torch_mlu (Cambricon PyTorch, from Cambricon's SDK rel
 
 def emulation_mode() -> str | None:
     """``"cpu"`` when the test-only emulation is on, ``None`` when off; raises on a bad value."""
-    raw = os.environ.get(EMULATE_ENV, "").strip()
-    if not raw:
-        return None
-    if raw != "cpu":
-        raise ValueError(f"{EMULATE_ENV}={raw!r} is not understood; the only (test-only) value is 'cpu'")
-    return raw
-
-
-@dataclass(frozen=True)
-class Probe:
-    ok: bool
-    reason: str
-    module: ModuleType | None = None
+    return _emulation_mode(EMULATE_ENV)
 
 
 def probe_torch_mlu() -> Probe:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from sagellm.backends.cpu import CpuPlatform
-from sagellm.protocols import Availability, Capabilities, KVCacheSpec, MemoryInfo, Platform
+from sagellm.backends.accelerator import TorchAcceleratorPlatform
+from sagellm.protocols import Availability, Capabilities, KVCacheSpec
 
 from sagellm_mlu import _vendor
 from sagellm_mlu.attention import MluAttentionBackend
@@ -12,14 +12,7 @@ from sagellm_mlu.comm import MluComm
 from sagellm_mlu.kv import MluKVBackend
 
 
-def _emulated() -> bool:
-    try:
-        return _vendor.emulation_mode() == "cpu"
-    except ValueError:
-        return False
-
-
-class MluPlatform(Platform):
+class MluPlatform(TorchAcceleratorPlatform):
     """Cambricon MLUs (MLU370, MLU590 and later) through torch_mlu.
 
     Under the test-only ``SAGELLM_MLU_EMULATE=cpu`` the device is the CPU, communication is
@@ -28,6 +21,8 @@ class MluPlatform(Platform):
 
     name = "mlu"
     device_type = "mlu"
+    emulate_env = _vendor.EMULATE_ENV
+    vendor_name = "MLU"
 
     @classmethod
     def is_available(cls) -> Availability:
@@ -43,47 +38,13 @@ class MluPlatform(Platform):
 
     @classmethod
     def capabilities(cls) -> Capabilities:
-        if _emulated():
+        if cls.emulated():
             return Capabilities(dtypes=(torch.float32, torch.float16, torch.bfloat16),
                                 default_dtype=torch.float32, dist_backend="gloo", priority=-1)
         # float16 runs on every MLU generation; pass --dtype bfloat16 where the chip supports it.
         return Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32),
                             default_dtype=torch.float16, supports_graphs=False,
                             dist_backend="cncl", priority=100)
-
-    @property
-    def device(self) -> torch.device:
-        if _emulated():
-            return torch.device("cpu")
-        return torch.device("mlu", self.device_index)
-
-    def set_device(self) -> None:
-        if not _emulated():
-            torch.mlu.set_device(self.device_index)  # type: ignore[attr-defined]
-
-    def memory_info(self) -> MemoryInfo:
-        if _emulated():
-            return CpuPlatform().memory_info()
-        free, total = torch.mlu.mem_get_info(self.device_index)  # type: ignore[attr-defined]
-        return MemoryInfo(free_bytes=int(free), total_bytes=int(total))
-
-    def synchronize(self) -> None:
-        if not _emulated():
-            torch.mlu.synchronize(self.device_index)  # type: ignore[attr-defined]
-
-    def max_memory_allocated(self) -> int:
-        if _emulated():
-            return 0
-        return int(torch.mlu.max_memory_allocated(self.device_index))  # type: ignore[attr-defined]
-
-    def reset_peak_memory(self) -> None:
-        if not _emulated():
-            torch.mlu.reset_peak_memory_stats(self.device_index)  # type: ignore[attr-defined]
-
-    def device_name(self) -> str:
-        if _emulated():
-            return "cpu (MLU emulation, test-only)"
-        return str(torch.mlu.get_device_name(self.device_index))  # type: ignore[attr-defined]
 
     def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> MluKVBackend:
         return MluKVBackend(spec, num_blocks, self.device)
