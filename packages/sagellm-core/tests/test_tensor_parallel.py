@@ -190,3 +190,34 @@ def test_wire_refuses_unregistered_and_corrupt() -> None:
     schema, payload = encode(_sample_input(), torch.device("cpu"))
     with pytest.raises(ValueError):
         decode(schema, payload[:-1])
+
+
+_TORCHRUN_SCRIPT = """
+import os, sys
+from sagellm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], tensor_parallel_size=2, num_kv_blocks=64)
+# Only rank 0 gets here: on rank 1 the constructor served as the worker and ended the process.
+outs = llm.generate([[5, 6, 7, 8], [9, 10]], SamplingParams(max_tokens=6, ignore_eos=True),
+                    use_tqdm=False)
+print("TOKENS", os.environ["RANK"], [o.token_ids for o in outs], flush=True)
+llm.engine.shutdown()
+"""
+
+
+def test_torchrun_ranks_serve_as_workers(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    model = str(tiny_dirs["llama"])
+    script = tmp_path / "tp_script.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(29000 + os.getpid() % 1000), str(script), model],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS")]
+    assert len(lines) == 1 and lines[0].startswith("TOKENS 0 ")
+    expected = LLM(model=model, num_kv_blocks=64).generate(
+        [[5, 6, 7, 8], [9, 10]], SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert lines[0] == f"TOKENS 0 {[o.token_ids for o in expected]}"
