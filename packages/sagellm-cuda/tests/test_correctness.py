@@ -118,11 +118,16 @@ def test_fp32_chunked_prefill_matches(hf_model: tuple[Path, torch.nn.Module]) ->
 
 
 def test_bf16_tokens_within_bf16_tolerance(hf_model: tuple[Path, torch.nn.Module]) -> None:
+    import copy
+
     path, model = hf_model
     ours = _generate(path, _cuda(), "bfloat16")
-    # bf16 keeps 8 bits of mantissa: logits move by about 1% of their spread through 3 layers.
-    _check_near_greedy(model, ours, rtol=0.05)
-    exact = sum(t == r for t, r in zip(ours, (_reference_greedy(model, p) for p in _prompts())))
+    # The reference computes in fp32 on the same bf16-rounded weights we run, so what is left is
+    # the rounding of activations: bf16 keeps 8 bits, a few percent of the logits' spread after
+    # three layers. A wrong kernel (position, block, head) is off by whole standard deviations.
+    rounded = copy.deepcopy(model).to(torch.bfloat16).float()
+    _check_near_greedy(rounded, ours, rtol=0.1)
+    exact = sum(t == r for t, r in zip(ours, (_reference_greedy(rounded, p) for p in _prompts())))
     print(f"bf16: {exact}/{len(ours)} prompts token-identical to transformers fp32")
 
 

@@ -26,6 +26,22 @@ def main(model: str, out: str) -> None:
     res: dict[str, object] = {"engine_s": time.perf_counter() - t0,
                               "capture_s": engine.runner.capture_seconds}
     runner = engine.runner
+    free, total = torch.cuda.mem_get_info()
+    params = {id(p): p for p in engine.model.parameters()}
+    buffers = {b.data_ptr(): b for b in engine.model.buffers()}
+    kv_bytes = engine.kv.get_memory_usage().bytes_total
+    res["memory_gib"] = {k: v / 2**30 for k, v in {
+        "total": total, "used": total - free,
+        "torch_allocated": torch.cuda.memory_allocated(),
+        "torch_reserved": torch.cuda.memory_reserved(),
+        "weights": sum(p.numel() * p.element_size() for p in params.values()),
+        "buffers": sum(b.numel() * b.element_size() for b in buffers.values()),
+        "kv_pool": kv_bytes,
+        "activation_profile": engine._profile_activation_bytes(),
+    }.items()}
+    m = res["memory_gib"]
+    m["non_torch"] = m["used"] - m["torch_reserved"]
+    print("memory GiB:", {k: round(v, 3) for k, v in m.items()})
     rng = np.random.default_rng(1)
     rows = []
     for bs in (1, 8, 16, 64, 256):

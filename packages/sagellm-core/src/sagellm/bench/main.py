@@ -9,6 +9,7 @@ import logging
 import platform as pyplatform
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.workloads == "all" and args.serve_url:
         names = names + ["serve_c1", "serve_c16"]
     result: dict[str, Any] = {"engine": "sagellm", "python": pyplatform.python_version()}
+    if all(n.startswith("serve_") for n in names):
+        return _run_serve_only(args, names, result)
     t0 = time.perf_counter()
     engine = _make_engine(args)
     t_ready = time.perf_counter() - t0
@@ -89,6 +92,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runner = engine.runner
     result["runner"] = {k: getattr(runner, k) for k in ("num_graph_steps", "num_eager_steps")
                         if hasattr(runner, k)}
+    result["total_s"] = time.perf_counter() - t0
+    return result
+
+
+def _run_serve_only(args: argparse.Namespace, names: list[str], result: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """Serve rows against a running server; the device is the one the server reports."""
+    from sagellm.bench import serve
+
+    if not args.serve_url:
+        raise ValueError("serve workloads need --serve-url")
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(args.serve_url.rstrip("/") + "/v1/backends", timeout=10) as r:
+            serving = json.load(r).get("serving", {})
+    except (OSError, ValueError):
+        serving = {}
+    result["device"] = serving.get("device") or "unknown"
+    result["backend"] = serving.get("name")
+    for name in names:
+        conc, num = (1, 8) if name == "serve_c1" else (16, 64)
+        result[name] = serve.run_serve(args.serve_url, conc, num)
+        logging.getLogger("sagellm.bench").warning("%s done: %s", name, {
+            k: v for k, v in result[name].items() if k in ("out_tok_s", "ttft_ms", "tpot_ms")})
     result["total_s"] = time.perf_counter() - t0
     return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ def rope_settings(config) -> tuple[float, dict | None]:  # type: ignore[no-untyp
     return float(getattr(config, "rope_theta", 10000.0)), getattr(config, "rope_scaling", None)
 
 
+_COS_SIN_CACHE: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float,
                  scaling: dict | None = None) -> None:
@@ -43,10 +47,17 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / float((scaling or {})["factor"])
         elif kind not in ("default", None):
             raise ValueError(f"rope scaling {kind!r} is not supported")
-        t = torch.arange(max_position, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(),
-                             persistent=False)
+        key = (head_dim, max_position, base, repr(sorted((scaling or {}).items())),
+               str(torch.empty(0).device))
+        cos_sin = _COS_SIN_CACHE.get(key)
+        if cos_sin is None:
+            t = torch.arange(max_position, dtype=torch.float64)
+            freqs = torch.outer(t, inv_freq)
+            cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).float()
+            _COS_SIN_CACHE[key] = cos_sin
+        # One table shared by every layer: [max_position, head_dim] fp32 is 16 MiB at 32k
+        # positions, which per layer would cost ~0.5 GiB of device memory on a 28-layer model.
+        self.register_buffer("cos_sin", cos_sin, persistent=False)
         self.half = head_dim // 2
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -54,9 +65,9 @@ class RotaryEmbedding(nn.Module):
         """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] at ``positions`` [T]."""
         cs = self.cos_sin[positions]
         cos, sin = cs[:, None, : self.half], cs[:, None, self.half:]
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x1, x2 = x[..., : self.half], x[..., self.half:]
