@@ -4,7 +4,13 @@ For each concurrency level C, C requests (greedy, ``ignore_eos``, ``--max-tokens
 together; we report mean TPOT (time per output token after the first, per request) and output
 tokens/s (all tokens over the wall time). The offline run drives ``LLMEngine.step()`` directly
 in this process; the server run starts ``sagellm-server`` on a free port and streams with raw
-httpx (one SSE event per token). Run the two one after the other, never together.
+httpx (one SSE event per token). Offline and server runs alternate (never overlap), so load from
+elsewhere on the machine hits both alike; each is reported as the best of ``--repeats``.
+
+The offline engine is stepped from one worker thread, as the server's engine loop is: on a
+loaded machine torch's OpenMP intra-op pool behaves very differently in the main thread (on our
+2-core VM a 2-thread main-thread matmul was up to 50x slower than the same in a worker thread),
+which would measure threading, not serving. ``--offline-main-thread`` shows that number too.
 
     python packages/sagellm-server/benchmarks/bench_overhead.py [--concurrency 1 16] [--max-tokens 64]
 """
@@ -13,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import socket
@@ -21,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -40,40 +46,40 @@ def prompts(n: int) -> list[str]:
     return [f"Write a short story about robot number {i} who learns to paint." for i in range(n)]
 
 
-def bench_offline(levels: list[int], max_tokens: int, repeats: int) -> list[Result]:
-    from sagellm.config import EngineConfig
-    from sagellm.engine.llm_engine import LLMEngine
-    from sagellm.sampling_params import SamplingParams
+class Offline:
+    def __init__(self, max_num_seqs: int, main_thread: bool = False) -> None:
+        from sagellm.config import EngineConfig
+        from sagellm.engine.llm_engine import LLMEngine
+        from sagellm.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig(max_num_seqs=max(levels)))
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    warm = engine.add_request("warm up", SamplingParams(temperature=0, max_tokens=4))
-    while engine.has_unfinished_requests():
-        engine.step()
-    del warm
-    results = []
-    for c in levels:
-        runs = []
-        for _ in range(repeats):
-            t0 = time.monotonic()
-            ids = [engine.add_request(p, params) for p in prompts(c)]
-            first: dict[str, float] = {}
-            last: dict[str, float] = {}
-            count = 0
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    now = time.monotonic()
-                    first.setdefault(out.request_id, now)
-                    last[out.request_id] = now
-                    count += len(out.new_token_ids)
-            wall = time.monotonic() - t0
-            tpot = statistics.mean((last[r] - first[r]) / (max_tokens - 1) for r in ids)
-            ttft = statistics.mean(first[r] - t0 for r in ids)
-            runs.append(Result("offline", c, tpot * 1e3, ttft * 1e3, count / wall, count))
-        results.append(_best(runs))
-    del engine
-    gc.collect()
-    return results
+        self.engine = LLMEngine(EngineConfig(max_num_seqs=max_num_seqs))
+        self.params = SamplingParams
+        self.pool = None if main_thread else ThreadPoolExecutor(1, thread_name_prefix="offline-engine")
+        self.run(["warm up"], 4)
+
+    def run(self, batch: list[str], max_tokens: int) -> Result:
+        if self.pool is None:
+            return self._run(batch, max_tokens)
+        return self.pool.submit(self._run, batch, max_tokens).result()
+
+    def _run(self, batch: list[str], max_tokens: int) -> Result:
+        engine = self.engine
+        params = self.params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        t0 = time.monotonic()
+        ids = [engine.add_request(p, params) for p in batch]
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        count = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                now = time.monotonic()
+                first.setdefault(out.request_id, now)
+                last[out.request_id] = now
+                count += len(out.new_token_ids)
+        wall = time.monotonic() - t0
+        tpot = statistics.mean((last[r] - first[r]) / max(max_tokens - 1, 1) for r in ids)
+        ttft = statistics.mean(first[r] - t0 for r in ids)
+        return Result("offline", len(batch), tpot * 1e3, ttft * 1e3, count / wall, count)
 
 
 async def _one(client: httpx.AsyncClient, prompt: str, max_tokens: int, t0: float) -> tuple[float, float, int]:
@@ -108,34 +114,27 @@ async def _server_level(url: str, c: int, max_tokens: int) -> Result:
                   statistics.mean(f for f, _, _ in res) * 1e3, total / wall, total)
 
 
-def bench_server(levels: list[int], max_tokens: int, repeats: int, url: str | None) -> list[Result]:
-    proc = None
-    if url is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "sagellm_server.cli", "--port", str(port),
-                                 "--max-num-seqs", str(max(levels)), "--log-level", "warning"],
-                                env={**os.environ, "SAGELLM_API_KEY": ""})
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("the server did not start")
-            time.sleep(0.5)
-    try:
-        return [_best([asyncio.run(_server_level(url, c, max_tokens)) for _ in range(repeats)])
-                for c in levels]
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+def start_server(max_num_seqs: int) -> tuple[str, subprocess.Popen[bytes]]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sagellm_server.cli", "--port", str(port),
+                             "--max-num-seqs", str(max_num_seqs), "--log-level", "warning"],
+                            env={**os.environ, "SAGELLM_API_KEY": ""})
+    return f"http://127.0.0.1:{port}", proc
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None) -> None:
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            raise RuntimeError("the server did not start")
+        time.sleep(0.5)
 
 
 def _best(runs: list[Result]) -> Result:
@@ -149,9 +148,33 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--url", default=None, help="an already running server (default: start one)")
+    ap.add_argument("--offline-main-thread", action="store_true",
+                    help="step the offline engine from the main thread instead of a worker thread")
     args = ap.parse_args()
-    offline = bench_offline(args.concurrency, args.max_tokens, args.repeats)
-    server = bench_server(args.concurrency, args.max_tokens, args.repeats, args.url)
+    proc = None
+    url = args.url
+    if url is None:
+        url, proc = start_server(max(args.concurrency))
+    try:
+        offline_engine = Offline(max(args.concurrency), args.offline_main_thread)
+        wait_healthy(url, proc)
+        runs: dict[tuple[str, int], list[Result]] = {}
+        for _ in range(args.repeats):
+            for c in args.concurrency:
+                for mode in ("offline", "server"):
+                    if mode == "offline":
+                        r = offline_engine.run(prompts(c), args.max_tokens)
+                    else:
+                        r = asyncio.run(_server_level(url, c, args.max_tokens))
+                    runs.setdefault((mode, c), []).append(r)
+                    print(f"{mode:>7} x{c:<3} TPOT {r.tpot_ms:8.1f} ms  {r.tokens_per_s:8.1f} tok/s  "
+                          f"TTFT {r.ttft_ms:8.1f} ms", file=sys.stderr, flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    offline = [_best(runs[("offline", c)]) for c in args.concurrency]
+    server = [_best(runs[("server", c)]) for c in args.concurrency]
     print(f"\nmodel: embedded SmolLM2-135M-Instruct, greedy, ignore_eos, {args.max_tokens} output tokens "
           f"per request, best of {args.repeats}, {os.cpu_count()} CPU cores")
     print(f"{'clients':>7} | {'offline TPOT ms':>15} | {'server TPOT ms':>14} | {'TPOT overhead':>13} | "
