@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -54,8 +55,11 @@ def offline_greedy() -> list[list[int]]:
     from sagellm import LLM
 
     llm = LLM()
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
-                        use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    # Generate from a worker thread, as the server's engine loop does: on a busy machine torch's
+    # OpenMP pool in the main thread can be many times slower.
+    with ThreadPoolExecutor(1) as pool:
+        outs = pool.submit(llm.generate, PROMPTS, params, use_tqdm=False).result()
     ids = [o.token_ids for o in outs]
     del llm
     return ids
