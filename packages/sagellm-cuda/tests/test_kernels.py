@@ -179,7 +179,9 @@ def test_rotary(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) ->
     rq, rk = RotaryEmbedding.forward(rope, pos, q.clone(), k.clone())
     rotary_inplace(pos, q, k, rope.cos_sin)
     assert rel_err(q, q32) < tol(dtype) and rel_err(k, k32) < tol(dtype)
-    assert torch.equal(q, rq) and torch.equal(k, rk)
+    # Same rounding points as core's module; fp32 FMA contraction may move the last bit only.
+    same = 1e-6 if dtype == torch.float32 else 4e-3
+    assert rel_err(q, rq) < same and rel_err(k, rk) < same
 
 
 def test_decode_in_a_cuda_graph_follows_new_lengths() -> None:
