@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from sagellm.testing import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from sagellm import plugins
 from sagellm.testing import make_distribution
 

@@ -4,6 +4,7 @@ where torch_npu finds some (the ``ascend_hardware`` class skips itself elsewhere
 from __future__ import annotations
 
 import pytest
+
 from sagellm.testing import BackendSuite
 from sagellm_ascend.platform import AscendPlatform
 

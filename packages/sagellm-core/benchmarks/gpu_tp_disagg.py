@@ -52,6 +52,7 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
 from sagellm.backends.torch_attention import TorchAttentionBackend  # noqa: E402
 from sagellm.backends.torch_comm import TorchDistributedComm  # noqa: E402
 from sagellm.backends.torch_kv import TorchKVBackend  # noqa: E402

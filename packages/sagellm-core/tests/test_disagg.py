@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from sagellm import LLM, SamplingParams
 from sagellm.distributed.disagg import DisaggRunner, DisaggScheduler
 from sagellm.distributed.launcher import WorkerFailure

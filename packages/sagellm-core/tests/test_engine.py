@@ -10,7 +10,6 @@ import pytest
 from sagellm import LLM, SamplingParams
 from sagellm.engine.llm_engine import LLMEngine
 
-
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
 

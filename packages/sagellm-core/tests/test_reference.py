@@ -9,7 +9,6 @@ import torch
 
 from sagellm import LLM, SamplingParams
 
-
 SMOL_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",

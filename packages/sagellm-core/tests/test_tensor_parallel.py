@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from sagellm import LLM, SamplingParams
 from sagellm.distributed.launcher import WorkerFailure
 from sagellm.distributed.wire import decode, encode, register_wire_type

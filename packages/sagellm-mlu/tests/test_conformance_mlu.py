@@ -4,6 +4,7 @@ where torch_mlu finds some (the ``mlu_hardware`` class skips itself elsewhere)."
 from __future__ import annotations
 
 import pytest
+
 from sagellm.testing import BackendSuite
 from sagellm_mlu.platform import MluPlatform
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from sagellm import plugins
 from sagellm.cli import main
 from sagellm.protocols import KVCacheSpec

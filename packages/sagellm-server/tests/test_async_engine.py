@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 from fastapi.testclient import TestClient
+
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.sampling_params import SamplingParams
 from sagellm_server.app import ServerConfig, create_app
@@ -70,10 +71,11 @@ class FakeEngine:
             done = len(out) >= params.max_tokens
             if done:
                 del self.reqs[rid]
-            outs.append(RequestOutput(rid, None, prompt, list(out), " ".join(map(str, out)), [tok],
-                                      f" {tok}" if len(out) > 1 else str(tok), done,
-                                      "length" if done else None,
-                                      metrics=RequestMetrics(now, now, now, now, now if done else None)))
+            outs.append(RequestOutput.from_lists(
+                rid, None, prompt, list(out), " ".join(map(str, out)), new_token_ids=[tok],
+                new_text=f" {tok}" if len(out) > 1 else str(tok), finished=done,
+                finish_reason="length" if done else None,
+                metrics=RequestMetrics(now, now, now, now, now if done else None)))
         return outs
 
     def get_stats(self) -> _Stats:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sagellm_server.cli import build_parser, main
 
 FLAGS = ["--model", "--backend", "--host", "--port", "--served-model-name", "--api-key", "--max-model-len",

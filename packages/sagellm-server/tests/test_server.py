@@ -12,8 +12,9 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sagellm import SamplingParams
 from server_harness import API_KEY, MODEL_NAME, Server
+
+from sagellm import SamplingParams
 
 PROMPTS = [f"Question {i}: what is {i} plus {3 * i}? Answer:" for i in range(32)]
 MAX_TOKENS = 8

@@ -7,6 +7,7 @@ every metadata field stay the same (see ``sagellm.protocols``).
 from __future__ import annotations
 
 import torch
+
 from sagellm.protocols import AttentionBackend, DecodeMetadata, PrefillMetadata
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import torch
+
 from sagellm.backends.torch_comm import TorchDistributedComm
 from sagellm.backends.torch_kv import TorchKVBackend
 from sagellm.protocols import Availability, Capabilities, KVCacheSpec, MemoryInfo, Platform
-
 from sagellm_example_backend.attention import ExampleAttention
 
 #: Set to anything to make the backend report itself unavailable (shows how reasons surface).

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from sagellm.hookspecs import hookimpl
 from sagellm.protocols import Platform
-
 from sagellm_example_backend.platform import ExamplePlatform
 
 logger = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
 from sagellm.backends.torch_attention import TorchAttentionBackend
 from sagellm.protocols import DecodeMetadata, PrefillMetadata
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from sagellm.backends.torch_kv import TorchKVBackend
 
 

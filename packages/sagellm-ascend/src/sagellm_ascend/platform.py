@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+
 from sagellm.backends.accelerator import TorchAcceleratorPlatform
 from sagellm.protocols import Availability, Capabilities, KVCacheSpec
-
 from sagellm_ascend import _vendor
 from sagellm_ascend.attention import AscendAttentionBackend
 from sagellm_ascend.comm import AscendComm

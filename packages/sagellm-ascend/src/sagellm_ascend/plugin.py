@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 from sagellm.hookspecs import hookimpl
 from sagellm.protocols import Platform
-
 from sagellm_ascend.platform import AscendPlatform
 
 

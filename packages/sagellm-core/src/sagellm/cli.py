@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(c)
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
-    from sagellm.bench.main import add_arguments as bench_args, cmd_bench
+    from sagellm.bench.main import add_arguments as bench_args
+    from sagellm.bench.main import cmd_bench
 
     bn = sub.add_parser("bench", help="run the benchmark workloads and compare with a baseline")
     bench_args(bn)

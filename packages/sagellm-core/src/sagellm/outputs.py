@@ -16,13 +16,19 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
+    """One request's state after a step.
+
+    ``prompt_token_ids`` and ``token_ids`` are materialised on first access only: a streaming
+    consumer that reads ``new_token_ids`` pays nothing per step for a long context.
+    """
+
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
-    #: All tokens generated so far.
-    token_ids: list[int]
+    _all_token_ids: list[int] = field(repr=False)
+    _num_prompt_tokens: int = field(repr=False)
+    _num_tokens: int = field(repr=False)
     #: All text generated so far (stop string removed unless asked to keep it).
-    text: str
+    text: str = ""
     #: Tokens and text added by the step that produced this output.
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
@@ -31,3 +37,27 @@ class RequestOutput:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     metrics: RequestMetrics | None = None
+
+    @classmethod
+    def from_lists(cls, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                   token_ids: list[int], text: str = "", **kwargs: object) -> RequestOutput:
+        """Build an output from plain lists (test doubles, other engines)."""
+        ids = list(prompt_token_ids) + list(token_ids)
+        return cls(request_id, prompt, ids, len(prompt_token_ids), len(ids), text, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self._all_token_ids[: self._num_prompt_tokens]
+
+    @property
+    def token_ids(self) -> list[int]:
+        """All tokens generated so far (as of this output's step)."""
+        return self._all_token_ids[self._num_prompt_tokens: self._num_tokens]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self._num_prompt_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self._num_tokens - self._num_prompt_tokens

@@ -8,7 +8,11 @@ pinned memory), one graph launch and one device-to-host copy of the sampled ids,
 synchronisation. The graph ends in the LM head and an argmax, so greedy requests never move
 logits; other sampling settings run core's sampler on the graph's final hidden states.
 
-Steps with prefill tokens run eagerly through core's :class:`ModelRunner` (their shapes vary).
+A step that prefills exactly one prompt from its start (the common case of a request arriving
+alone: it decides time to first token) replays a prefill graph captured for the next token
+bucket (32 ... 2048). The prompt is padded at its end; causal attention keeps the padding out of
+the real rows, padded rows write no KV (slot -1), and the graph returns the last real row. Other
+steps with prefill tokens run eagerly through core's :class:`ModelRunner`.
 """
 
 from __future__ import annotations
@@ -21,12 +25,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from sagellm.engine.model_runner import ModelRunner
+from sagellm.engine.model_runner import ModelRunner, fetch_ids
 from sagellm.engine.plan import StepPlan
 from sagellm.layers.attention import ForwardContext
-from sagellm.protocols import AttentionBackend, AttentionMetadata, DecodeMetadata, KVBackend
+from sagellm.protocols import (
+    AttentionBackend,
+    AttentionMetadata,
+    DecodeMetadata,
+    KVBackend,
+    PrefillMetadata,
+)
 
 logger = logging.getLogger("sagellm.cuda.graphs")
+
+#: Prompt lengths (padded up) that get a captured single-sequence prefill graph.
+PREFILL_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -40,7 +53,8 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 class CudaGraphModelRunner(ModelRunner):
     def __init__(self, model: nn.Module, kv: KVBackend, attention: AttentionBackend,
                  device: torch.device, block_size: int, *, max_model_len: int,
-                 max_batch_size: int = 256, enforce_eager: bool = False) -> None:
+                 max_batch_size: int = 256, enforce_eager: bool = False,
+                 max_prefill_graph_tokens: int = 2048) -> None:
         super().__init__(model, kv, attention, device, block_size)
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
@@ -60,9 +74,26 @@ class CudaGraphModelRunner(ModelRunner):
         self._np = self._host.numpy()
         self._mb = mb
         self.out_ids = torch.zeros(mb, dtype=torch.int64, device=device)
-        hidden = int(getattr(model, "config").hidden_size)
+        hidden = int(model.config.hidden_size)
         dtype = next(model.parameters()).dtype
         self.out_hidden = torch.zeros(mb, hidden, dtype=dtype, device=device)
+        # Single-sequence prefill graphs: [ids | positions | slots] each pt long, the block
+        # table row, then the index of the last real token.
+        self.prefill_sizes = [b for b in PREFILL_BUCKETS
+                              if b <= min(max_prefill_graph_tokens, max_model_len)]
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.num_prefill_graph_steps = 0
+        pt = self._pt = max(self.prefill_sizes, default=0)
+        pn = 3 * pt + self.table_width + 1
+        self._pdev = torch.zeros(pn, dtype=torch.int32, device=device)
+        self._phost = torch.zeros(pn, dtype=torch.int32, pin_memory=True)
+        self._pnp = self._phost.numpy()
+        self._pmeta = {b: (torch.tensor([0, b], dtype=torch.int32, device=device),
+                           torch.tensor([b], dtype=torch.int32, device=device))
+                       for b in self.prefill_sizes}
+        self._zero = torch.zeros(1, dtype=torch.int32, device=device)
+        self.prefill_out_ids = torch.zeros(1, dtype=torch.int64, device=device)
+        self.prefill_out_hidden = torch.zeros(1, hidden, dtype=dtype, device=device)
         if not enforce_eager:
             self.capture()
         # Everything built so far (model, tokenizer, graphs) lives as long as the engine: move it
@@ -107,10 +138,65 @@ class CudaGraphModelRunner(ModelRunner):
             with torch.cuda.graph(graph, pool=pool):
                 self._static_forward(bs)
             self.graphs[bs] = graph
+        for tb in reversed(self.prefill_sizes):
+            self._static_prefill(tb)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._static_prefill(tb)
+            self.prefill_graphs[tb] = graph
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
-        logger.info("captured %d decode graphs (batch %d..%d) in %.2f s", len(self.graphs),
-                    self.graph_sizes[0], self.graph_sizes[-1], self.capture_seconds)
+        logger.info("captured %d decode graphs (batch %d..%d) and %d prefill graphs (up to %d "
+                    "tokens) in %.2f s", len(self.graphs), self.graph_sizes[0],
+                    self.graph_sizes[-1], len(self.prefill_graphs), self._pt, self.capture_seconds)
+
+    # -- single-sequence prefill graphs ----------------------------------------------------
+
+    def _pviews(self, buf: torch.Tensor | np.ndarray, tb: int):  # type: ignore[no-untyped-def]
+        pt, w = self._pt, self.table_width
+        return (buf[0:tb], buf[pt:pt + tb], buf[2 * pt:2 * pt + tb],
+                buf[3 * pt:3 * pt + w].reshape(1, w), buf[3 * pt + w:3 * pt + w + 1])
+
+    def _static_prefill(self, tb: int) -> None:
+        ids, pos, slots, table, last = self._pviews(self._pdev, tb)
+        cu, seq_lens = self._pmeta[tb]
+        meta = AttentionMetadata(
+            num_prefill_tokens=tb, num_decode_tokens=0, slot_mapping=slots, decode=None,
+            prefill=PrefillMetadata(cu_seqlens_q=cu, seq_lens=seq_lens, context_lens=self._zero,
+                                    block_tables=table, max_seqlen_q=tb, max_seqlen_k=tb,
+                                    has_prefix=False, seq_lens_list=[tb], context_lens_list=[0]))
+        ctx = ForwardContext(meta, self.kv.kv_caches(), self.attention)
+        hidden = self.model(ids, pos, ctx).index_select(0, last)
+        logits = self.model.compute_logits(hidden)  # type: ignore[operator]
+        self.prefill_out_ids.copy_(logits.argmax(-1))
+        self.prefill_out_hidden.copy_(hidden)
+
+    def _prefill_graph_size(self, plan: StepPlan) -> int | None:
+        """The bucket for a step whose only prefill is one whole prompt (decodes may ride along)."""
+        if len(plan.prefills) != 1 or not self.prefill_graphs:
+            return None
+        op = plan.prefills[0]
+        if op.start != 0 or not op.samples:
+            return None
+        return next((b for b in self.prefill_sizes if b >= op.num_tokens), None)
+
+    def _run_prefill_graph(self, plan: StepPlan, tb: int) -> list[int]:
+        op = plan.prefills[0]
+        seq, n, block = op.seq, op.num_tokens, self.block_size
+        ids, pos, slots, table, last = self._pviews(self._pnp, tb)
+        p = np.arange(n, dtype=np.int64)
+        bt = np.asarray(seq.block_table, dtype=np.int64)
+        ids[:n] = seq.token_ids[:n]
+        pos[:n] = p
+        slots[:n] = bt[p // block] * block + p % block
+        ids[n:], pos[n:], slots[n:] = 0, 0, -1
+        table[0, :len(bt)] = bt
+        last[0] = n - 1
+        self._pdev.copy_(self._phost, non_blocking=True)
+        self.prefill_graphs[tb].replay()
+        self.num_prefill_graph_steps += 1
+        return self._sample_from_graph([seq], self.prefill_out_ids, self.prefill_out_hidden)
 
     def _padded(self, n: int) -> int | None:
         for bs in self.graph_sizes:
@@ -122,24 +208,40 @@ class CudaGraphModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int]:
+        """Graphs where the step's shape allows: decodes alone, one whole prompt alone, or one
+        whole prompt plus decodes (two replays: a new request joining a running batch, the
+        common step of online serving). Everything else runs eagerly."""
         n = len(plan.decodes)
-        bs = self._padded(n) if (self.graphs and not plan.prefills and n) else None
-        if bs is None:
+        bs = self._padded(n) if (self.graphs and n) else None
+        tb = self._prefill_graph_size(plan)
+        if (tb is None and plan.prefills) or (n and bs is None):
             self.num_eager_steps += 1
             return super().execute(plan)
-        self.num_graph_steps += 1
         if plan.blocks_to_copy:
             self.kv.copy_blocks(plan.blocks_to_copy)
-        seqs = [op.seq for op in plan.decodes]
+        ids = self._run_prefill_graph(plan, tb) if tb is not None else []
+        if n:
+            assert bs is not None
+            self.num_graph_steps += 1
+            ids += self._run_decode_graph([op.seq for op in plan.decodes], bs)
+        return ids
+
+    def _run_decode_graph(self, seqs: list, bs: int) -> list[int]:  # type: ignore[type-arg]
         self._fill(seqs, bs)
         end = 4 * self._mb + bs * self.table_width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self.graphs[bs].replay()
+        return self._sample_from_graph(seqs, self.out_ids, self.out_hidden)
+
+    def _sample_from_graph(self, seqs: list, out_ids: torch.Tensor,  # type: ignore[type-arg]
+                           out_hidden: torch.Tensor) -> list[int]:
+        """Greedy ids straight from the graph; other settings sample its last hidden states."""
+        n = len(seqs)
         if all(s.params.temperature == 0.0 and not s.params.min_tokens for s in seqs):
-            return self.out_ids[:n].tolist()
-        logits = self.model.compute_logits(self.out_hidden[:n]).float()  # type: ignore[operator]
+            return fetch_ids(out_ids[:n])
+        logits = self.model.compute_logits(out_hidden[:n]).float()  # type: ignore[operator]
         self._suppress_early_stop(logits, seqs)
-        return self.sampler(logits, self.sampling_batch(seqs)).tolist()
+        return fetch_ids(self.sampler(logits, self.sampling_batch(seqs)))
 
     def _fill(self, seqs: list, bs: int) -> None:  # type: ignore[type-arg]
         n = len(seqs)

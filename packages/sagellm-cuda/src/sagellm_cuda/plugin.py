@@ -130,6 +130,7 @@ class CudaPlatform(Platform):
             max_model_len=max_model_len,
             max_batch_size=int(getattr(config, "max_num_seqs", 256)),
             enforce_eager=bool(getattr(config, "enforce_eager", False)),
+            max_prefill_graph_tokens=min(2048, int(getattr(config, "max_num_batched_tokens", 2048))),
         )
 
 

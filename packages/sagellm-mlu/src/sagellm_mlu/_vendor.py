@@ -14,6 +14,7 @@ import os
 from types import ModuleType
 
 import torch
+
 from sagellm.backends.accelerator import Probe
 from sagellm.backends.accelerator import emulation_mode as _emulation_mode
 

@@ -27,6 +27,7 @@ import logging
 from types import ModuleType
 
 import torch
+
 from sagellm.backends.torch_attention import TorchAttentionBackend
 from sagellm.protocols import DecodeMetadata, PrefillMetadata
 

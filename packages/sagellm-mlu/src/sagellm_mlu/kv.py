@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 
 import torch
+
 from sagellm.backends.torch_kv import TorchKVBackend
 from sagellm.protocols import KVBackend, KVCacheSpec
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+
 from sagellm.backends.accelerator import TorchAcceleratorPlatform
 from sagellm.protocols import Availability, Capabilities, KVCacheSpec
-
 from sagellm_mlu import _vendor
 from sagellm_mlu.attention import MluAttentionBackend
 from sagellm_mlu.comm import MluComm

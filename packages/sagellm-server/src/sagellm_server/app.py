@@ -14,15 +14,15 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import sagellm
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from sagellm.outputs import RequestOutput
-from sagellm.sampling_params import SamplingParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import sagellm
+from sagellm.outputs import RequestOutput
+from sagellm.sampling_params import SamplingParams
 from sagellm_server import __version__
 from sagellm_server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestHandle
 from sagellm_server.metrics import CONTENT_TYPE, ServerMetrics

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 from sagellm.outputs import RequestOutput
 from sagellm.sampling_params import SamplingParams
-
 from sagellm_server.metrics import ServerMetrics
 
 logger = logging.getLogger("sagellm.server")

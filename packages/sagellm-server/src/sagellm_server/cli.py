@@ -81,10 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
     from pydantic import ValidationError
+
     from sagellm.config import EngineConfig
     from sagellm.engine.llm_engine import LLMEngine
     from sagellm.plugins import BackendError, get_registry
-
     from sagellm_server.app import ServerConfig, create_app
     from sagellm_server.async_engine import AsyncEngine
     from sagellm_server.metrics import ServerMetrics

@@ -1,4 +1,8 @@
-"""Incremental detokenization that never emits half a UTF-8 character or a split word piece."""
+"""Incremental detokenization that never emits half a UTF-8 character or a split word piece.
+
+Fast (Rust) tokenizers use ``tokenizers``' own ``DecodeStream`` (a couple of microseconds per
+token); other tokenizers fall back to decoding a sliding window of ids.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,40 @@ from sagellm.engine.sequence import Sequence
 CONTEXT_TOKENS = 5
 
 
+def _decode_stream(tokenizer, seq: Sequence, skip_special: bool):  # type: ignore[no-untyped-def]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None, None
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:  # pragma: no cover - tokenizers older than 0.21
+        return None, None
+    context = seq.token_ids[max(0, seq.num_prompt_tokens - CONTEXT_TOKENS):seq.num_prompt_tokens]
+    try:
+        stream = DecodeStream(context, skip_special_tokens=skip_special)
+    except TypeError:  # pragma: no cover - versions without a prefix argument
+        stream = DecodeStream(skip_special_tokens=skip_special)
+    return backend, stream
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, seq: Sequence) -> None:  # type: ignore[no-untyped-def]
         self.tokenizer = tokenizer
         self.skip_special = seq.params.skip_special_tokens
         self.prefix_offset = max(0, seq.num_prompt_tokens - CONTEXT_TOKENS)
         self.read_offset = seq.num_prompt_tokens
+        self._backend, self._stream = _decode_stream(tokenizer, seq, self.skip_special)
 
     def step(self, token_ids: list[int]) -> str:
-        """Text added by the tokens after ``read_offset`` (empty while a character is partial)."""
+        """Text added by the tokens after those already read (empty while a character is partial)."""
+        if self._stream is not None:
+            out = []
+            for tok in token_ids[self.read_offset:]:
+                piece = self._stream.step(self._backend, tok)
+                if piece:
+                    out.append(piece)
+            self.read_offset = len(token_ids)
+            return "".join(out)
         decode = self.tokenizer.decode
         prefix = decode(token_ids[self.prefix_offset:self.read_offset],
                         skip_special_tokens=self.skip_special)

@@ -20,7 +20,7 @@ from sagellm.layers.parallel import SINGLE, TPGroup
 from sagellm.loader import load_model
 from sagellm.models.llama import head_dim_of
 from sagellm.outputs import RequestMetrics, RequestOutput
-from sagellm.plugins import Registry, get_registry, make_plugin_manager
+from sagellm.plugins import Registry, get_registry
 from sagellm.protocols import KVCacheSpec, Platform
 from sagellm.sampling_params import SamplingParams
 
@@ -258,12 +258,13 @@ class LLMEngine:
             m.last_token_time = now
             self._detokenize(seq)
             self._check_stop(seq, tok)
-            if seq.status.finished:
+            finished = seq.status.finished
+            if finished:
                 m.finished_time = now
                 self.scheduler.finish(seq, seq.status)
-            new_text = self._emit_text(seq)
-            outputs.append(self._output(seq, [tok], new_text))
-            if seq.status.finished:
+            new_text = self._emit_text(seq, finished)
+            outputs.append(self._output(seq, [tok], new_text, finished))
+            if finished:
                 self._forget(seq.request_id)
         return outputs
 
@@ -293,29 +294,30 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED_LENGTH
 
     @staticmethod
-    def _emit_text(seq: Sequence) -> str:
+    def _emit_text(seq: Sequence, finished: bool) -> str:
         """Text newly safe to show. While running, the last ``max(len(stop)) - 1`` characters
         are held back, since they may turn out to start a stop string."""
         text = seq.output_text
         end = len(text)
-        if not seq.status.finished and seq.params.stop:
+        if not finished and seq.params.stop:
             end = max(seq.num_text_emitted, end - max(len(s) for s in seq.params.stop) + 1)
         delta = text[seq.num_text_emitted:end]
         seq.num_text_emitted = end
         return delta
 
-    def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int], new_text: str, finished: bool) -> RequestOutput:
         m = seq.metrics
         return RequestOutput(
             request_id=seq.request_id,
             prompt=self._prompts.get(seq.request_id),
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=seq.output_token_ids,
+            _all_token_ids=seq.token_ids,
+            _num_prompt_tokens=seq.num_prompt_tokens,
+            _num_tokens=seq.num_tokens,
             text=seq.output_text,
             new_token_ids=new_ids,
             new_text=new_text,
-            finished=seq.status.finished,
-            finish_reason=seq.finish_reason,
+            finished=finished,
+            finish_reason=seq.status.value if finished else None,
             stop_reason=seq.stop_reason,
             num_preemptions=seq.num_preemptions,
             metrics=RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time,

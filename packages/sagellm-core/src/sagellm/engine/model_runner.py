@@ -39,6 +39,23 @@ def _block_table_tensor(seqs: list[Sequence], device: torch.device, width: int |
     return torch.from_numpy(table).to(device, non_blocking=True)
 
 
+def fetch_ids(t: torch.Tensor) -> list[int]:
+    """Sampled ids to the host, waiting for the device with the GIL released.
+
+    ``tensor.tolist()`` on a device tensor blocks inside the interpreter lock for the whole
+    step; here the wait happens in ``Event.synchronize`` (which releases it), so other Python
+    threads (the HTTP server's event loop) run while the device works.
+    """
+    if t.device.type != "cuda":
+        return t.cpu().tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host.tolist()
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, kv: KVBackend, attention: AttentionBackend,
                  device: torch.device, block_size: int) -> None:
@@ -158,7 +175,7 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden).float()
         self._suppress_early_stop(logits, seqs)
-        return self.sampler(logits, self.sampling_batch(seqs)).tolist()
+        return fetch_ids(self.sampler(logits, self.sampling_batch(seqs)))
 
     @staticmethod
     def _suppress_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -18,8 +18,10 @@ class SequenceStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+        return self.value in _FINISHED_VALUES
+
+
+_FINISHED_VALUES = frozenset({"stop", "length", "abort"})
 
 
 @dataclass
