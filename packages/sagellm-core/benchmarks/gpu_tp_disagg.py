@@ -140,8 +140,12 @@ def make_engine(platform_cls: type[Platform], **kw: Any):  # type: ignore[no-unt
 
 
 def drop(engine: Any) -> None:
+    """Stop an engine's workers. The caller must then ``del`` its own reference and call
+    :func:`release`, or the engine's KV pool stays allocated."""
     engine.shutdown()
-    del engine
+
+
+def release() -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -314,6 +318,8 @@ def part_tp(platform_cls: type[Platform], model_dir: Path, ckpt_dir: Path) -> di
                           "batch16_512_128_tok_s": tput}
         print(f"[tp] TP={tp}: start {start:.1f} s, batch16 (512 in, 128 out, eager) {tput:.0f} tok/s")
         drop(eng)
+        del eng
+        release()
     a, b = res["tp1"]["logits"], res["tp2"]["logits"]
     diff = (a - b).abs().max().item()
     rel = diff / a.abs().max().item()
@@ -399,6 +405,8 @@ def part_serve(platform_cls: type[Platform], model_dir: Path) -> dict[str, Any]:
                                         "ms_per_prompt": log.seconds * 1e3 / max(1, log.num_transfers)}
         out[name] = r
         drop(eng)
+        del eng
+        release()
     print("\n| serve_c16 (engine-driven, no HTTP) | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
           "ITL p50 | ITL p99 | out tok/s |")
     print("|---|---|---|---|---|---|---|---|")
