@@ -155,3 +155,19 @@ def test_sampling_params_validation() -> None:
                 {"top_k": -5}, {"stop": [""]}, {"min_tokens": 5, "max_tokens": 2}, {"bogus": 1}):
         with pytest.raises(ValidationError):
             SamplingParams(**bad)  # type: ignore[arg-type]
+
+
+def test_mlp_row_chunking_matches_one_pass() -> None:
+    from transformers import LlamaConfig
+
+    from sagellm.layers.parallel import SINGLE
+    from sagellm.models.llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64), tp=SINGLE)
+    for p in mlp.parameters():
+        p.data.normal_()
+    x = torch.randn(50, 32)
+    whole = mlp(x)
+    mlp.chunk_tokens = 16  # 50 rows -> chunks of 16, 16, 16, 2
+    assert torch.allclose(mlp(x), whole, atol=1e-5)

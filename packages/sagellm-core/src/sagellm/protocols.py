@@ -432,6 +432,13 @@ class Platform(abc.ABC):
         ``capabilities().dist_backend``.
         """
 
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Adapt a freshly loaded model to this device, in place (swap in fused kernels, say).
+
+        Called once by every engine rank right after weights are loaded, before memory profiling,
+        so the profile measures the model that will run. Default: nothing.
+        """
+
     def make_model_runner(self, *args: object, **kwargs: object) -> object | None:
         """Optionally return a specialised model runner (CUDA graphs and the like).
 

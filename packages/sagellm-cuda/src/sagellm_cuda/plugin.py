@@ -113,15 +113,20 @@ class CudaPlatform(Platform):
 
         return NcclComm(self.device)
 
-    def make_model_runner(self, *args: object, **kwargs: Any) -> object | None:
-        """Fused kernels in the model, then a runner that replays decode steps as CUDA graphs."""
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Swap this package's fused kernels into core's norm, activation and rotary modules
+        (before profiling, so the KV pool is sized for the model that runs)."""
         from sagellm_cuda.fused import use_fused_kernels
+
+        if os.environ.get("SAGELLM_CUDA_NO_FUSION") != "1":
+            use_fused_kernels(model)
+
+    def make_model_runner(self, *args: object, **kwargs: Any) -> object | None:
+        """A runner that replays decode and single-prompt prefill steps as CUDA graphs."""
         from sagellm_cuda.graphs import CudaGraphModelRunner
 
         model = kwargs["model"]
         config = kwargs.get("config")
-        if os.environ.get("SAGELLM_CUDA_NO_FUSION") != "1":
-            use_fused_kernels(model)  # type: ignore[arg-type]
         max_model_len = getattr(config, "max_model_len", None) or int(
             model.config.max_position_embeddings)  # type: ignore[union-attr]
         return CudaGraphModelRunner(

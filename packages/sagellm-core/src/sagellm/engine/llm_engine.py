@@ -64,6 +64,7 @@ class LLMEngine:
         loaded = load_model(config, device, caps.default_dtype, tp)
         self.loaded = loaded
         self.model = loaded.model
+        self.platform.prepare_model(self.model)
         self.tokenizer = loaded.tokenizer
         self.hf_config = loaded.hf_config
         hf = self.hf_config

@@ -52,6 +52,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """Gated MLP. Long batches run in row chunks: the ``[tokens, 2 x intermediate]`` activation
+    is the largest tensor of a prefill, and chunking it bounds peak memory (more KV blocks) at no
+    cost in speed, since chunks of ``chunk_tokens`` rows still saturate the GEMMs."""
+
+    chunk_tokens = 2048
+
     def __init__(self, config, tp: TPGroup) -> None:  # type: ignore[no-untyped-def]
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
@@ -62,7 +68,13 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        n, c = x.shape[0], self.chunk_tokens
+        if n <= c:
+            return self.down_proj(self.act(self.gate_up_proj(x)))
+        out = torch.empty_like(x)
+        for i in range(0, n, c):
+            out[i:i + c] = self.down_proj(self.act(self.gate_up_proj(x[i:i + c])))
+        return out
 
 
 class LlamaDecoderLayer(nn.Module):
