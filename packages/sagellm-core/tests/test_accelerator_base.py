@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-from sagellm.backends.accelerator import TorchAcceleratorPlatform, emulation_mode
-from sagellm.protocols import Availability, Capabilities
+from sagellm.backends.accelerator import Probe, TorchAcceleratorPlatform, emulation_mode
+from sagellm.protocols import Capabilities
 
 
 class FakePlatform(TorchAcceleratorPlatform):
@@ -18,12 +18,12 @@ class FakePlatform(TorchAcceleratorPlatform):
     vendor_name = "Fake"
 
     @classmethod
-    def is_available(cls) -> Availability:
-        return Availability.yes()
+    def probe(cls) -> Probe:
+        return Probe(False, "no Fake device here")
 
     @classmethod
-    def capabilities(cls) -> Capabilities:
-        return Capabilities(dtypes=(torch.float32,), default_dtype=torch.float32)
+    def device_capabilities(cls) -> Capabilities:
+        return Capabilities(dtypes=(torch.float16,), default_dtype=torch.float16, priority=100)
 
     def make_kv_backend(self, spec, num_blocks):  # type: ignore[no-untyped-def]
         raise AssertionError("unused")
@@ -73,6 +73,14 @@ def test_emulation_maps_everything_onto_the_cpu(fakedev: list, monkeypatch: pyte
     assert p.max_memory_allocated() == 0 and p.memory_info().total_bytes > 0
     assert "emulation, test-only" in p.device_name()
     assert fakedev == []
+    avail = FakePlatform.is_available()
+    assert avail.available and "EMULATED" in avail.reason and "no Fake code runs" in avail.reason
+    assert FakePlatform.capabilities().priority < 0  # auto never picks an emulated device
+
+
+def test_outside_emulation_availability_and_capabilities_come_from_the_device(fakedev: list) -> None:  # type: ignore[type-arg]
+    assert FakePlatform.is_available().reason == "no Fake device here"
+    assert FakePlatform.capabilities().default_dtype == torch.float16
 
 
 def test_bad_emulation_value_is_an_error_not_a_silent_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,3 +88,4 @@ def test_bad_emulation_value_is_an_error_not_a_silent_fallback(monkeypatch: pyte
     with pytest.raises(ValueError, match="only \\(test-only\\) value is 'cpu'"):
         emulation_mode("SAGELLM_FAKE_EMULATE")
     assert not FakePlatform.emulated()
+    assert "not understood" in FakePlatform.is_available().reason

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sagellm.backends.accelerator import TorchAcceleratorPlatform
-from sagellm.protocols import Availability, Capabilities, KVCacheSpec
+from sagellm.backends.accelerator import Probe, TorchAcceleratorPlatform
+from sagellm.protocols import Capabilities, KVCacheSpec
 from sagellm_ascend import _vendor
 from sagellm_ascend.attention import AscendAttentionBackend
 from sagellm_ascend.comm import AscendComm
@@ -25,22 +25,11 @@ class AscendPlatform(TorchAcceleratorPlatform):
     vendor_name = "Ascend"
 
     @classmethod
-    def is_available(cls) -> Availability:
-        try:
-            mode = _vendor.emulation_mode()
-        except ValueError as exc:
-            return Availability.no(str(exc))
-        if mode == "cpu":
-            return Availability.yes(f"EMULATED on the CPU ({_vendor.EMULATE_ENV}=cpu, test-only): "
-                                    f"no Ascend code runs")
-        probe = _vendor.probe_torch_npu()
-        return Availability(probe.ok, probe.reason)
+    def probe(cls) -> Probe:
+        return _vendor.probe_torch_npu()
 
     @classmethod
-    def capabilities(cls) -> Capabilities:
-        if cls.emulated():
-            return Capabilities(dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                                default_dtype=torch.float32, dist_backend="gloo", priority=-1)
+    def device_capabilities(cls) -> Capabilities:
         # float16 runs on every Ascend line (bfloat16 needs A2 or later): pass --dtype bfloat16 there.
         return Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32),
                             default_dtype=torch.float16, supports_graphs=False,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sagellm.backends.accelerator import TorchAcceleratorPlatform
-from sagellm.protocols import Availability, Capabilities, KVCacheSpec
+from sagellm.backends.accelerator import Probe, TorchAcceleratorPlatform
+from sagellm.protocols import Capabilities, KVCacheSpec
 from sagellm_mlu import _vendor
 from sagellm_mlu.attention import MluAttentionBackend
 from sagellm_mlu.comm import MluComm
@@ -25,22 +25,11 @@ class MluPlatform(TorchAcceleratorPlatform):
     vendor_name = "MLU"
 
     @classmethod
-    def is_available(cls) -> Availability:
-        try:
-            mode = _vendor.emulation_mode()
-        except ValueError as exc:
-            return Availability.no(str(exc))
-        if mode == "cpu":
-            return Availability.yes(f"EMULATED on the CPU ({_vendor.EMULATE_ENV}=cpu, test-only): "
-                                    f"no Cambricon code runs")
-        probe = _vendor.probe_torch_mlu()
-        return Availability(probe.ok, probe.reason)
+    def probe(cls) -> Probe:
+        return _vendor.probe_torch_mlu()
 
     @classmethod
-    def capabilities(cls) -> Capabilities:
-        if cls.emulated():
-            return Capabilities(dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                                default_dtype=torch.float32, dist_backend="gloo", priority=-1)
+    def device_capabilities(cls) -> Capabilities:
         # float16 runs on every MLU generation; pass --dtype bfloat16 where the chip supports it.
         return Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32),
                             default_dtype=torch.float16, supports_graphs=False,

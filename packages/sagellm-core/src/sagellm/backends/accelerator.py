@@ -9,6 +9,7 @@ reports it loudly). Unset, nothing changes.
 
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -17,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from sagellm.backends.cpu import CpuPlatform
-from sagellm.protocols import MemoryInfo, Platform
+from sagellm.protocols import Availability, Capabilities, MemoryInfo, Platform
 
 
 def emulation_mode(env: str) -> str | None:
@@ -47,6 +48,38 @@ class TorchAcceleratorPlatform(Platform):
     emulate_env: ClassVar[str | None] = None
     #: Human name used in messages ("Ascend", "MLU").
     vendor_name: ClassVar[str] = "accelerator"
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls) -> Probe:
+        """Look for the vendor library and a device; every failure becomes a reason, never an
+        exception. Called by :meth:`is_available` outside emulation."""
+
+    @classmethod
+    @abc.abstractmethod
+    def device_capabilities(cls) -> Capabilities:
+        """Capabilities on the real device (emulation has its own)."""
+
+    @classmethod
+    def is_available(cls) -> Availability:
+        if cls.emulate_env:
+            try:
+                mode = emulation_mode(cls.emulate_env)
+            except ValueError as exc:
+                return Availability.no(str(exc))
+            if mode == "cpu":
+                return Availability.yes(f"EMULATED on the CPU ({cls.emulate_env}=cpu, test-only): "
+                                        f"no {cls.vendor_name} code runs")
+        found = cls.probe()
+        return Availability(found.ok, found.reason)
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        if cls.emulated():
+            # Never picked by ``auto``; gloo, since the "device" is the CPU.
+            return Capabilities(dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                                default_dtype=torch.float32, dist_backend="gloo", priority=-1)
+        return cls.device_capabilities()
 
     @classmethod
     def emulated(cls) -> bool:
