@@ -114,12 +114,13 @@ async def _server_level(url: str, c: int, max_tokens: int) -> Result:
                   statistics.mean(f for f, _, _ in res) * 1e3, total / wall, total)
 
 
-def start_server(max_num_seqs: int) -> tuple[str, subprocess.Popen[bytes]]:
+def start_server(max_num_seqs: int, engine: str = "process") -> tuple[str, subprocess.Popen[bytes]]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    flag = "--engine-in-process" if engine == "thread" else "--no-engine-in-process"
     proc = subprocess.Popen([sys.executable, "-m", "sagellm_server.cli", "--port", str(port),
-                             "--max-num-seqs", str(max_num_seqs), "--log-level", "warning"],
+                             "--max-num-seqs", str(max_num_seqs), "--log-level", "warning", flag],
                             env={**os.environ, "SAGELLM_API_KEY": ""})
     return f"http://127.0.0.1:{port}", proc
 
@@ -150,39 +151,50 @@ def main() -> None:
     ap.add_argument("--url", default=None, help="an already running server (default: start one)")
     ap.add_argument("--offline-main-thread", action="store_true",
                     help="step the offline engine from the main thread instead of a worker thread")
+    ap.add_argument("--engine", nargs="+", default=["process"], choices=["process", "thread"],
+                    help="how the started server runs its engine: its own process (the default) or "
+                         "a thread of the server (--engine-in-process); several: one server each, "
+                         "runs interleaved")
     args = ap.parse_args()
-    proc = None
-    url = args.url
-    if url is None:
-        url, proc = start_server(max(args.concurrency))
+    servers: dict[str, tuple[str, subprocess.Popen[bytes] | None]] = {}
+    if args.url is not None:
+        servers = {"server": (args.url, None)}
     try:
+        for e in ([] if args.url else args.engine):
+            servers[f"server/{e}" if len(args.engine) > 1 else "server"] = start_server(
+                max(args.concurrency), e)
         offline_engine = Offline(max(args.concurrency), args.offline_main_thread)
-        wait_healthy(url, proc)
+        for url, proc in servers.values():
+            wait_healthy(url, proc)
+        modes = ["offline", *servers]
         runs: dict[tuple[str, int], list[Result]] = {}
         for _ in range(args.repeats):
             for c in args.concurrency:
-                for mode in ("offline", "server"):
+                for mode in modes:
                     if mode == "offline":
                         r = offline_engine.run(prompts(c), args.max_tokens)
                     else:
-                        r = asyncio.run(_server_level(url, c, args.max_tokens))
+                        r = asyncio.run(_server_level(servers[mode][0], c, args.max_tokens))
                     runs.setdefault((mode, c), []).append(r)
-                    print(f"{mode:>7} x{c:<3} TPOT {r.tpot_ms:8.1f} ms  {r.tokens_per_s:8.1f} tok/s  "
+                    print(f"{mode:>14} x{c:<3} TPOT {r.tpot_ms:8.1f} ms  {r.tokens_per_s:8.1f} tok/s  "
                           f"TTFT {r.ttft_ms:8.1f} ms", file=sys.stderr, flush=True)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-    offline = [_best(runs[("offline", c)]) for c in args.concurrency]
-    server = [_best(runs[("server", c)]) for c in args.concurrency]
+        for _, proc in servers.values():
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
     print(f"\nmodel: embedded SmolLM2-135M-Instruct, greedy, ignore_eos, {args.max_tokens} output tokens "
           f"per request, best of {args.repeats}, {os.cpu_count()} CPU cores")
-    print(f"{'clients':>7} | {'offline TPOT ms':>15} | {'server TPOT ms':>14} | {'TPOT overhead':>13} | "
-          f"{'offline tok/s':>13} | {'server tok/s':>12} | {'tok/s ratio':>11} | {'server TTFT ms':>14}")
-    for o, s in zip(offline, server, strict=True):
-        print(f"{o.concurrency:>7} | {o.tpot_ms:>15.1f} | {s.tpot_ms:>14.1f} | "
-              f"{100 * (s.tpot_ms / o.tpot_ms - 1):>+12.1f}% | {o.tokens_per_s:>13.1f} | "
-              f"{s.tokens_per_s:>12.1f} | {s.tokens_per_s / o.tokens_per_s:>11.2f} | {s.ttft_ms:>14.1f}")
+    for mode in servers:
+        offline = [_best(runs[("offline", c)]) for c in args.concurrency]
+        server = [_best(runs[(mode, c)]) for c in args.concurrency]
+        print(f"\n{mode}")
+        print(f"{'clients':>7} | {'offline TPOT ms':>15} | {'server TPOT ms':>14} | {'TPOT overhead':>13} | "
+              f"{'offline tok/s':>13} | {'server tok/s':>12} | {'tok/s ratio':>11} | {'server TTFT ms':>14}")
+        for o, s in zip(offline, server, strict=True):
+            print(f"{o.concurrency:>7} | {o.tpot_ms:>15.1f} | {s.tpot_ms:>14.1f} | "
+                  f"{100 * (s.tpot_ms / o.tpot_ms - 1):>+12.1f}% | {o.tokens_per_s:>13.1f} | "
+                  f"{s.tokens_per_s:>12.1f} | {s.tokens_per_s / o.tokens_per_s:>11.2f} | {s.ttft_ms:>14.1f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 # The root config uses --import-mode=importlib, which does not put test directories on sys.path.
 sys.path.insert(0, str(Path(__file__).parent))
-from server_harness import Server, start_server, stop_server  # noqa: E402
+from server_harness import Server, descendants, start_server, stop_server, wait_gone  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -20,4 +21,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     try:
         yield srv
     finally:
+        below = descendants(srv.proc.pid)  # the engine process (and multiprocessing's helpers)
         stop_server(srv)
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it: exit status -15.
+        assert srv.proc.returncode in (0, -signal.SIGTERM), srv.log_text()[-3000:]
+        assert "Application shutdown complete" in srv.log_text()
+        wait_gone(below, 10)  # no orphans

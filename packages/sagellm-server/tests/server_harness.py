@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -111,6 +112,48 @@ def start_server(tmp: Path, *extra: str, timeout: float = 240.0) -> Server:
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"server did not become healthy in {timeout} s:\n{log.read_text()}")
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not exited (a zombie nobody reaped counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(is_running(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still running after {timeout} s: {[p for p in pids if is_running(p)]}")
+        time.sleep(0.1)
+
+
+def engine_pid(server: Server) -> int:
+    """The engine process's pid, from the server's start-up log line."""
+    m = re.search(r"engine process pid (\d+) ready", server.log_text())
+    assert m, server.log_text()
+    return int(m.group(1))
 
 
 def stop_server(server: Server) -> None:

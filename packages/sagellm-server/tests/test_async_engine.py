@@ -2,101 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import pytest
+from fake_engine import FakeEngine, FakeTokenizer
 from fastapi.testclient import TestClient
 
-from sagellm.outputs import RequestMetrics, RequestOutput
-from sagellm.sampling_params import SamplingParams
 from sagellm_server.app import ServerConfig, create_app
 from sagellm_server.async_engine import AsyncEngine
 from sagellm_server.metrics import ServerMetrics
-
-
-@dataclass
-class _Stats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_kv_blocks: int
-    num_free_kv_blocks: int
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    num_preemptions: int
-    num_steps: int
-
-
-class FakeEngine:
-    """Emits token ``len(prompt) + i`` per step, one KV block per request; may be told to crash.
-
-    ``gate`` (when set) must be released for each step, so tests can hold requests in flight."""
-
-    def __init__(self, gated: bool = False) -> None:
-        self.reqs: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
-        self.explode = False
-        self.gate = threading.Semaphore(0) if gated else None
-        self.aborted: list[str] = []
-        self.steps = 0
-
-    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str) -> str:
-        if 999 in prompt:
-            raise ValueError("the fake engine refuses token 999")
-        self.reqs[request_id] = (list(prompt), params, [])
-        return request_id
-
-    def abort_request(self, request_id: str) -> bool:
-        self.aborted.append(request_id)
-        return self.reqs.pop(request_id, None) is not None
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.reqs)
-
-    def step(self) -> list[RequestOutput]:
-        if self.gate is not None:
-            while not self.gate.acquire(timeout=0.05):
-                if not self.reqs:
-                    return []
-        if self.explode:
-            raise RuntimeError("simulated device failure")
-        self.steps += 1
-        outs = []
-        now = time.monotonic()
-        for rid, (prompt, params, out) in list(self.reqs.items()):
-            tok = len(prompt) + len(out)
-            out.append(tok)
-            done = len(out) >= params.max_tokens
-            if done:
-                del self.reqs[rid]
-            outs.append(RequestOutput.from_lists(
-                rid, None, prompt, list(out), " ".join(map(str, out)), new_token_ids=[tok],
-                new_text=f" {tok}" if len(out) > 1 else str(tok), finished=done,
-                finish_reason="length" if done else None,
-                metrics=RequestMetrics(now, now, now, now, now if done else None)))
-        return outs
-
-    def get_stats(self) -> _Stats:
-        n = len(self.reqs)
-        return _Stats(n, 0, n / 10, 10, 10 - n, 0, 0, 0, self.steps)
-
-
-class _Tok:
-    chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-
-    def __call__(self, text: str | list[str], add_special_tokens: bool = True):  # type: ignore[no-untyped-def]
-        @dataclass
-        class Enc:
-            input_ids: list
-
-        if isinstance(text, list):
-            return Enc([[ord(c) for c in t] for t in text])
-        return Enc([ord(c) for c in text])
-
-    def apply_chat_template(self, messages, tokenize, add_generation_prompt, chat_template):  # type: ignore[no-untyped-def]
-        return "".join(m["content"] for m in messages)
 
 
 def make_client(engine: FakeEngine, **kw: int) -> TestClient:
@@ -104,7 +18,7 @@ def make_client(engine: FakeEngine, **kw: int) -> TestClient:
     aeng = AsyncEngine(engine, max_num_seqs=kw.get("max_num_seqs", 4),
                        max_queued_requests=kw.get("max_queued_requests", 4), metrics=metrics)
     cfg = ServerConfig(served_model_name="fake", max_model_len=64, vocab_size=1000, log_interval=0)
-    return TestClient(create_app(aeng, cfg, _Tok(), metrics))
+    return TestClient(create_app(aeng, cfg, FakeTokenizer(), metrics))
 
 
 @pytest.fixture
@@ -196,7 +110,7 @@ def test_chunked_body_over_limit_is_413(fake: FakeEngine) -> None:
     aeng = AsyncEngine(fake, max_num_seqs=4, metrics=metrics)
     cfg = ServerConfig(served_model_name="fake", max_model_len=64, vocab_size=1000, log_interval=0,
                        max_request_body_bytes=100)
-    with TestClient(create_app(aeng, cfg, _Tok(), metrics)) as c:
+    with TestClient(create_app(aeng, cfg, FakeTokenizer(), metrics)) as c:
         def gen() -> Iterator[bytes]:
             yield b'{"prompt": "'
             yield b"x" * 200

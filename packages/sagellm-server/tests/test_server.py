@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import API_KEY, MODEL_NAME, Server
+from server_harness import API_KEY, MODEL_NAME, Server, descendants, engine_pid, is_running
 
 from sagellm import SamplingParams
 
@@ -67,6 +67,11 @@ def offline_greedy() -> list[list[int]]:
 
 
 # -- the happy paths --------------------------------------------------------------------------
+
+
+def test_engine_runs_in_its_own_process(server: Server) -> None:
+    pid = engine_pid(server)
+    assert pid != server.proc.pid and pid in descendants(server.proc.pid) and is_running(pid)
 
 
 def test_completion_non_streaming_usage(server: Server) -> None:

@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI-compatible routes over one shared :class:`AsyncEngine`."""
+"""The FastAPI application: OpenAI-compatible routes over one shared engine (an :class:`EngineClient`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import sagellm
 from sagellm.outputs import RequestOutput
 from sagellm.sampling_params import SamplingParams
 from sagellm_server import __version__
-from sagellm_server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestHandle
+from sagellm_server.async_engine import EngineClient, EngineDeadError, QueueFullError, RequestHandle
 from sagellm_server.metrics import CONTENT_TYPE, ServerMetrics
 from sagellm_server.openai_protocol import (
     ApiError,
@@ -240,10 +240,10 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await job
         watcher.cancel()
-    if job.cancelled():
-        raise ApiError(499, "the client closed the connection", code="client_closed")
     try:
         return job.result()
+    except asyncio.CancelledError:  # a cancelled gather() holds CancelledError without being cancelled()
+        raise ApiError(499, "the client closed the connection", code="client_closed") from None
     except EngineDeadError as exc:
         raise ApiError(500, str(exc), type="server_error", code="engine_dead") from None
     except ValueError as exc:  # the engine refused the request
@@ -256,12 +256,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 class _Server:
     """Route logic; one instance per app."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, tokenizer: Any,
+    def __init__(self, engine: EngineClient, config: ServerConfig, tokenizer: Any,
                  metrics: ServerMetrics) -> None:
         self.engine = engine
         self.config = config
-        # A private copy: HF fast tokenizers must not be used from two threads at once, and the
-        # engine thread detokenizes with the original.
+        # A private copy: HF fast tokenizers must not be used from two threads at once, and an
+        # in-process engine thread detokenizes with the original.
         self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
         self.metrics = metrics
         self.model_names = {config.served_model_name, *config.extra_model_names}
@@ -469,7 +469,7 @@ def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _log_stats(engine: AsyncEngine, interval: float) -> None:
+async def _log_stats(engine: EngineClient, interval: float) -> None:
     """One line per interval with throughput and load, while there is anything to report."""
     prev, prev_time = engine.snapshot, time.monotonic()
     while True:
@@ -485,7 +485,7 @@ async def _log_stats(engine: AsyncEngine, interval: float) -> None:
         prev, prev_time = s, now
 
 
-def create_app(engine: AsyncEngine, config: ServerConfig, tokenizer: Any,
+def create_app(engine: EngineClient, config: ServerConfig, tokenizer: Any,
                metrics: ServerMetrics | None = None) -> FastAPI:
     """The ASGI app; it starts ``engine``'s loop on start-up and stops it on shutdown."""
     metrics = metrics or engine.metrics or ServerMetrics(config.served_model_name)

@@ -1,5 +1,8 @@
-"""One engine, one thread, many asyncio clients.
+"""One engine, many asyncio clients.
 
+:class:`EngineClient` is the event-loop side that both ways of running the engine share. By
+default the engine runs in a process of its own (``sagellm_server.engine_process``); with
+``--engine-in-process``, :class:`AsyncEngine` runs it here instead:
 ``LLMEngine`` is synchronous and not thread-safe, so exactly one background thread (the engine
 loop) owns it. The event loop hands it commands through a ``queue.SimpleQueue`` (add, abort,
 stop); after every step the loop thread hands the whole batch of outputs back with a single
@@ -65,10 +68,15 @@ class EngineSnapshot:
 class RequestHandle:
     """The event-loop side of one request."""
 
-    __slots__ = ("request_id", "queue", "future", "arrival", "last_token_time", "done")
+    __slots__ = ("request_id", "key", "num_prompt_tokens", "queue", "future", "arrival",
+                 "last_token_time", "done")
 
-    def __init__(self, request_id: str, stream: bool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request_id: str, stream: bool, loop: asyncio.AbstractEventLoop, key: int = 0,
+                 num_prompt_tokens: int = 0) -> None:
         self.request_id = request_id
+        #: A small integer naming the request on the wire to an engine process.
+        self.key = key
+        self.num_prompt_tokens = num_prompt_tokens
         self.queue: asyncio.Queue[RequestOutput | BaseException] | None = asyncio.Queue() if stream else None
         self.future: asyncio.Future[RequestOutput] | None = None if stream else loop.create_future()
         self.arrival = time.monotonic()
@@ -76,44 +84,44 @@ class RequestHandle:
         self.done = False
 
 
-_STOP = object()
+class EngineClient:
+    """The event-loop side of an engine, whatever runs it: admission, per-request routing of
+    outputs, latency histograms. Subclasses move commands to the engine and outputs back
+    (:class:`AsyncEngine`: a thread of this process; ``EngineProcess``: a process of its own).
+    Everything public is called from the event loop."""
 
-
-class AsyncEngine:
-    """Owns the engine loop thread; everything public is called from the event loop."""
-
-    def __init__(self, engine: EngineLike, *, max_num_seqs: int, max_queued_requests: int | None = None,
+    def __init__(self, *, max_num_seqs: int, max_queued_requests: int | None = None,
                  metrics: ServerMetrics | None = None) -> None:
-        self.engine = engine
         self.max_num_seqs = max_num_seqs
         self.max_queued_requests = max_queued_requests
         self.metrics = metrics
-        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._requests: dict[str, RequestHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._last_stats_time = 0.0
-        self.snapshot = self._take_snapshot()
+        self.snapshot = EngineSnapshot()
         self.error: BaseException | None = None
         if metrics is not None:
             metrics.attach(lambda: self.snapshot)
 
-    # -- lifecycle (event loop) ------------------------------------------------------------
+    # -- what a transport provides ---------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        assert self._thread is None, "the engine loop is already running"
-        self._loop = loop or asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="sagellm-engine-loop", daemon=True)
-        self._thread.start()
+        raise NotImplementedError
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            self._commands.put(_STOP)
-            self._thread.join(timeout)
+        raise NotImplementedError
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        raise NotImplementedError
+
+    def _send_add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        raise NotImplementedError
+
+    def _send_abort(self, handle: RequestHandle) -> None:
+        raise NotImplementedError
+
+    def _forget(self, handle: RequestHandle) -> None:
+        self._requests.pop(handle.request_id, None)
 
     @property
     def num_in_flight(self) -> int:
@@ -139,17 +147,18 @@ class AsyncEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         assert self._loop is not None, "start() the engine loop first"
-        handle = RequestHandle(request_id, stream, self._loop)
+        handle = RequestHandle(request_id, stream, self._loop, num_prompt_tokens=len(prompt_token_ids))
         self._requests[request_id] = handle
-        self._commands.put(("add", request_id, prompt_token_ids, params))
+        self._send_add(handle, prompt_token_ids, params)
         return handle
 
     def abort(self, request_id: str) -> None:
-        handle = self._requests.pop(request_id, None)
+        handle = self._requests.get(request_id)
         if handle is None:
             return
+        self._forget(handle)
         handle.done = True
-        self._commands.put(("abort", request_id))
+        self._send_abort(handle)
         if self.metrics is not None:
             self.metrics.finished("abort")
 
@@ -186,37 +195,30 @@ class AsyncEngine:
 
     # -- routing outputs (event loop) ------------------------------------------------------
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        requests = self._requests
+    def _deliver(self, handle: RequestHandle, out: RequestOutput, t: float) -> None:
+        """Hand one output (its token produced at ``t``, monotonic) to its request."""
         m = self.metrics
-        now = time.monotonic()
-        for out in outputs:
-            handle = requests.get(out.request_id)
-            if handle is None:
-                continue  # aborted on this side; the abort command is on its way
-            t = out.metrics.last_token_time if out.metrics is not None and \
-                out.metrics.last_token_time is not None else now
+        if m is not None:
+            if handle.last_token_time is None:
+                m.ttft.observe(t - handle.arrival)
+            else:
+                m.itl.observe(t - handle.last_token_time)
+        handle.last_token_time = t
+        if out.finished:
+            self._forget(handle)
+            handle.done = True
             if m is not None:
-                if handle.last_token_time is None:
-                    m.ttft.observe(t - handle.arrival)
-                else:
-                    m.itl.observe(t - handle.last_token_time)
-            handle.last_token_time = t
-            if out.finished:
-                del requests[out.request_id]
-                handle.done = True
-                if m is not None:
-                    m.e2e.observe(t - handle.arrival)
-                    m.finished(out.finish_reason)
-            if handle.queue is not None:
-                handle.queue.put_nowait(out)
-            elif out.finished and not handle.future.done():  # type: ignore[union-attr]
-                handle.future.set_result(out)  # type: ignore[union-attr]
+                m.e2e.observe(t - handle.arrival)
+                m.finished(out.finish_reason)
+        if handle.queue is not None:
+            handle.queue.put_nowait(out)
+        elif out.finished and not handle.future.done():  # type: ignore[union-attr]
+            handle.future.set_result(out)  # type: ignore[union-attr]
 
-    def _fail(self, request_id: str, exc: BaseException) -> None:
-        handle = self._requests.pop(request_id, None)
-        if handle is None:
+    def _fail(self, handle: RequestHandle, exc: BaseException) -> None:
+        if handle.done:
             return
+        self._forget(handle)
         handle.done = True
         if handle.queue is not None:
             handle.queue.put_nowait(exc)
@@ -224,8 +226,70 @@ class AsyncEngine:
             handle.future.set_exception(exc)  # type: ignore[union-attr]
 
     def _fail_all(self, exc: BaseException) -> None:
-        for rid in list(self._requests):
-            self._fail(rid, EngineDeadError(f"the engine loop died: {exc!r}"))
+        for handle in list(self._requests.values()):
+            self._fail(handle, EngineDeadError(f"the engine loop died: {exc!r}"))
+
+
+_STOP = object()
+
+
+class AsyncEngine(EngineClient):
+    """The engine in a background thread of this process (``--engine-in-process``).
+
+    Simple, and what tests with a scripted engine use; but the thread competes with the event
+    loop for the GIL, which costs time per token under many streams (``EngineProcess`` does not).
+    """
+
+    def __init__(self, engine: EngineLike, *, max_num_seqs: int, max_queued_requests: int | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._last_stats_time = 0.0
+        super().__init__(max_num_seqs=max_num_seqs, max_queued_requests=max_queued_requests,
+                         metrics=metrics)
+        self.snapshot = self._take_snapshot()
+
+    # -- lifecycle (event loop) ------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        assert self._thread is None, "the engine loop is already running"
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="sagellm-engine-loop", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def _send_add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._commands.put(("add", handle.request_id, prompt_token_ids, params))
+
+    def _send_abort(self, handle: RequestHandle) -> None:
+        self._commands.put(("abort", handle.request_id))
+
+    # -- routing outputs (event loop) ------------------------------------------------------
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        requests = self._requests
+        now = time.monotonic()
+        for out in outputs:
+            handle = requests.get(out.request_id)
+            if handle is None:
+                continue  # aborted on this side; the abort command is on its way
+            m = out.metrics
+            self._deliver(handle, out, m.last_token_time if m is not None and
+                          m.last_token_time is not None else now)
+
+    def _fail_request(self, request_id: str, exc: BaseException) -> None:
+        handle = self._requests.get(request_id)
+        if handle is not None:
+            self._fail(handle, exc)
 
     # -- the engine loop (its own thread) --------------------------------------------------
 
@@ -241,7 +305,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(ids, params, rid)
             except Exception as exc:  # validation the server missed: fail this request only
-                self._loop.call_soon_threadsafe(self._fail, rid, exc)  # type: ignore[union-attr]
+                self._loop.call_soon_threadsafe(self._fail_request, rid, exc)  # type: ignore[union-attr]
         else:
             self.engine.abort_request(cmd[1])
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sagellm.config import EngineConfig
+    from sagellm_server.async_engine import EngineClient
+    from sagellm_server.engine_process import EngineInfo
+    from sagellm_server.metrics import ServerMetrics
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "SAGELLM_API_KEY"
@@ -49,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of device memory the engine may use (weights, activations, KV cache)")
     e.add_argument("--num-kv-blocks", type=int, default=None,
                    help="fixed KV pool size in blocks, instead of sizing it from memory")
+    e.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over this many devices (device_index .. +N-1), one "
+                        "worker process each")
+    e.add_argument("--disaggregate-prefill", action="store_true",
+                   help="prefill on a second device and hand the KV blocks to this one, which decodes")
+    e.add_argument("--engine-in-process", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the engine in a thread of the server process instead of a process of "
+                        "its own (simpler, but HTTP work then competes with it for the GIL)")
+    e.add_argument("--engine-startup-timeout", type=float, default=None,
+                   help="seconds to wait for the engine process to load the model (default: no limit)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind; use 0.0.0.0 to accept other machines (set --api-key then)")
@@ -83,42 +102,91 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from sagellm.config import EngineConfig
-    from sagellm.engine.llm_engine import LLMEngine
     from sagellm.plugins import BackendError, get_registry
     from sagellm_server.app import ServerConfig, create_app
-    from sagellm_server.async_engine import AsyncEngine
+    from sagellm_server.engine_process import EngineStartupError
     from sagellm_server.metrics import ServerMetrics
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("binding %s without --api-key: anyone who can reach it may use it", args.host)
+    name = _served_name(args)
+    metrics = ServerMetrics(name)
     try:
         config = EngineConfig(model=args.model, tokenizer=args.tokenizer, backend=args.backend,
                               dtype=args.dtype, load_format=args.load_format, seed=args.seed,
                               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               gpu_memory_utilization=args.gpu_memory_utilization,
-                              num_kv_blocks=args.num_kv_blocks)
+                              num_kv_blocks=args.num_kv_blocks,
+                              tensor_parallel_size=args.tensor_parallel_size,
+                              disaggregate_prefill=args.disaggregate_prefill)
         registry = get_registry()
-        engine = LLMEngine(config, registry=registry)
+        if args.engine_in_process:
+            async_engine, info, tokenizer = _engine_in_process(config, registry, args, metrics)
+        else:
+            async_engine, info, tokenizer = _engine_process(config, args, metrics)
     except (ValidationError, BackendError, FileNotFoundError, ValueError) as exc:
         print(f"sagellm-server: error: {exc}", file=sys.stderr)
         return 2
-    name = _served_name(args)
-    metrics = ServerMetrics(name)
+    except EngineStartupError as exc:
+        print(f"sagellm-server: error: {exc}", file=sys.stderr)
+        return 2 if exc.error_type in _CONFIG_ERRORS else 1
+    try:
+        server_config = ServerConfig(
+            served_model_name=name, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+            api_key=args.api_key or None, max_request_body_bytes=args.max_request_body_bytes,
+            log_interval=args.log_interval, backend=info.backend, device_name=info.device_name,
+            registry=registry)
+        app = create_app(async_engine, server_config, tokenizer, metrics)
+        logger.info("serving %s as %r on http://%s:%d (backend %s, context %d, engine %s, API key %s)",
+                    info.model, name, args.host, args.port, info.backend, info.max_model_len,
+                    "in process" if args.engine_in_process else f"process pid {info.pid}",
+                    "required" if args.api_key else "off")
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,
+                    log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        async_engine.shutdown()  # normally done on the app's shutdown already; idempotent
+    return 0
+
+
+#: Errors of the engine process's start-up that mean "bad settings" (exit status 2).
+_CONFIG_ERRORS = frozenset({"ValidationError", "BackendError", "FileNotFoundError", "ValueError"})
+
+
+def _engine_process(config: EngineConfig, args: argparse.Namespace,
+                    metrics: ServerMetrics) -> tuple[EngineClient, EngineInfo, Any]:
+    from sagellm_server.engine_process import EngineProcess
+
+    # Import transformers (seconds) while the engine process loads the model.
+    importer = threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True)
+    importer.start()
+    engine = EngineProcess(config, max_num_seqs=args.max_num_seqs,
+                           max_queued_requests=args.max_queued_requests, metrics=metrics)
+    info = engine.launch(timeout=args.engine_startup_timeout)
+    tokenizer = None
+    if info.tokenizer is not None:
+        try:
+            importer.join()
+            from transformers import AutoTokenizer
+
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            tokenizer = AutoTokenizer.from_pretrained(info.tokenizer)
+        except BaseException:
+            engine.shutdown()
+            raise
+    return engine, info, tokenizer
+
+
+def _engine_in_process(config: EngineConfig, registry: Any, args: argparse.Namespace,
+                       metrics: ServerMetrics) -> tuple[EngineClient, EngineInfo, Any]:
+    from sagellm.engine.llm_engine import LLMEngine
+    from sagellm_server.async_engine import AsyncEngine
+    from sagellm_server.engine_process import describe_engine
+
+    engine = LLMEngine(config, registry=registry)
     async_engine = AsyncEngine(engine, max_num_seqs=args.max_num_seqs,
                                max_queued_requests=args.max_queued_requests, metrics=metrics)
-    server_config = ServerConfig(
-        served_model_name=name, max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
-        api_key=args.api_key or None, max_request_body_bytes=args.max_request_body_bytes,
-        log_interval=args.log_interval, backend=engine.platform.name,
-        device_name=engine.platform.device_name(), registry=registry)
-    app = create_app(async_engine, server_config, engine.tokenizer, metrics)
-    logger.info("serving %s as %r on http://%s:%d (backend %s, context %d, API key %s)",
-                engine.loaded.source, name, args.host, args.port, engine.platform.name,
-                engine.max_model_len, "required" if args.api_key else "off")
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,
-                log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+    return async_engine, describe_engine(engine), engine.tokenizer
 
 
 if __name__ == "__main__":  # pragma: no cover

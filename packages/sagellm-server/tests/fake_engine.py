@@ -1,0 +1,125 @@
+"""A scripted engine for the server's tests, also built inside an engine process by name
+(``EngineProcess(..., factory="fake_engine:make_engine")``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sagellm.config import EngineConfig
+from sagellm.outputs import RequestMetrics, RequestOutput
+from sagellm.sampling_params import SamplingParams
+
+#: Prompt tokens with a meaning to the fake: refused by add_request, crash the next step, make
+#: every step take ``SLOW_STEP_S``.
+REFUSE, EXPLODE, SLOW = 999, 666, 777
+SLOW_STEP_S = 0.02
+
+
+@dataclass
+class _Stats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    num_preemptions: int
+    num_steps: int
+
+
+class FakeEngine:
+    """Emits token ``len(prompt) + i`` per step, one KV block per request; may be told to crash.
+
+    ``gate`` (when set) must be released for each step, so tests can hold requests in flight."""
+
+    def __init__(self, gated: bool = False) -> None:
+        self.reqs: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
+        self.explode = False
+        self.gate = threading.Semaphore(0) if gated else None
+        self.aborted: list[str] = []
+        self.steps = 0
+        self.slow = False
+
+    max_model_len = 64
+    vocab_size = 1000
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str) -> str:
+        if REFUSE in prompt:
+            raise ValueError(f"the fake engine refuses token {REFUSE}")
+        if EXPLODE in prompt:
+            self.explode = True
+        if SLOW in prompt:
+            self.slow = True
+        self.reqs[request_id] = (list(prompt), params, [])
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        self.aborted.append(request_id)
+        return self.reqs.pop(request_id, None) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.reqs)
+
+    def step(self) -> list[RequestOutput]:
+        if self.gate is not None:
+            while not self.gate.acquire(timeout=0.05):
+                if not self.reqs:
+                    return []
+        if self.explode:
+            raise RuntimeError("simulated device failure")
+        if self.slow:
+            time.sleep(SLOW_STEP_S)
+        self.steps += 1
+        outs = []
+        now = time.monotonic()
+        for rid, (prompt, params, out) in list(self.reqs.items()):
+            tok = len(prompt) + len(out)
+            out.append(tok)
+            done = len(out) >= params.max_tokens
+            if done:
+                del self.reqs[rid]
+            outs.append(RequestOutput.from_lists(
+                rid, None, prompt, list(out), " ".join(map(str, out)), new_token_ids=[tok],
+                new_text=f" {tok}" if len(out) > 1 else str(tok), finished=done,
+                finish_reason="length" if done else None,
+                metrics=RequestMetrics(now, now, now, now, now if done else None)))
+        return outs
+
+    def get_stats(self) -> _Stats:
+        n = len(self.reqs)
+        return _Stats(n, 0, n / 10, 10, 10 - n, 0, 0, 0, self.steps)
+
+
+
+
+class FakeTokenizer:
+    """One token per character (its code point); the chat template concatenates contents."""
+
+
+    chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> Any:
+        @dataclass
+        class Enc:
+            input_ids: list[Any]
+
+        if isinstance(text, list):
+            return Enc([[ord(c) for c in t] for t in text])
+        return Enc([ord(c) for c in text])
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool,
+                            chat_template: str | None) -> str:
+        return "".join(m["content"] for m in messages)
+
+
+def make_engine(config: EngineConfig) -> FakeEngine:
+    return FakeEngine()
+
+
+def make_broken_engine(config: EngineConfig) -> FakeEngine:
+    raise ValueError("this fake engine cannot be built")
