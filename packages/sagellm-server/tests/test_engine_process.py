@@ -222,3 +222,39 @@ def test_child_exits_when_the_parent_is_killed(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_commands_larger_than_the_pipe_are_buffered_not_blocking() -> None:
+    """Prompts of megabytes: the parent's writes outrun the pipe, yet the event loop stays free
+    and every request arrives whole (the fake answers with token ``len(prompt)``)."""
+    import asyncio
+
+    from sagellm.sampling_params import SamplingParams
+
+    eng = launch(max_num_seqs=8, max_queued_requests=8)
+
+    async def run() -> tuple[list[int], int]:
+        eng.start()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        tick = asyncio.ensure_future(ticker())
+        sizes = [200_000 + i for i in range(6)]  # about 1.2 MB of JSON each
+        handles = [eng.add(f"big-{i}", [7] * n, SamplingParams(max_tokens=1), stream=False)
+                   for i, n in enumerate(sizes)]
+        assert eng._wbuf, "the test should overflow the pipe"
+        outs = await asyncio.wait_for(asyncio.gather(*(eng.result(h) for h in handles)), 60)
+        tick.cancel()
+        return [o.token_ids[0] for o in outs], ticks
+
+    try:
+        firsts, ticks = asyncio.run(run())
+    finally:
+        eng.shutdown()
+    assert firsts == [200_000 + i for i in range(6)]
+    assert ticks > 3  # the loop kept running while the commands drained
