@@ -253,16 +253,6 @@ class DisaggScheduler(Scheduler):
         else:
             self.block_manager.free(seq)
 
-    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
-        self.running.remove(seq)
-        self._release(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(seq)
-        plan.preempted.append(seq.request_id)
-
     def commit(self, plan: StepPlan) -> None:
         # No prefix caching across the pair yet: no block is hashed, so a freed block goes
         # straight back to its pool on either side.
@@ -279,9 +269,6 @@ class DisaggScheduler(Scheduler):
             seq.block_table = stand_in.block_table
             self.block_manager.allocate(seq, 0)  # the sequence itself now holds the blocks
 
-    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
-        seq.status = status
-        self._release(seq)
 
 
 # --------------------------------------------------------------------------------------------

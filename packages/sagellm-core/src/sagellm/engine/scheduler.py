@@ -144,9 +144,13 @@ class Scheduler:
             self._preempt(victim, plan)
         return True
 
+    def _release(self, seq: Sequence) -> None:
+        """Give back every KV block ``seq`` holds (preemption, finish, abort)."""
+        self.block_manager.free(seq)
+
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq)
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -174,4 +178,4 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         seq.status = status
-        self.block_manager.free(seq)
+        self._release(seq)
