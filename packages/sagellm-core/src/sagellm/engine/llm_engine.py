@@ -150,8 +150,6 @@ class LLMEngine:
     @torch.inference_mode()
     def _profile_activation_bytes(self) -> int:
         """Peak activation memory of the largest step, measured with a dummy prefill."""
-        from sagellm.engine.model_runner import ModelRunner
-
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
         bs = self.config.block_size
         tmp_kv = self.platform.make_kv_backend(self.kv_spec, -(-n // bs))
