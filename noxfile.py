@@ -26,6 +26,19 @@ def packages() -> list[tuple[str, str]]:
     return out
 
 
+def coverage_config(session: nox.Session, modules: list[str]) -> str:
+    """A coverage config measuring ``modules`` in the test process and in every Python process
+    it starts (real servers, engine processes, tensor-parallel workers)."""
+    path = Path(session.create_tmp()) / f"coverage-{'-'.join(modules)}.toml"
+    path.write_text(
+        "[tool.coverage.run]\n"
+        f"source_pkgs = {modules!r}\n"
+        'patch = ["subprocess", "_exit"]\n'
+        'concurrency = ["thread", "multiprocessing"]\n'
+        "sigterm = true\n")
+    return str(path)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU test suite: one pytest run per package, then the cross-package tests."""
@@ -34,10 +47,11 @@ def tests(session: nox.Session) -> None:
         tests_dir = ROOT / "packages" / dist / "tests"
         session.log(f"=== {dist} (coverage of {module}) ===")
         session.run("pytest", str(tests_dir), f"--cov={module}", "--cov-report=term",
-                    "-m", "not gpu", *extra)
+                    f"--cov-config={coverage_config(session, [module])}", "-m", "not gpu", *extra)
     session.log("=== cross-package tests ===")
-    covs = [f"--cov={m}" for _, m in packages()]
-    session.run("pytest", str(ROOT / "tests"), *covs, "--cov-report=term", "-m", "not gpu", *extra)
+    modules = [m for _, m in packages()]
+    session.run("pytest", str(ROOT / "tests"), *[f"--cov={m}" for m in modules], "--cov-report=term",
+                f"--cov-config={coverage_config(session, modules)}", "-m", "not gpu", *extra)
 
 
 @nox.session(venv_backend="none")
