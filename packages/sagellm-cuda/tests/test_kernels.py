@@ -1,6 +1,8 @@
 """Each Triton kernel against a torch fp32 reference on random inputs, over many shapes.
 
-Run on a GPU machine: ``pytest -m gpu packages/sagellm-cuda/tests``.
+On a GPU machine they run as CUDA kernels over every dtype (``pytest -m gpu ...`` selects them);
+without one, ``conftest.py`` switches Triton to its interpreter and the float32 cases run on the
+CPU in CI (same kernel programs, checked against the same references).
 """
 
 from __future__ import annotations
@@ -14,9 +16,21 @@ from sagellm.layers.norm import RMSNorm
 from sagellm.layers.rotary import RotaryEmbedding
 from sagellm.protocols import DecodeMetadata, PrefillMetadata
 
-pytestmark = pytest.mark.gpu
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.gpu if HAS_CUDA else pytest.mark.interpreted
 REF = TorchAttentionBackend()
-DEV = "cuda"
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_runs_float32_only(request: pytest.FixtureRequest) -> None:
+    params = getattr(request.node, "callspec", None)
+    dtype = params.params.get("dtype") if params else None
+    if not HAS_CUDA and dtype not in (None, torch.float32):
+        pytest.skip("the Triton interpreter run covers float32; other dtypes run on the GPU")
+    case = params.params.get("case") if params else None
+    if not HAS_CUDA and case is not None and case not in INTERPRETED_CASES:
+        pytest.skip("too slow for the interpreter; this shape runs on the GPU")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -104,6 +118,11 @@ PREFILL_CASES = [
 ]
 
 
+# The shapes the CPU interpreter covers: GQA and MHA, split and unsplit decode, prefill with and
+# without a cached prefix, partial blocks.
+INTERPRETED_CASES = [DECODE_CASES[2], DECODE_CASES[4], PREFILL_CASES[3], PREFILL_CASES[4]]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", PREFILL_CASES)
 def test_paged_prefill(dtype: torch.dtype, case: tuple) -> None:  # type: ignore[type-arg]
@@ -184,6 +203,7 @@ def test_rotary(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) ->
     assert rel_err(q, rq) < same and rel_err(k, rk) < same
 
 
+@pytest.mark.gpu
 def test_decode_in_a_cuda_graph_follows_new_lengths() -> None:
     """The captured launch must read lengths and tables from memory, not from capture time."""
     from sagellm_cuda.attention import paged_decode
