@@ -46,7 +46,10 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < NUM_HEADS) & (d < HEAD_DIM) & (slot >= 0)
+    # The slot test is broadcast to a full block tensor (not a scalar), so every Triton version's
+    # interpreter accepts the mask too.
+    valid = (tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.int64) + slot) >= 0
+    mask = (h < NUM_HEADS) & (d < HEAD_DIM) & valid
     t64 = t.to(tl.int64)
     k = tl.load(k_ptr + t64 * k_stride_t + h * k_stride_h + d, mask=mask)
     v = tl.load(v_ptr + t64 * v_stride_t + h * v_stride_h + d, mask=mask)
