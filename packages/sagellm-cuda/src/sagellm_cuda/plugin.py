@@ -11,14 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sagellm.backends.accelerator import Probe, TorchAcceleratorPlatform
 from sagellm.hookspecs import hookimpl
-from sagellm.protocols import (
-    Availability,
-    Capabilities,
-    KVCacheSpec,
-    MemoryInfo,
-    Platform,
-)
+from sagellm.protocols import Availability, Capabilities, KVCacheSpec
 
 if TYPE_CHECKING:
     from sagellm_cuda.attention import TritonAttentionBackend
@@ -61,16 +56,20 @@ def cuda_availability() -> Availability:
         return Availability.no(f"CUDA check failed: {type(exc).__name__}: {exc}")
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(TorchAcceleratorPlatform):
+    """NVIDIA GPUs: device queries come from core's accelerator base (``torch.cuda``)."""
+
     name = "cuda"
     device_type = "cuda"
+    vendor_name = "CUDA"
 
     @classmethod
-    def is_available(cls) -> Availability:
-        return cuda_availability()
+    def probe(cls) -> Probe:
+        found = cuda_availability()
+        return Probe(found.available, found.reason)
 
     @classmethod
-    def capabilities(cls) -> Capabilities:
+    def device_capabilities(cls) -> Capabilities:
         return Capabilities(
             dtypes=(torch.bfloat16, torch.float16, torch.float32),
             default_dtype=torch.bfloat16,
@@ -78,25 +77,6 @@ class CudaPlatform(Platform):
             dist_backend="nccl",
             priority=100,
         )
-
-    def set_device(self) -> None:
-        torch.cuda.set_device(self.device_index)
-
-    def memory_info(self) -> MemoryInfo:
-        free, total = torch.cuda.mem_get_info(self.device_index)
-        return MemoryInfo(free_bytes=free, total_bytes=total)
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device_index)
-
-    def max_memory_allocated(self) -> int:
-        return int(torch.cuda.max_memory_allocated(self.device_index))
-
-    def reset_peak_memory(self) -> None:
-        torch.cuda.reset_peak_memory_stats(self.device_index)
-
-    def device_name(self) -> str:
-        return torch.cuda.get_device_name(self.device_index)
 
     def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> CudaKVBackend:
         from sagellm_cuda.kv import CudaKVBackend
