@@ -68,7 +68,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
         print(json.dumps({
             "backends": [b.as_dict() for b in reg.backends.values()],
             "failures": [{"entry_point": f.entry_point, "distribution": f.distribution,
-                          "error": f.error} for f in reg.failures],
+                          "version": f.version, "error": f.error} for f in reg.failures],
             "clashes": {n: [b.distribution for b in bs] for n, bs in reg.clashes.items()},
             "auto": choice.name if choice else None,
         }, indent=2))
