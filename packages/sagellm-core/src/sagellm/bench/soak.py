@@ -29,7 +29,7 @@ import os
 import time
 from typing import Any
 
-from sagellm.bench.soak_load import run_level
+from sagellm.bench.soak_load import Job, run_level
 from sagellm.bench.soak_probe import Target, growth, kv_leak, restarts
 from sagellm.bench.soak_requests import Mix, bad_requests
 
@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds without a byte before a request counts as timed out")
     g.add_argument("--soak-idle-timeout", type=float, default=120.0,
                    help="how long to wait for the server to go idle after a level")
+    g.add_argument("--soak-procs", type=int, default=0,
+                   help="client processes per level (0: one per 64 clients, at most the CPU count)")
     g.add_argument("--soak-allow-remote", action="store_true",
                    help="allow a --serve-url that is not a loopback address")
     g.add_argument("--api-key", default=None,
@@ -126,9 +128,10 @@ def verdict(criteria: dict[str, dict[str, Any]]) -> bool | None:
 def soak_level(target: Target, mix: Mix, args: argparse.Namespace, clients: int, seconds: float,
                first: tuple[int, int]) -> dict[str, Any]:
     bad = bad_requests(mix.model, mix.max_model_len) if mix.bad > 0 else []
+    procs = args.soak_procs or min(os.cpu_count() or 1, -(-clients // 64))
     before = target.metrics()
-    load = run_level(target, mix, bad, clients, seconds, args.soak_drain_seconds,
-                     args.soak_read_timeout, *first)
+    load = run_level(Job(target, mix, bad, clients, seconds, args.soak_drain_seconds,
+                         args.soak_read_timeout, *first), procs)
     t_idle = time.monotonic()
     after, idle = target.wait_idle(args.soak_idle_timeout)
     load["idle_wait_s"] = time.monotonic() - t_idle
@@ -198,5 +201,5 @@ def format_table(soak: dict[str, Any]) -> str:
             f"{name:<9}{lv['completed']:>7}{lv['out_tok_s']:>10,.1f}{lv['client_errors']:>8}"
             f"{bad['answered_4xx']:>5}/{bad['sent']:<4}{num(cr['engine_deaths']['value']):>8}"
             f"{num(cr['kv_blocks_leaked']['value']):>8}{pct(cr['rss_growth']['value']['server']):>10}"
-            f"{pct(cr['rss_growth']['value']['engine']):>10}{lv['client']['cpu_fraction']:>6.2f}  {ok}")
+            f"{pct(cr['rss_growth']['value']['engine']):>10}{lv['client']['cpu_fraction_max']:>6.2f}  {ok}")
     return "\n".join(lines)
