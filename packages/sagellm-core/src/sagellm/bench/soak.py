@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of good requests that hang up at a random point mid-stream")
     g.add_argument("--soak-bad", type=float, default=0.05,
                    help="fraction of requests that are hostile and must get a 4xx")
+    g.add_argument("--soak-bad-kinds", default=None,
+                   help="comma list of the hostile kinds to send (default all; see "
+                        "sagellm.bench.soak_requests.bad_requests), e.g. to bisect a failure")
     g.add_argument("--soak-chat", type=float, default=0.2,
                    help="fraction of good requests sent to /v1/chat/completions")
     g.add_argument("--soak-prompt-len", type=_range, default=(64, 1024), metavar="LO-HI",
@@ -104,7 +107,8 @@ def judge(load: dict[str, Any], before: dict[str, float], after: dict[str, float
                                        f"{load['bad_requests']['sent']} sent, {n_bad} not answered 4xx")
     leak = kv_leak(after)
     if not idle:
-        c["kv_blocks_leaked"] = _criterion(leak, False, "the server did not go idle")
+        c["kv_blocks_leaked"] = _criterion(leak, False, "the engine is dead" if alive == 0
+                                           else "the server did not go idle")
     else:
         c["kv_blocks_leaked"] = _criterion(leak, None if leak is None else leak == 0)
     rss: dict[str, float | None] = {}
@@ -128,6 +132,12 @@ def verdict(criteria: dict[str, dict[str, Any]]) -> bool | None:
 def soak_level(target: Target, mix: Mix, args: argparse.Namespace, clients: int, seconds: float,
                first: tuple[int, int]) -> dict[str, Any]:
     bad = bad_requests(mix.model, mix.max_model_len) if mix.bad > 0 else []
+    if args.soak_bad_kinds:
+        wanted = set(args.soak_bad_kinds.split(","))
+        unknown = wanted - {b.kind for b in bad}
+        if unknown:
+            raise ValueError(f"unknown --soak-bad-kinds: {', '.join(sorted(unknown))}")
+        bad = [b for b in bad if b.kind in wanted]
     procs = args.soak_procs or min(os.cpu_count() or 1, -(-clients // 64))
     before = target.metrics()
     load = run_level(Job(target, mix, bad, clients, seconds, args.soak_drain_seconds,

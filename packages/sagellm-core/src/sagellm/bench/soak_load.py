@@ -30,6 +30,9 @@ from sagellm.bench.stats import summary
 
 #: Error samples kept per level (the counts are complete).
 MAX_SAMPLES = 20
+#: Pause of a client after a failed request: against a dead engine every request fails at once,
+#: and without it the clients would only measure how fast the server can say 503.
+ERROR_BACKOFF_S = 0.1
 
 
 @dataclass
@@ -146,6 +149,8 @@ def run_threads(job: Job) -> Tally:
                 out = soak_client.stream(job.target, req, hard_deadline, job.read_timeout)
                 with lock:
                     tally.add(req.path, out)
+                if out.is_error:
+                    time.sleep(ERROR_BACKOFF_S)
             elif job.bad:
                 n = job.first_bad + number(1) * job.stride
                 b = job.bad[n % len(job.bad)]
@@ -153,6 +158,8 @@ def run_threads(job: Job) -> Tally:
                                                       job.read_timeout)
                 with lock:
                     tally.add_bad(b.kind, result, detail)
+                if result != "4xx":
+                    time.sleep(ERROR_BACKOFF_S)
 
     cpu0 = time.process_time()
     threads = [threading.Thread(target=client, name=f"soak-{k}", daemon=True) for k in range(job.clients)]

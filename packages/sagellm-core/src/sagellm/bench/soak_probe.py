@@ -116,11 +116,14 @@ class Target:
 
         The engine publishes its stats once per step, so the first idle snapshot can predate the
         freeing of the last aborted request's blocks; a real leak stays, so waiting a few seconds
-        for it to reach 0 only removes that race. Returns (metrics, whether it went idle).
+        for it to reach 0 only removes that race. Returns (metrics, whether it went idle); a dead
+        engine never does, so that returns at once.
         """
         deadline = time.monotonic() + timeout
         m = self.metrics()
         while time.monotonic() < deadline:
+            if m.get("sagellm:engine_alive") == 0:
+                return m, False
             if m and m.get("sagellm:num_requests_running", 1) == 0 \
                     and m.get("sagellm:num_requests_waiting", 1) == 0:
                 settle_end = min(deadline, time.monotonic() + settle)
