@@ -17,6 +17,9 @@ A level passes when every criterion holds:
                           ``sagellm:engine_rss_bytes``) grew < 1% over the level
 ``completed_any``         at least one request completed
 
+On a GPU: ``packages/sagellm-core/benchmarks/gpu_soak.sh MODEL_DIR [CLIENTS] [SECONDS]`` starts
+the server, runs this and stops it. On the CPU, in CI: ``sagellm-server/tests/test_soak.py``.
+
 Each criterion is true, false, or null (unknown: the metric is absent); a level's ``pass`` is
 true only if all are true, false if any is false. Only loopback servers unless
 ``--soak-allow-remote``: the soak is a load generator.
