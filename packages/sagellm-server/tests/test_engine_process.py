@@ -4,7 +4,9 @@ child never outlives its parent."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -15,14 +17,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
-from fake_engine import EXPLODE, REFUSE, SLOW, FakeTokenizer
+from fake_engine import BIG, BIG_TEXT_CHARS, EXPLODE, REFUSE, SLOW, FakeTokenizer
 from server_harness import free_port, is_running, wait_gone
 
 from sagellm.config import EngineConfig
+from sagellm.sampling_params import SamplingParams
 from sagellm_server.app import ServerConfig, create_app
 from sagellm_server.engine_process import EngineProcess, EngineStartupError
 from sagellm_server.metrics import ServerMetrics
@@ -202,6 +206,7 @@ def test_child_exits_when_the_parent_is_killed(tmp_path: Path) -> None:
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from sagellm.config import EngineConfig
+from sagellm.sampling_params import SamplingParams
         from sagellm_server.engine_process import EngineProcess
 
         if __name__ == "__main__":
@@ -258,3 +263,58 @@ def test_commands_larger_than_the_pipe_are_buffered_not_blocking() -> None:
         eng.shutdown()
     assert firsts == [200_000 + i for i in range(6)]
     assert ticks > 3  # the loop kept running while the commands drained
+
+
+class _NonBlockingReaderLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop, but ``add_reader`` leaves the fd non-blocking, as uvloop's does (libuv's
+    ``uv_poll_init`` sets O_NONBLOCK on every fd it polls)."""
+
+    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+        os.set_blocking(fd if isinstance(fd, int) else fd.fileno(), False)
+        super().add_reader(fd, callback, *args)
+
+
+def _uvloop() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return uvloop.new_event_loop()  # type: ignore[no-any-return]
+
+
+LOOPS = [pytest.param(_NonBlockingReaderLoop, id="asyncio-nonblocking"),
+         pytest.param(_uvloop, id="uvloop", marks=pytest.mark.skipif(
+             importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_outputs_larger_than_the_pipe_arrive_whole(new_loop: Any) -> None:
+    """Many streams whose every step's message is megabytes: the parent reads them in pieces as
+    they arrive (the fd non-blocking, as under uvloop) and never takes a half-read message for a
+    dead engine (the false "engine process exited (still running)" seen with 64 clients)."""
+    eng = launch(max_num_seqs=16, max_queued_requests=16)
+    num_tokens = 6
+
+    async def collect(handle: Any) -> tuple[list[int], int]:
+        ids: list[int] = []
+        chars = 0
+        async for batch in eng.stream(handle):
+            for out in batch:
+                ids += out.new_token_ids
+                chars += len(out.new_text)
+        return ids, chars
+
+    async def run() -> list[tuple[list[int], int]]:
+        eng.start()
+        handles = [eng.add(f"big-{i}", [BIG] * (i + 1), SamplingParams(max_tokens=num_tokens), stream=True)
+                   for i in range(16)]
+        return await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), 120)
+
+    loop = new_loop()
+    try:
+        results = loop.run_until_complete(run())
+        assert eng.is_alive, eng.error
+    finally:
+        eng.shutdown()
+        loop.close()
+    for i, (ids, chars) in enumerate(results):
+        assert ids == list(range(i + 1, i + 1 + num_tokens))
+        assert chars == num_tokens * BIG_TEXT_CHARS
