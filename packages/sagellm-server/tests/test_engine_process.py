@@ -197,7 +197,7 @@ def test_startup_failure_names_the_error() -> None:
     with pytest.raises(EngineStartupError, match="cannot be built") as exc:
         eng.launch(timeout=120)
     assert exc.value.error_type == "ValueError"
-    assert eng._proc.exitcode == 2
+    assert exc.value.exitcode == 2
 
 
 def test_child_exits_when_the_parent_is_killed(tmp_path: Path) -> None:
@@ -206,7 +206,6 @@ def test_child_exits_when_the_parent_is_killed(tmp_path: Path) -> None:
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from sagellm.config import EngineConfig
-from sagellm.sampling_params import SamplingParams
         from sagellm_server.engine_process import EngineProcess
 
         if __name__ == "__main__":
@@ -232,10 +231,6 @@ from sagellm.sampling_params import SamplingParams
 def test_commands_larger_than_the_pipe_are_buffered_not_blocking() -> None:
     """Prompts of megabytes: the parent's writes outrun the pipe, yet the event loop stays free
     and every request arrives whole (the fake answers with token ``len(prompt)``)."""
-    import asyncio
-
-    from sagellm.sampling_params import SamplingParams
-
     eng = launch(max_num_seqs=8, max_queued_requests=8)
 
     async def run() -> tuple[list[int], int]:
