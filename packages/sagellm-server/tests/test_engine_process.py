@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fake_engine import BIG, BIG_TEXT_CHARS, EXPLODE, REFUSE, SLOW, FakeTokenizer
+from fake_engine import BIG, BIG_TEXT_CHARS, EXPLODE, FAIL_ONE, FAIL_ONE_MESSAGE, REFUSE, SLOW, FakeTokenizer
 from server_harness import free_port, is_running, wait_gone
 
 from sagellm.config import EngineConfig
@@ -128,6 +128,28 @@ def test_engine_error_fails_only_that_request(shared: tuple[httpx.Client, Engine
     assert c.post("/v1/completions", json={"prompt": [1], "max_tokens": 2}).status_code == 200
 
 
+def test_engine_failing_one_request_fails_only_that_one(shared: tuple[httpx.Client, EngineProcess]) -> None:
+    """``RequestOutput.error``: a 500 server_error for that request (an error event, then [DONE],
+    on a stream); the requests beside it and the engine carry on."""
+    c, eng = shared
+    body = {"prompt": [1, SLOW], "max_tokens": 20, "stream": True, "return_token_ids": True}
+    with c.stream("POST", "/v1/completions", json=body) as s:
+        lines = s.iter_lines()
+        first = next(ln for ln in lines if ln.startswith("data: {"))
+        r = c.post("/v1/completions", json={"prompt": [5, FAIL_ONE], "max_tokens": 5})
+        assert r.status_code == 500, r.text
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and FAIL_ONE_MESSAGE in err["message"], err
+        with c.stream("POST", "/v1/completions", json={**body, "prompt": [FAIL_ONE]}) as failed:
+            tail = [ln for ln in failed.iter_lines() if ln]
+        assert tail[-1] == "data: [DONE]" and FAIL_ONE_MESSAGE in json.loads(tail[-2][6:])["error"]["message"]
+        rest = sse(lines)
+    ids = [t for ch in [json.loads(first[6:]), *rest] for t in ch["choices"][0]["token_ids"]]
+    assert ids == list(range(2, 22))
+    assert eng.is_alive and c.get("/health").status_code == 200
+    assert 'finished_reason="error",model_name="fake"} 2.0' in c.get("/metrics").text
+
+
 def test_disconnect_aborts_in_the_child_and_stats_follow(shared: tuple[httpx.Client, EngineProcess]) -> None:
     c, eng = shared
     steps_before = eng.snapshot.num_steps  # fresh: the engine reported it on going idle
@@ -152,13 +174,26 @@ def test_disconnect_aborts_in_the_child_and_stats_follow(shared: tuple[httpx.Cli
 def test_engine_raising_fails_in_flight_and_turns_health_503() -> None:
     eng = launch()
     with app_client(eng) as c:
+        m = c.get("/metrics").text
+        assert 'sagellm:engine_rss_bytes{model_name="fake"}' in m and "sagellm:server_rss_bytes" in m
         r = c.post("/v1/completions", json={"prompt": [1, EXPLODE], "max_tokens": 3})
         assert r.status_code == 500 and r.json()["error"]["code"] == "engine_dead", r.text
+        assert "simulated device failure" in r.json()["error"]["message"]
+        # /health is public: down, and nothing about why.
         h = c.get("/health")
-        assert h.status_code == 503 and "simulated device failure" in h.json()["error"]["message"]
+        assert h.status_code == 503 and h.json()["error"] == {
+            "message": "the engine is not running", "type": "service_unavailable_error",
+            "param": None, "code": "engine_dead"}
+        head = c.head("/health")
+        assert head.status_code == 503 and head.content == b""
         r = c.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
-        assert 'sagellm:engine_alive{model_name="fake"} 0.0' in c.get("/metrics").text
+        assert "simulated" not in r.text
+        m = c.get("/metrics").text
+        assert 'sagellm:engine_alive{model_name="fake"} 0.0' in m
+        # A dead engine's load is not reported as live; its process has no memory to report.
+        assert "sagellm:num_requests_running{" not in m and "sagellm:kv_cache_usage_perc{" not in m
+        assert "sagellm:engine_rss_bytes{" not in m and "sagellm:server_rss_bytes{" in m
         wait_gone([eng.pid], 10)  # type: ignore[list-item]
     assert eng._proc.exitcode == 1
 
@@ -176,7 +211,8 @@ def test_engine_process_killed_mid_stream() -> None:
         err = json.loads(rest[-2][6:])["error"]
         assert err["type"] == "server_error" and "SIGKILL" in err["message"], err
         h = c.get("/health")
-        assert h.status_code == 503 and "SIGKILL" in h.json()["error"]["message"]
+        assert h.status_code == 503 and "SIGKILL" not in h.text
+        assert not is_running(eng.pid)  # type: ignore[arg-type]  # reaped, not a zombie
         r = c.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
 

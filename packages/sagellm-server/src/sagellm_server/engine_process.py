@@ -291,7 +291,8 @@ def _serve(core: EngineCore, result: list[int]) -> None:
             core.outputs.send_bytes(_dumps(["dead", type(exc).__name__, detail]).encode())
 
 
-def _build_engine(config_json: str, factory: str | None) -> EngineLike:
+def build_engine(config_json: str, factory: str | None) -> EngineLike:
+    """The engine for ``config_json``: ``LLMEngine``, or what ``factory`` builds."""
     config = EngineConfig.model_validate_json(config_json)
     if factory is not None:  # "module:callable", for tests with a scripted engine
         module, _, name = factory.partition(":")
@@ -312,7 +313,7 @@ def engine_process_main(config_json: str, commands: Connection, outputs: Connect
     engine = None
     try:
         try:
-            engine = _build_engine(config_json, factory)
+            engine = build_engine(config_json, factory)
         except BaseException as exc:
             logger.debug("building the engine failed", exc_info=True)
             outputs.send_bytes(_dumps(["fail", type(exc).__name__, str(exc)]).encode())
