@@ -19,6 +19,8 @@ from sagellm.sampling_params import SamplingParams
 #: request with a per-request engine error (``RequestOutput.error``).
 REFUSE, EXPLODE, SLOW, BIG, HANG, FAIL_ONE = 999, 666, 777, 888, 555, 444
 SLOW_STEP_S = 0.02
+#: Like SLOW, with ``CRAWL_STEP_S`` per step: streams that outlast a shutdown timeout.
+CRAWL, CRAWL_STEP_S = 778, 0.1
 BIG_TEXT_CHARS = 300_000
 FAIL_ONE_MESSAGE = "the fake engine failed this request"
 
@@ -48,6 +50,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.steps = 0
         self.slow = False
+        self.crawl = False
 
     max_model_len = 64
     vocab_size = 1000
@@ -59,6 +62,8 @@ class FakeEngine:
             self.explode = True
         if SLOW in prompt:
             self.slow = True
+        if CRAWL in prompt:
+            self.crawl = True
         self.reqs[request_id] = (list(prompt), params, [])
         return request_id
 
@@ -78,6 +83,8 @@ class FakeEngine:
             raise RuntimeError("simulated device failure")
         if self.slow:
             time.sleep(SLOW_STEP_S)
+        if self.crawl:
+            time.sleep(CRAWL_STEP_S)
         if any(HANG in prompt for prompt, _, _ in self.reqs.values()):
             while True:  # a step stuck for good (a wedged device); only SIGKILL ends it
                 time.sleep(3600)
