@@ -75,20 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the engine dies (or hangs): start a new engine process, or exit with "
                         "status 1 for an outside supervisor to restart the server. With "
                         "--engine-in-process the server always exits")
-    r.add_argument("--engine-restarts", type=int, default=3,
+    r.add_argument("--engine-restarts", metavar="N", type=int, default=3,
                    help="most engine restarts within --engine-restart-window; past that the server "
                         "exits with status 1")
-    r.add_argument("--engine-restart-window", type=float, default=600.0,
+    r.add_argument("--engine-restart-window", metavar="S", type=float, default=600.0,
                    help="seconds over which --engine-restarts are counted")
-    r.add_argument("--engine-restart-backoff", type=float, default=1.0,
+    r.add_argument("--engine-restart-backoff", metavar="S", type=float, default=1.0,
                    help="seconds before the first restart in a window, doubled for each further one")
-    r.add_argument("--engine-restart-backoff-max", type=float, default=30.0,
+    r.add_argument("--engine-restart-backoff-max", metavar="S", type=float, default=30.0,
                    help="longest wait before a restart")
-    r.add_argument("--engine-hang-timeout", type=float, default=120.0,
+    r.add_argument("--engine-hang-timeout", metavar="S", type=float, default=120.0,
                    help="seconds the engine may go without finishing a step while requests are in "
                         "flight before it counts as hung (killed, then as --on-engine-death); keep it "
                         "above your longest step; 0: never")
-    r.add_argument("--shutdown-timeout", type=float, default=30.0,
+    r.add_argument("--shutdown-timeout", metavar="S", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish before "
                         "they are ended with an error; new requests get 503 meanwhile")
     s = p.add_argument_group("server")
