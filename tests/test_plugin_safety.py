@@ -72,12 +72,13 @@ def test_allowlist_by_entry_point_or_distribution_name(site: Path, monkeypatch: 
 
 
 def test_plugin_raising_on_import_is_reported_and_others_still_load(site: Path) -> None:
-    _plugin(site, "vendor-broken", "broken", prelude="raise RuntimeError('vendor SDK 9.1 not found')\n")
+    _plugin(site, "vendor-broken", "broken", prelude="raise RuntimeError('vendor SDK 9.1 not found')\n",
+            version="4.5.6")
     _plugin(site, "vendor-ok", "fine")
     reg = _discover()
     assert "fine" in reg.backends and "broken" not in reg.backends
     failure = next(f for f in reg.failures if f.entry_point == "broken")
-    assert failure.distribution == "vendor-broken"
+    assert failure.distribution == "vendor-broken" and failure.version == "4.5.6"
     assert "RuntimeError: vendor SDK 9.1 not found" in failure.error and failure.traceback
     assert "vendor SDK 9.1 not found" in reg.describe()
 
@@ -126,7 +127,7 @@ def test_loaded_plugins_are_logged_at_start_up(site: Path, monkeypatch: pytest.M
 
 def test_cli_survives_broken_plugins_and_shows_each_problem(tmp_path: Path) -> None:
     """The real command, in a fresh process: nothing a plugin does stops `sagellm backends`."""
-    _plugin(tmp_path, "vendor-broken", "broken", prelude="import no_such_vendor_sdk\n")
+    _plugin(tmp_path, "vendor-broken", "broken", prelude="import no_such_vendor_sdk\n", version="7.8")
     _plugin(tmp_path, "vendor-one", "twin", version="1.0")
     _plugin(tmp_path, "vendor-two", "twin", version="2.0")
     _plugin(tmp_path, "vendor-ok", "fine")
@@ -136,6 +137,8 @@ def test_cli_survives_broken_plugins_and_shows_each_problem(tmp_path: Path) -> N
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "No module named 'no_such_vendor_sdk'" in out.stdout
+    [broken] = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("broken ")]
+    assert broken[1:4] == ["vendor-broken", "7.8", "broken"]  # the version column is filled
     assert "CLASH: claimed by vendor-one 1.0 and vendor-two 2.0" in out.stdout
     assert any(ln.startswith("fine ") and "available" in ln for ln in out.stdout.splitlines())
     assert "failed to load" in out.stderr  # warned on stderr as well

@@ -47,20 +47,6 @@ def test_cli_backends_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert "cpu" in names and data["auto"] in names
 
 
-def test_cli_chat_session(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    lines = iter(["", "What is the capital of France?", "/reset"])
-
-    def fake_input(prompt: str = "") -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", fake_input)
-    assert main(["chat", "--max-tokens", "16"]) == 0
-    assert "Paris" in capsys.readouterr().out
-
-
 def test_chat_template_and_string_prompts(smol_llm: LLM) -> None:
     ids = smol_llm.apply_chat_template([{"role": "user", "content": "hi"}])
     text = smol_llm.tokenizer.decode(ids)

@@ -41,7 +41,7 @@ def hf_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
     torch.manual_seed(1234)
     config = _configs()[request.param]
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     return path, model.to("cuda").eval()

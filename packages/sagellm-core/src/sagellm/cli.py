@@ -1,4 +1,9 @@
-"""The ``sagellm`` command: ``backends``, ``generate``, ``chat``, ``bench``."""
+"""The ``sagellm`` command: ``backends``, ``generate``, ``chat``, ``cache``, ``bench``.
+
+Nothing heavy is imported at module level or while parsing: ``sagellm --help`` and ``sagellm
+cache`` must answer in a fraction of a second, so torch and transformers load only inside the
+commands that run a model.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=["auto", "hf", "safetensors", "gguf", "dummy"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (torch.set_num_threads; default: torch's choice, "
+                        "usually one per core)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug (one line per step)")
 
 
@@ -29,6 +37,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     from sagellm.llm import LLM
 
     kwargs = {"dtype": args.dtype, "load_format": args.load_format,
@@ -54,7 +68,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
         print(json.dumps({
             "backends": [b.as_dict() for b in reg.backends.values()],
             "failures": [{"entry_point": f.entry_point, "distribution": f.distribution,
-                          "error": f.error} for f in reg.failures],
+                          "version": f.version, "error": f.error} for f in reg.failures],
             "clashes": {n: [b.distribution for b in bs] for n, bs in reg.clashes.items()},
             "auto": choice.name if choice else None,
         }, indent=2))
@@ -71,33 +85,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
         outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
     else:
         outs = llm.generate(prompts, params, use_tqdm=False)
-    for out in outs:
-        print(out.text)
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        if args.json:
+            # One object per line (JSON Lines), so scripts can stream-parse several outputs.
+            print(json.dumps({"index": i, "prompt": prompt, "text": out.text,
+                              "prompt_tokens": out.num_prompt_tokens,
+                              "completion_tokens": out.num_output_tokens,
+                              "finish_reason": out.finish_reason}))
+        elif len(prompts) > 1:
+            print(f"{'' if i == 0 else chr(10)}--- [{i + 1}/{len(prompts)}] {_one_line(prompt)}")
+            print(out.text)
+        else:
+            print(out.text)
     return 0
 
 
+def _one_line(text: str, width: int = 72) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    llm = _make_llm(args)
-    params = _params(args)
-    history: list[dict[str, str]] = []
-    if args.system:
-        history.append({"role": "system", "content": args.system})
-    print("sagellm chat: type a message, /reset to clear, Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if not line.strip():
-            continue
-        if line.strip() == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        history.append({"role": "user", "content": line})
-        out = llm.chat(history, params, use_tqdm=False)[0]
-        print(out.text, flush=True)
-        history.append({"role": "assistant", "content": out.text})
+    from sagellm.cli_chat import run_chat
+
+    return run_chat(_make_llm(args), _params(args), args.system)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from sagellm.cli_cache import run_cache
+
+    return run_cache(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="*", help="prompt text (default: read stdin)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the chat template (default on; --no-chat for raw completion)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object per output (prompt, text, token counts, "
+                        "finish_reason), one per line")
     _engine_args(g)
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)
@@ -118,16 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(c)
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
-    from sagellm.bench.main import add_arguments as bench_args
-    from sagellm.bench.main import cmd_bench
+    from sagellm.cli_cache import add_arguments as cache_args
 
-    bn = sub.add_parser("bench", help="run the benchmark workloads and compare with a baseline")
-    bench_args(bn)
-    bn.set_defaults(func=cmd_bench)
+    k = sub.add_parser("cache", help="list, measure or clear the converted-model cache")
+    cache_args(k)
+    k.set_defaults(func=cmd_cache)
+    # Listed for --help only: `sagellm bench ...` is handed to sagellm.bench.main whole (see
+    # main), whose module imports the engine and torch.
+    sub.add_parser("bench", help="run the benchmark workloads and compare with a baseline "
+                   "(sagellm bench --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from sagellm.bench.main import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0), logging.DEBUG)

@@ -63,6 +63,8 @@ class PluginFailure:
     distribution: str
     error: str
     traceback: str = ""
+    #: The distribution's version from its metadata (what to report when filing a bug).
+    version: str = ""
 
 
 @dataclass
@@ -130,7 +132,8 @@ class Registry:
             dists = " and ".join(f"{b.distribution} {b.version}" for b in infos)
             lines.append(f"{name:<10} CLASH: claimed by {dists}")
         for f in self.failures:
-            lines.append(f"{f.entry_point:<10} {f.distribution:<24} {'':<10} {'broken':<11} {f.error}")
+            lines.append(f"{f.entry_point:<10} {f.distribution:<24} {f.version:<10} {'broken':<11} "
+                         f"{f.error}")
         for s in self.skipped:
             lines.append(f"{s:<10} skipped: not in {ALLOWLIST_ENV}")
         for s in self.slow:
@@ -193,7 +196,7 @@ def discover(entry_points: Iterable[md.EntryPoint] | None = None,
             pm.register(module, name=f"{dist}:{ep.name}")
         except Exception as exc:
             reg.failures.append(PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}",
-                                              traceback.format_exc()))
+                                              traceback.format_exc(), version))
             logger.warning("sagellm plugin %r from %s failed to load: %s", ep.name, dist, exc)
             continue
         load = PluginLoad(ep.name, dist, version, time.perf_counter() - t0)
@@ -205,7 +208,8 @@ def discover(entry_points: Iterable[md.EntryPoint] | None = None,
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
             pm.unregister(name=f"{dist}:{ep.name}")
-            reg.failures.append(PluginFailure(ep.name, dist, f"invalid hook implementation: {exc}"))
+            reg.failures.append(PluginFailure(ep.name, dist, f"invalid hook implementation: {exc}",
+                                              version=version))
             reg.loaded.pop()
             continue
     for impl in pm.hook.sagellm_register_backends.get_hookimpls():
@@ -217,7 +221,8 @@ def discover(entry_points: Iterable[md.EntryPoint] | None = None,
             impl.function(register=found.append)
         except Exception as exc:
             reg.failures.append(PluginFailure(ep_name, dist, f"sagellm_register_backends raised "
-                                              f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+                                              f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                                              version))
             continue
         for platform in found:
             _add_platform(reg, platform, dist, version, ep_name)
@@ -226,12 +231,14 @@ def discover(entry_points: Iterable[md.EntryPoint] | None = None,
 
 def _add_platform(reg: Registry, platform: type[Platform], dist: str, version: str, ep: str) -> None:
     if not (isinstance(platform, type) and issubclass(platform, Platform)):
-        reg.failures.append(PluginFailure(ep, dist, f"registered {platform!r}, not a Platform subclass"))
+        reg.failures.append(PluginFailure(ep, dist, f"registered {platform!r}, not a Platform subclass",
+                                          version=version))
         return
     if getattr(platform, "contract_version", CONTRACT_VERSION) > CONTRACT_VERSION:
         reg.failures.append(PluginFailure(ep, dist, f"{platform.__name__} needs backend contract "
                                           f"v{platform.contract_version}; this sagellm-core has "
-                                          f"v{CONTRACT_VERSION}: upgrade sagellm-core"))
+                                          f"v{CONTRACT_VERSION}: upgrade sagellm-core",
+                                          version=version))
         return
     avail = _safe_availability(platform)
     try:

@@ -1,25 +1,30 @@
 """GGUF files: weights through the ``gguf`` package, config and tokenizer through transformers.
 
 The first load of a file converts it into an HF directory in the cache (``config.json``, tokenizer
-files, fp32 ``model.safetensors`` of the dequantized weights); later loads read that directory,
+files, fp32 ``model.safetensors`` of the dequantized weights; see ``model_cache`` for how entries
+are keyed and published); later loads, from any copy of the file, read that directory,
 which takes a fraction of the time. The same directory is what reference tests load into
 transformers, so both sides see identical dequantized weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
 import shutil
-import tempfile
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from sagellm.loader import model_cache
+from sagellm.loader.gguf_header import read_layout
+from sagellm.loader.model_cache import cache_root
+
+__all__ = ["cache_root", "gguf_to_hf_dir", "hf_name", "iter_gguf_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +44,6 @@ _GLOBAL_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SAGELLM_CACHE", Path.home() / ".cache" / "sagellm"))
 
 
 def hf_name(gguf_name: str) -> str:
@@ -81,26 +82,47 @@ def iter_gguf_tensors(path: Path, config: dict) -> Iterator[tuple[str, torch.Ten
         yield name, torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _file_key(path: Path) -> str:
-    st = path.stat()
-    h = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{path.stem}-{h}"
+def _progress(total: int, desc: str) -> Any:
+    """A tqdm bar on stderr, shown on a terminal or with ``-v`` (never in a captured log)."""
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() or logger.isEnabledFor(logging.INFO)
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not show,
+                leave=False)
 
 
 def gguf_to_hf_dir(path: str | Path) -> Path:
-    """Convert (once) a GGUF file into a cached HF directory and return that directory."""
+    """Convert (once) a GGUF file into a cached HF directory and return that directory.
+
+    The cache is keyed by the file's content (``model_cache``), so every copy of one file, in any
+    environment, maps to the same directory; concurrent callers convert it once.
+    """
+    path = Path(path)
+    key = model_cache.content_key(path)
+    out = model_cache.entry_dir(key)
+    if model_cache.is_complete(out):
+        return out
+    with model_cache.conversion_lock(key):
+        if model_cache.is_complete(out):  # another process converted it while we waited
+            return out
+        logger.info("converting %s into %s (first load only)", path.name, out)
+        tmp = model_cache.staging_dir(key)
+        try:
+            _convert(path, tmp, read_layout(path).num_tensors)
+            return model_cache.publish(tmp, key, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert(path: Path, tmp: Path, num_tensors: int) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    path = Path(path)
-    out = cache_root() / "gguf" / _file_key(path)
-    if (out / "model.safetensors").exists():
-        return out
-    logger.info("converting %s into %s (first load only)", path.name, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    # Steps: config, tokenizer, one per tensor, the safetensors write.
+    with _progress(num_tensors + 3, f"converting {path.name} (first load only)") as bar:
+        bar.set_postfix_str("config")
         cfg = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
         model_type = cfg.pop("model_type")
         cfg.pop("_model_name_or_path", None)
@@ -109,21 +131,21 @@ def gguf_to_hf_dir(path: str | Path) -> Path:
         if arch is None:
             raise ValueError(f"GGUF architecture {model_type!r} is not supported")
         hf_cfg.architectures = [arch]
-        hf_cfg.torch_dtype = "float32"
-        hf_cfg.save_pretrained(tmp)
+        hf_cfg.dtype = "float32"
+        bar.update(1)
+        bar.set_postfix_str("tokenizer")
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         tok.save_pretrained(tmp)
-        tensors = dict(iter_gguf_tensors(path, {"model_type": model_type, **cfg}))
+        bar.update(1)
+        bar.set_postfix_str("weights")
+        tensors = {}
+        for name, tensor in iter_gguf_tensors(path, {"model_type": model_type, **cfg}):
+            tensors[name] = tensor
+            bar.update(1)
         if cfg.get("tie_word_embeddings") or "lm_head.weight" not in tensors:
             tensors.pop("lm_head.weight", None)
             hf_cfg.tie_word_embeddings = True
-            hf_cfg.save_pretrained(tmp)
+        hf_cfg.save_pretrained(tmp)
+        bar.set_postfix_str("writing")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "sagellm_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        bar.update(1)

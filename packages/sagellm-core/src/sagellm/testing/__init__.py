@@ -6,10 +6,17 @@
 * :func:`make_distribution` - a throw-away installed distribution, for plugin-discovery tests.
 * :class:`RecordingAttentionBackend` - wraps any attention backend and records its calls.
 
-Importing this module imports pytest; it is meant for test code only.
+Importing this module imports pytest; it is meant for test code only, and the ``testing``
+extra installs it: ``pip install "sagellm-core[testing]"``.
 """
 
 from __future__ import annotations
+
+try:
+    import pytest  # noqa: F401  (imported first so a missing pytest is named, not a deep traceback)
+except ImportError as exc:
+    raise ImportError('sagellm.testing needs pytest, which the "testing" extra installs: '
+                      'pip install "sagellm-core[testing]"') from exc
 
 from sagellm.testing.distributions import make_distribution
 from sagellm.testing.doubles import RecordingAttentionBackend

@@ -75,25 +75,31 @@ class BackendSuite:
 
     # -- fixtures --------------------------------------------------------------------------
 
+    # Class-scoped fixtures are classmethods: they run once per class, so they must not look
+    # like they could set attributes on a test instance (pytest 9.1 deprecates that form).
+
     @pytest.fixture(scope="class")
-    def suite_env(self) -> Iterator[None]:
+    @classmethod
+    def suite_env(cls) -> Iterator[None]:
         with pytest.MonkeyPatch.context() as mp:
-            for key, value in self.platform_env.items():
+            for key, value in cls.platform_env.items():
                 mp.setenv(key, value)
             yield
 
     @pytest.fixture(scope="class")
-    def platform(self, suite_env: None) -> Platform:
-        avail = self.platform_cls.is_available()
+    @classmethod
+    def platform(cls, suite_env: None) -> Platform:
+        avail = cls.platform_cls.is_available()
         if not avail.available:
-            pytest.skip(f"{self.platform_cls.name} unavailable: {avail.reason}")
-        return self.platform_cls(self.device_index)
+            pytest.skip(f"{cls.platform_cls.name} unavailable: {avail.reason}")
+        return cls.platform_cls(cls.device_index)
 
     @pytest.fixture(scope="class")
-    def test_dtype(self, platform: Platform) -> torch.dtype:
+    @classmethod
+    def test_dtype(cls, platform: Platform) -> torch.dtype:
         caps = platform.capabilities()
-        if self.dtype is not None:
-            return self.dtype
+        if cls.dtype is not None:
+            return cls.dtype
         return torch.float32 if torch.float32 in caps.dtypes else caps.default_dtype
 
     def _spec(self, dtype: torch.dtype, num_kv_heads: int = 2, num_layers: int = 2) -> KVCacheSpec:
@@ -311,7 +317,8 @@ class BackendSuite:
     # -- end to end ------------------------------------------------------------------------
 
     @pytest.fixture(scope="class")
-    def tiny_model(self, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    @classmethod
+    def tiny_model(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
         from sagellm.testing.tiny_model import make_tiny_llama
 
         return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

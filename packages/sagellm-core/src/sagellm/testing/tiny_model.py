@@ -40,7 +40,7 @@ def make_tiny_llama(path: str | Path, seed: int = 0, tokenizer: bool = False,
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = {**TINY_LLAMA, **overrides, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-           "hidden_act": "silu", "torch_dtype": "float32"}
+           "hidden_act": "silu", "dtype": "float32"}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(seed)
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
