@@ -22,6 +22,12 @@ from sagellm.protocols import (
     Platform,
 )
 
+#: Prefill tokens per step by default. SmolLM2-135M on two shared cores took 1.1-4 s for a
+#: 128-token chunk after a 2k-4k token prefix, 4-13 s for 256 and 7.5-18 s for 512; attention
+#: over the long prefix dominates, so a step's time grows with the chunk. 128 keeps a step
+#: near a second on an idle box while other requests decode between chunks.
+PREFILL_CHUNK_TOKENS = 128
+
 
 class CpuPlatform(Platform):
     name = "cpu"
@@ -39,6 +45,7 @@ class CpuPlatform(Platform):
             supports_graphs=False,
             dist_backend="gloo",
             priority=0,
+            prefill_chunk_tokens=PREFILL_CHUNK_TOKENS,
         )
 
     def memory_info(self) -> MemoryInfo:

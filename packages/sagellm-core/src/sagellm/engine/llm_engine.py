@@ -49,6 +49,9 @@ class LLMEngine:
         self.registry = registry or get_registry()
         self.platform = platform or self.registry.select(config.backend).platform(config.device_index)
         self.platform.set_device()
+        # Before the workers start, so every rank sees the prefill budget this engine uses.
+        self.config = config = config.with_prefill_budget(
+            self.platform.capabilities().prefill_chunk_tokens)
         #: The other ranks of a tensor-parallel or disaggregated engine (``sagellm.distributed``).
         self.workers = None
         if tp.size == 1 and (config.tensor_parallel_size > 1 or config.disaggregate_prefill):
