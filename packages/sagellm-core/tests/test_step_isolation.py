@@ -222,3 +222,14 @@ def test_llm_generate_raises_naming_the_failed_request(tiny_llama_dir: Path) -> 
         assert llm.generate([PROMPTS["a"]], sp, use_tqdm=False)[0].token_ids == expected
     finally:
         handle.remove()
+
+
+def test_a_fatal_error_in_post_processing_stops_the_engine(engine: LLMEngine) -> None:
+    class _DeviceLost:
+        def step(self, token_ids: list[int]) -> str:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    rid = engine.add_request(PROMPTS["a"], PARAMS["a"])
+    engine._detok[rid] = _DeviceLost()  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        engine.step()
