@@ -32,6 +32,8 @@ class EngineConfig(BaseModel):
     #: Token budget of one step, prefill and decode tokens together.
     max_num_batched_tokens: int = Field(8192, ge=16)
     #: Prefill token budget of one step; longer prompts are prefilled in chunks of at most this.
+    #: ``None``: the backend's default (``Capabilities.prefill_chunk_tokens``), else
+    #: ``max_num_batched_tokens``; the engine fills in the value it uses.
     max_prefill_tokens: int | None = Field(None, ge=16)
     #: Reuse the KV blocks of identical prompt prefixes across requests.
     enable_prefix_caching: bool = True
@@ -44,8 +46,15 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _budgets(self) -> EngineConfig:
-        if self.max_prefill_tokens is None:
-            self.max_prefill_tokens = self.max_num_batched_tokens
-        if self.max_prefill_tokens > self.max_num_batched_tokens:
+        # ``None`` stays None here: the default depends on the backend, known only to the engine.
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens > self.max_num_batched_tokens:
             raise ValueError("max_prefill_tokens must not exceed max_num_batched_tokens")
         return self
+
+    def with_prefill_budget(self, platform_chunk: int | None) -> EngineConfig:
+        """A copy with ``max_prefill_tokens`` set: as given, else ``platform_chunk`` (the
+        backend's default chunk), else ``max_num_batched_tokens``; never above the latter."""
+        if self.max_prefill_tokens is not None:
+            return self
+        budget = min(platform_chunk or self.max_num_batched_tokens, self.max_num_batched_tokens)
+        return self.model_copy(update={"max_prefill_tokens": budget})

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from sagellm.config import EngineConfig
 from sagellm.engine.llm_engine import LLMEngine
+from sagellm.errors import RequestError
 from sagellm.outputs import RequestOutput
 from sagellm.sampling_params import SamplingParams
 
@@ -42,7 +43,11 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        If the engine fails one of the requests, the others are aborted and
+        :class:`~sagellm.errors.RequestError` is raised, naming it.
+        """
         items = _normalize_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(items)
@@ -86,6 +91,9 @@ class LLM:
         try:
             while pending:
                 for out in self.engine.step():
+                    if out.error is not None and out.request_id in pending:
+                        raise RequestError(out.request_id, out.error,
+                                           request_ids.index(out.request_id), out)
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         done[out.request_id] = out

@@ -37,6 +37,9 @@ class RequestOutput:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     metrics: RequestMetrics | None = None
+    #: ``"ExcType: message"`` when the engine failed this request (then ``finished`` is true
+    #: and ``finish_reason == "error"``); ``None`` otherwise.
+    error: str | None = None
 
     @classmethod
     def from_lists(cls, request_id: str, prompt: str | None, prompt_token_ids: list[int],

@@ -352,12 +352,28 @@ class Capabilities:
     dist_backend: str = "gloo"
     #: ``auto`` prefers higher priorities; the CPU backend has 0 and is the fallback.
     priority: int = 100
+    #: Prefill tokens of one step when ``EngineConfig.max_prefill_tokens`` is unset, so that one
+    #: long prompt is prefilled in chunks between other requests' decode steps instead of
+    #: holding them up for one very long step. Read once by ``LLMEngine`` at start-up (capped
+    #: by ``max_num_batched_tokens``); ``None``: the whole step budget,
+    #: ``max_num_batched_tokens``. Pick it so that one chunk's step stays around a second.
+    prefill_chunk_tokens: int | None = None
 
 
 @dataclass(frozen=True)
 class MemoryInfo:
     free_bytes: int
     total_bytes: int
+
+
+#: Words in an exception's message that mean the device, not one request, is broken.
+FATAL_ERROR_MARKERS = (
+    "CUDA error",
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "NCCL error",
+)
 
 
 class Platform(abc.ABC):
@@ -438,6 +454,29 @@ class Platform(abc.ABC):
         Called once by every engine rank right after weights are loaded, before memory profiling,
         so the profile measures the model that will run. Default: nothing.
         """
+
+    def is_fatal_error(self, exc: BaseException) -> bool:
+        """Whether ``exc`` broke the device or the process (``True``) or may be one request's fault.
+
+        Called by ``LLMEngine.step`` when running a step's forward and sampling, or turning one
+        sequence's new token into output, raises. ``True`` re-raises and stops the engine (the
+        server then reports the engine dead); ``False`` makes the engine retry the step one
+        sequence at a time and finish only the requests whose own run raises, with
+        ``finish_reason == "error"``.
+
+        Default: ``torch.AcceleratorError`` and a ``RuntimeError`` whose message contains one
+        of :data:`FATAL_ERROR_MARKERS` are fatal (after such a fault the CUDA context is
+        unusable, so a retry would fail every request). Running out of memory
+        (``MemoryError``, ``torch.OutOfMemoryError``) is not: a retry one sequence at a time
+        needs less memory, and the cause is usually one large request. A backend whose device
+        reports faults differently extends this.
+        """
+        accelerator_error = getattr(torch, "AcceleratorError", None)
+        if accelerator_error is not None and isinstance(exc, accelerator_error):
+            return True
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+            return False
+        return isinstance(exc, RuntimeError) and any(m in str(exc) for m in FATAL_ERROR_MARKERS)
 
     def make_model_runner(self, *args: object, **kwargs: object) -> object | None:
         """Optionally return a specialised model runner (CUDA graphs and the like).

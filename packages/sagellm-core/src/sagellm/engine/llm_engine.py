@@ -49,6 +49,9 @@ class LLMEngine:
         self.registry = registry or get_registry()
         self.platform = platform or self.registry.select(config.backend).platform(config.device_index)
         self.platform.set_device()
+        # Before the workers start, so every rank sees the prefill budget this engine uses.
+        self.config = config = config.with_prefill_budget(
+            self.platform.capabilities().prefill_chunk_tokens)
         #: The other ranks of a tensor-parallel or disaggregated engine (``sagellm.distributed``).
         self.workers = None
         if tp.size == 1 and (config.tensor_parallel_size > 1 or config.disaggregate_prefill):
@@ -238,34 +241,105 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; returns an output per request that progressed or ended.
+
+        One request's failure does not stop the engine: if the step raises, it is run again one
+        sequence at a time and only the sequences whose own run raises are finished with
+        ``finish_reason == "error"`` (``RequestOutput.error`` says why); the same holds for an
+        error while turning one sequence's token into output. An error the platform calls fatal
+        (``Platform.is_fatal_error``: a lost device) propagates.
+        """
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        seqs = plan.sampling_seqs()
-        token_ids = self.runner.execute(plan)
+        tokens, failed = self._execute(plan)
+        outputs = [self._fail(seq, exc) for seq, exc in failed]
+        if failed:
+            plan = _without(plan, {seq.request_id for seq, _ in failed})
         self.scheduler.commit(plan)
         self.num_prompt_tokens += sum(op.num_tokens for op in plan.prefills
                                       if op.start < op.seq.num_prompt_tokens)
         now = time.monotonic()
-        outputs = []
-        for seq, tok in zip(seqs, token_ids):
-            seq.append_token(tok)
-            self.num_generation_tokens += 1
-            m = seq.metrics
-            if m.first_token_time is None:
-                m.first_token_time = now
-            m.last_token_time = now
-            self._detokenize(seq)
-            self._check_stop(seq, tok)
-            finished = seq.status.finished
-            if finished:
-                m.finished_time = now
-                self.scheduler.finish(seq, seq.status)
-            new_text = self._emit_text(seq, finished)
-            outputs.append(self._output(seq, [tok], new_text, finished))
-            if finished:
-                self._forget(seq.request_id)
+        for seq in plan.sampling_seqs():
+            num_tokens = seq.num_tokens
+            try:
+                outputs.append(self._advance(seq, tokens[seq.request_id], now))
+            except Exception as exc:
+                if self.platform.is_fatal_error(exc):
+                    raise
+                outputs.append(self._fail(seq, exc, num_tokens))
         return outputs
+
+    def _execute(self, plan: StepPlan) -> tuple[dict[str, int], list[tuple[Sequence, Exception]]]:
+        """Run ``plan``: the sampled token per request id, and the sequences that failed.
+
+        Nothing is committed yet when this runs, so after a failure every op can run again on
+        its own: its KV writes go to the same slots with the same values.
+        """
+        seqs = plan.sampling_seqs()
+        generators = _save_generators(seqs)
+        try:
+            return dict(zip((s.request_id for s in seqs), self.runner.execute(plan))), []
+        except Exception as exc:
+            # A multi-rank step that raised has already stopped the other ranks.
+            if self.workers is not None or self.platform.is_fatal_error(exc):
+                raise
+            logger.warning("step %d failed (%s: %s); running its %d sequences one at a time to "
+                           "find the failing ones", plan.step_id, type(exc).__name__, exc,
+                           len(plan.prefills) + len(plan.decodes))
+        _restore_generators(generators)  # seeded requests draw the same numbers again
+        tokens: dict[str, int] = {}
+        failed: list[tuple[Sequence, Exception]] = []
+        for sub in _one_by_one(plan):
+            seq = (sub.prefills or sub.decodes)[0].seq
+            try:
+                sampled = self.runner.execute(sub)
+            except Exception as exc:
+                if self.platform.is_fatal_error(exc):
+                    raise
+                failed.append((seq, exc))
+                continue
+            if sampled:
+                tokens[seq.request_id] = sampled[0]
+        return tokens, failed
+
+    def _advance(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+        """Append the sampled token, detokenize, check stop conditions, build the output."""
+        seq.append_token(tok)
+        self.num_generation_tokens += 1
+        m = seq.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        self._detokenize(seq)
+        self._check_stop(seq, tok)
+        finished = seq.status.finished
+        if finished:
+            m.finished_time = now
+            self.scheduler.finish(seq, seq.status)
+        new_text = self._emit_text(seq, finished)
+        out = self._output(seq, [tok], new_text, finished)
+        if finished:
+            self._forget(seq.request_id)
+        return out
+
+    def _fail(self, seq: Sequence, exc: Exception, num_tokens: int | None = None) -> RequestOutput:
+        """Finish ``seq`` with an error: free its blocks, log once, return its last output.
+
+        ``num_tokens`` is its length before the failed step, so the output holds only tokens
+        and text the caller has already been given.
+        """
+        logger.error("request %s failed, the engine goes on without it: %s: %s",
+                     seq.request_id, type(exc).__name__, exc, exc_info=exc)
+        seq.metrics.finished_time = time.monotonic()
+        self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+        if num_tokens is not None:
+            del seq.token_ids[num_tokens:]
+        seq.output_text = seq.output_text[: seq.num_text_emitted]
+        out = self._output(seq, [], "", True)
+        out.error = f"{type(exc).__name__}: {exc}"
+        self._forget(seq.request_id)
+        return out
 
     def _detokenize(self, seq: Sequence) -> None:
         detok = self._detok.get(seq.request_id)
@@ -337,3 +411,45 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.scheduler.num_steps,
         )
+
+
+def _without(plan: StepPlan, request_ids: set[str]) -> StepPlan:
+    """``plan`` less the ops of ``request_ids`` (failed sequences, which are not committed)."""
+    return StepPlan(
+        step_id=plan.step_id,
+        prefills=[op for op in plan.prefills if op.seq.request_id not in request_ids],
+        decodes=[op for op in plan.decodes if op.seq.request_id not in request_ids],
+        preempted=plan.preempted,
+        blocks_to_copy=plan.blocks_to_copy,
+        kv_transfers=[t for t in plan.kv_transfers if t.request_id not in request_ids],
+    )
+
+
+def _one_by_one(plan: StepPlan) -> list[StepPlan]:
+    """One plan per op of ``plan``; the block copies go with the first (copying twice is harmless
+    but wasted)."""
+    subs = [StepPlan(plan.step_id, prefills=[op]) for op in plan.prefills]
+    subs += [StepPlan(plan.step_id, decodes=[op]) for op in plan.decodes]
+    if subs:
+        subs[0].blocks_to_copy = plan.blocks_to_copy
+    return subs
+
+
+_GeneratorState = tuple[Sequence, "torch.Generator | None", "torch.Tensor | None"]
+
+
+def _save_generators(seqs: list[Sequence]) -> list[_GeneratorState]:
+    """The random state of the seeded sequences, to rewind after a failed step."""
+    saved: list[_GeneratorState] = []
+    for s in seqs:
+        if s.params.seed is not None:
+            g = s.generator
+            saved.append((s, g, g.get_state() if g is not None else None))
+    return saved
+
+
+def _restore_generators(saved: list[_GeneratorState]) -> None:
+    for seq, g, state in saved:
+        seq.generator = g
+        if g is not None and state is not None:
+            g.set_state(state)

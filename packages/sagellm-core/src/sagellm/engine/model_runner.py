@@ -179,10 +179,13 @@ class ModelRunner:
 
     @staticmethod
     def _suppress_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        vocab = logits.shape[-1]
         for i, s in enumerate(seqs):
             if s.params.min_tokens and s.num_output_tokens < s.params.min_tokens:
                 banned = set(s.params.stop_token_ids)
                 if not s.params.ignore_eos:
                     banned |= s.eos_token_ids
-                if banned:
-                    logits[i, list(banned)] = float("-inf")
+                # An id past the vocabulary can never be sampled, so there is nothing to ban.
+                ids = [t for t in banned if t < vocab]
+                if ids:
+                    logits[i, ids] = float("-inf")

@@ -15,13 +15,15 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    #: The engine failed this request (``RequestOutput.error`` says how); others went on.
+    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:
         return self.value in _FINISHED_VALUES
 
 
-_FINISHED_VALUES = frozenset({"stop", "length", "abort"})
+_FINISHED_VALUES = frozenset({"stop", "length", "abort", "error"})
 
 
 @dataclass

@@ -56,7 +56,11 @@ class Sampler:
         dev = logits.device
         temps = torch.tensor(batch.temperatures, device=dev, dtype=torch.float32)
         greedy = temps == 0
-        x = logits.float() / torch.where(greedy, 1.0, temps)[:, None]
+        # Shift each row's maximum to 0 before dividing: a tiny temperature (1e-40, say) then
+        # sends the other logits to -inf instead of overflowing them all to inf (inf - inf is
+        # NaN in the softmax), so it tends to greedy as it should.
+        x = logits.float()
+        x = (x - x.amax(-1, keepdim=True)) / torch.where(greedy, 1.0, temps)[:, None]
         top_k = (torch.tensor(batch.top_ks, device=dev)
                  if any(k > 0 for k in batch.top_ks) else None)
         top_p = (torch.tensor(batch.top_ps, device=dev, dtype=torch.float32)
