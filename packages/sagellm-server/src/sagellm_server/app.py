@@ -340,16 +340,17 @@ class _Server:
     def check_prompt(self, ids: list[int], param: str) -> None:
         if not ids:
             raise ApiError(400, "the prompt is empty", param=param, code="invalid_value")
-        vocab = self.config.vocab_size
-        for t in ids:
-            if not 0 <= t < vocab:
-                raise ApiError(400, f"token id {t} is outside the vocabulary (0..{vocab - 1})",
-                               param=param, code="invalid_value")
+        # The length first: it is O(1), and a megabyte prompt's ids are not worth a loop here.
         limit = self.config.max_model_len
         if len(ids) >= limit:
             raise ApiError(400, f"this model's maximum context length is {limit} tokens; the "
                            f"prompt has {len(ids)} tokens, leaving no room for a completion",
                            param=param, code="context_length_exceeded")
+        vocab = self.config.vocab_size
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise ApiError(400, f"token id {t} is outside the vocabulary (0..{vocab - 1})",
+                               param=param, code="invalid_value")
 
     def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int,
                         requested: int | None, default: int | None) -> SamplingParams:

@@ -79,8 +79,11 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
             where = ".".join(path) or "body"
             raise ApiError(400, f"invalid value for '{where}': it contains a lone UTF-16 surrogate "
                            "escape (\\ud800-\\udfff), which is not valid Unicode",
-                           param=path[0] if path else None, code="invalid_value")
+                           param=path[0] if path and path[0] != _KEY else None, code="invalid_value")
     return obj
+
+
+_KEY = "(a key)"
 
 
 def _surrogate_path(obj: Any) -> list[str] | None:
@@ -94,7 +97,7 @@ def _surrogate_path(obj: Any) -> list[str] | None:
         elif isinstance(value, dict):
             for k, v in reversed(value.items()):
                 if _SURROGATE.search(k):
-                    return [*path, "(key)"]
+                    return [*path, _KEY]
                 todo.append((v, [*path, k]))
         elif isinstance(value, list):
             todo.extend((v, [*path, str(i)]) for i, v in reversed(list(enumerate(value))))
