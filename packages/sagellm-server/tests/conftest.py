@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     finally:
         below = descendants(srv.proc.pid)  # the engine process (and multiprocessing's helpers)
         stop_server(srv)
-        # uvicorn shuts down gracefully on SIGTERM, then re-raises it: exit status -15.
-        assert srv.proc.returncode in (0, -signal.SIGTERM), srv.log_text()[-3000:]
+        # SIGTERM: a graceful drain, then exit status 0.
+        assert srv.proc.returncode == 0, srv.log_text()[-3000:]
         assert "Application shutdown complete" in srv.log_text()
         wait_gone(below, 10)  # no orphans

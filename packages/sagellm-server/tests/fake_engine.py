@@ -14,9 +14,15 @@ from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.sampling_params import SamplingParams
 
 #: Prompt tokens with a meaning to the fake: refused by add_request, crash the next step, make
-#: every step take ``SLOW_STEP_S``.
-REFUSE, EXPLODE, SLOW = 999, 666, 777
+#: every step take ``SLOW_STEP_S``, make this request's every output carry ``BIG_TEXT_CHARS`` of
+#: text (messages far larger than a pipe's buffer), make the next step never return, finish this
+#: request with a per-request engine error (``RequestOutput.error``).
+REFUSE, EXPLODE, SLOW, BIG, HANG, FAIL_ONE = 999, 666, 777, 888, 555, 444
 SLOW_STEP_S = 0.02
+#: Like SLOW, with ``CRAWL_STEP_S`` per step: streams that outlast a shutdown timeout.
+CRAWL, CRAWL_STEP_S = 778, 0.1
+BIG_TEXT_CHARS = 300_000
+FAIL_ONE_MESSAGE = "the fake engine failed this request"
 
 
 @dataclass
@@ -44,6 +50,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.steps = 0
         self.slow = False
+        self.crawl = False
 
     max_model_len = 64
     vocab_size = 1000
@@ -55,6 +62,8 @@ class FakeEngine:
             self.explode = True
         if SLOW in prompt:
             self.slow = True
+        if CRAWL in prompt:
+            self.crawl = True
         self.reqs[request_id] = (list(prompt), params, [])
         return request_id
 
@@ -74,20 +83,32 @@ class FakeEngine:
             raise RuntimeError("simulated device failure")
         if self.slow:
             time.sleep(SLOW_STEP_S)
+        if self.crawl:
+            time.sleep(CRAWL_STEP_S)
+        if any(HANG in prompt for prompt, _, _ in self.reqs.values()):
+            while True:  # a step stuck for good (a wedged device); only SIGKILL ends it
+                time.sleep(3600)
         self.steps += 1
         outs = []
         now = time.monotonic()
         for rid, (prompt, params, out) in list(self.reqs.items()):
             tok = len(prompt) + len(out)
             out.append(tok)
-            done = len(out) >= params.max_tokens
+            failed = FAIL_ONE in prompt
+            done = failed or len(out) >= params.max_tokens
             if done:
                 del self.reqs[rid]
-            outs.append(RequestOutput.from_lists(
+            text = f" {tok}" if len(out) > 1 else str(tok)
+            if BIG in prompt:
+                text = text.ljust(BIG_TEXT_CHARS, ".")
+            o = RequestOutput.from_lists(
                 rid, None, prompt, list(out), " ".join(map(str, out)), new_token_ids=[tok],
-                new_text=f" {tok}" if len(out) > 1 else str(tok), finished=done,
-                finish_reason="length" if done else None,
-                metrics=RequestMetrics(now, now, now, now, now if done else None)))
+                new_text=text, finished=done,
+                finish_reason=("error" if failed else "length") if done else None,
+                metrics=RequestMetrics(now, now, now, now, now if done else None))
+            if failed:
+                o.error = FAIL_ONE_MESSAGE  # type: ignore[attr-defined]  # RequestOutput.error, newer cores
+            outs.append(o)
         return outs
 
     def get_stats(self) -> _Stats:
@@ -95,11 +116,8 @@ class FakeEngine:
         return _Stats(n, 0, n / 10, 10, 10 - n, 0, 0, 0, self.steps)
 
 
-
-
 class FakeTokenizer:
     """One token per character (its code point); the chat template concatenates contents."""
-
 
     chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 

@@ -90,7 +90,9 @@ def start_server(tmp: Path, *extra: str, timeout: float = 240.0) -> Server:
     plugin_dir.mkdir()
     write_fake_plugin(plugin_dir)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(plugin_dir), env.get("PYTHONPATH")]))
+    # The tests directory too: ``--engine-factory fake_engine:...`` imports the scripted engine.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(plugin_dir), str(Path(__file__).parent),
+                                                      env.get("PYTHONPATH")]))
     env.pop("SAGELLM_API_KEY", None)
     env.pop("SAGELLM_PLUGINS", None)
     log = tmp / "server.log"
@@ -150,10 +152,10 @@ def wait_gone(pids: list[int], timeout: float) -> None:
 
 
 def engine_pid(server: Server) -> int:
-    """The engine process's pid, from the server's start-up log line."""
-    m = re.search(r"engine process pid (\d+) ready", server.log_text())
-    assert m, server.log_text()
-    return int(m.group(1))
+    """The current engine process's pid, from the server's latest "ready" log line."""
+    pids = re.findall(r"engine process pid (\d+) ready", server.log_text())
+    assert pids, server.log_text()
+    return int(pids[-1])
 
 
 def stop_server(server: Server) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from fake_engine import FakeEngine, FakeTokenizer
+from fake_engine import FAIL_ONE, FAIL_ONE_MESSAGE, FakeEngine, FakeTokenizer
 from fastapi.testclient import TestClient
 
 from sagellm_server.app import ServerConfig, create_app
 from sagellm_server.async_engine import AsyncEngine
 from sagellm_server.metrics import ServerMetrics
+from sagellm_server.supervisor import EXIT_ENGINE_DEAD, EngineSupervisor, ExitRequest, SupervisionPolicy
 
 
 def make_client(engine: FakeEngine, **kw: int) -> TestClient:
@@ -88,10 +89,50 @@ def test_engine_death_turns_health_503(fake: FakeEngine, client: TestClient) -> 
     r = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3})
     assert r.status_code == 500 and r.json()["error"]["code"] == "engine_dead"
     h = client.get("/health")
-    assert h.status_code == 503 and "simulated device failure" in h.json()["error"]["message"]
+    assert h.status_code == 503 and h.json()["error"]["code"] == "engine_dead"
+    assert "simulated" not in h.text  # public: down, not why
+    assert client.head("/health").status_code == 503
     r = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
-    assert 'sagellm:engine_alive{model_name="fake"} 0.0' in client.get("/metrics").text
+    m = client.get("/metrics").text
+    assert 'sagellm:engine_alive{model_name="fake"} 0.0' in m
+    assert "sagellm:num_requests_running{" not in m
+
+
+def test_health_answers_head(client: TestClient) -> None:
+    r = client.head("/health")
+    assert r.status_code == 200 and r.content == b""
+
+
+def test_engine_failing_one_request_fails_only_that_one(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"prompt": [3, FAIL_ONE], "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert FAIL_ONE_MESSAGE in r.json()["error"]["message"]
+    body = {"prompt": [FAIL_ONE], "max_tokens": 4, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as s:
+        lines = [ln for ln in s.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    assert FAIL_ONE_MESSAGE in json.loads(lines[-2][6:])["error"]["message"]
+    assert client.post("/v1/completions", json={"prompt": [1], "max_tokens": 2}).status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+def test_in_process_engine_death_asks_the_server_to_exit(fake: FakeEngine) -> None:
+    """An engine thread cannot be restarted: with a supervisor, its death means exit status 1."""
+    metrics = ServerMetrics("fake")
+    aeng = AsyncEngine(fake, max_num_seqs=4, metrics=metrics)
+    exit_request = ExitRequest()
+    sup = EngineSupervisor(aeng, SupervisionPolicy(), exit_request, metrics)
+    cfg = ServerConfig(served_model_name="fake", max_model_len=64, vocab_size=1000, log_interval=0)
+    with TestClient(create_app(aeng, cfg, FakeTokenizer(), metrics, sup)) as c:
+        assert c.post("/v1/completions", json={"prompt": [1], "max_tokens": 2}).status_code == 200
+        assert not exit_request.requested
+        fake.explode = True
+        assert c.post("/v1/completions", json={"prompt": [1], "max_tokens": 2}).status_code == 500
+        c.get("/health")  # one more trip through the event loop, where the supervisor runs
+        assert exit_request.code == EXIT_ENGINE_DEAD
 
 
 def test_chat_uses_template(client: TestClient) -> None:

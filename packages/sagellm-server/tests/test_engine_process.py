@@ -4,7 +4,9 @@ child never outlives its parent."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -15,14 +17,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
-from fake_engine import EXPLODE, REFUSE, SLOW, FakeTokenizer
+from fake_engine import BIG, BIG_TEXT_CHARS, EXPLODE, FAIL_ONE, FAIL_ONE_MESSAGE, REFUSE, SLOW, FakeTokenizer
 from server_harness import free_port, is_running, wait_gone
 
 from sagellm.config import EngineConfig
+from sagellm.sampling_params import SamplingParams
 from sagellm_server.app import ServerConfig, create_app
 from sagellm_server.engine_process import EngineProcess, EngineStartupError
 from sagellm_server.metrics import ServerMetrics
@@ -124,6 +128,28 @@ def test_engine_error_fails_only_that_request(shared: tuple[httpx.Client, Engine
     assert c.post("/v1/completions", json={"prompt": [1], "max_tokens": 2}).status_code == 200
 
 
+def test_engine_failing_one_request_fails_only_that_one(shared: tuple[httpx.Client, EngineProcess]) -> None:
+    """``RequestOutput.error``: a 500 server_error for that request (an error event, then [DONE],
+    on a stream); the requests beside it and the engine carry on."""
+    c, eng = shared
+    body = {"prompt": [1, SLOW], "max_tokens": 20, "stream": True, "return_token_ids": True}
+    with c.stream("POST", "/v1/completions", json=body) as s:
+        lines = s.iter_lines()
+        first = next(ln for ln in lines if ln.startswith("data: {"))
+        r = c.post("/v1/completions", json={"prompt": [5, FAIL_ONE], "max_tokens": 5})
+        assert r.status_code == 500, r.text
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and FAIL_ONE_MESSAGE in err["message"], err
+        with c.stream("POST", "/v1/completions", json={**body, "prompt": [FAIL_ONE]}) as failed:
+            tail = [ln for ln in failed.iter_lines() if ln]
+        assert tail[-1] == "data: [DONE]" and FAIL_ONE_MESSAGE in json.loads(tail[-2][6:])["error"]["message"]
+        rest = sse(lines)
+    ids = [t for ch in [json.loads(first[6:]), *rest] for t in ch["choices"][0]["token_ids"]]
+    assert ids == list(range(2, 22))
+    assert eng.is_alive and c.get("/health").status_code == 200
+    assert 'finished_reason="error",model_name="fake"} 2.0' in c.get("/metrics").text
+
+
 def test_disconnect_aborts_in_the_child_and_stats_follow(shared: tuple[httpx.Client, EngineProcess]) -> None:
     c, eng = shared
     steps_before = eng.snapshot.num_steps  # fresh: the engine reported it on going idle
@@ -148,13 +174,26 @@ def test_disconnect_aborts_in_the_child_and_stats_follow(shared: tuple[httpx.Cli
 def test_engine_raising_fails_in_flight_and_turns_health_503() -> None:
     eng = launch()
     with app_client(eng) as c:
+        m = c.get("/metrics").text
+        assert 'sagellm:engine_rss_bytes{model_name="fake"}' in m and "sagellm:server_rss_bytes" in m
         r = c.post("/v1/completions", json={"prompt": [1, EXPLODE], "max_tokens": 3})
         assert r.status_code == 500 and r.json()["error"]["code"] == "engine_dead", r.text
+        assert "simulated device failure" in r.json()["error"]["message"]
+        # /health is public: down, and nothing about why.
         h = c.get("/health")
-        assert h.status_code == 503 and "simulated device failure" in h.json()["error"]["message"]
+        assert h.status_code == 503 and h.json()["error"] == {
+            "message": "the engine is not running", "type": "service_unavailable_error",
+            "param": None, "code": "engine_dead"}
+        head = c.head("/health")
+        assert head.status_code == 503 and head.content == b""
         r = c.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
-        assert 'sagellm:engine_alive{model_name="fake"} 0.0' in c.get("/metrics").text
+        assert "simulated" not in r.text
+        m = c.get("/metrics").text
+        assert 'sagellm:engine_alive{model_name="fake"} 0.0' in m
+        # A dead engine's load is not reported as live; its process has no memory to report.
+        assert "sagellm:num_requests_running{" not in m and "sagellm:kv_cache_usage_perc{" not in m
+        assert "sagellm:engine_rss_bytes{" not in m and "sagellm:server_rss_bytes{" in m
         wait_gone([eng.pid], 10)  # type: ignore[list-item]
     assert eng._proc.exitcode == 1
 
@@ -172,7 +211,8 @@ def test_engine_process_killed_mid_stream() -> None:
         err = json.loads(rest[-2][6:])["error"]
         assert err["type"] == "server_error" and "SIGKILL" in err["message"], err
         h = c.get("/health")
-        assert h.status_code == 503 and "SIGKILL" in h.json()["error"]["message"]
+        assert h.status_code == 503 and "SIGKILL" not in h.text
+        assert not is_running(eng.pid)  # type: ignore[arg-type]  # reaped, not a zombie
         r = c.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
 
@@ -193,7 +233,7 @@ def test_startup_failure_names_the_error() -> None:
     with pytest.raises(EngineStartupError, match="cannot be built") as exc:
         eng.launch(timeout=120)
     assert exc.value.error_type == "ValueError"
-    assert eng._proc.exitcode == 2
+    assert exc.value.exitcode == 2
 
 
 def test_child_exits_when_the_parent_is_killed(tmp_path: Path) -> None:
@@ -227,10 +267,6 @@ def test_child_exits_when_the_parent_is_killed(tmp_path: Path) -> None:
 def test_commands_larger_than_the_pipe_are_buffered_not_blocking() -> None:
     """Prompts of megabytes: the parent's writes outrun the pipe, yet the event loop stays free
     and every request arrives whole (the fake answers with token ``len(prompt)``)."""
-    import asyncio
-
-    from sagellm.sampling_params import SamplingParams
-
     eng = launch(max_num_seqs=8, max_queued_requests=8)
 
     async def run() -> tuple[list[int], int]:
@@ -258,3 +294,58 @@ def test_commands_larger_than_the_pipe_are_buffered_not_blocking() -> None:
         eng.shutdown()
     assert firsts == [200_000 + i for i in range(6)]
     assert ticks > 3  # the loop kept running while the commands drained
+
+
+class _NonBlockingReaderLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop, but ``add_reader`` leaves the fd non-blocking, as uvloop's does (libuv's
+    ``uv_poll_init`` sets O_NONBLOCK on every fd it polls)."""
+
+    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+        os.set_blocking(fd if isinstance(fd, int) else fd.fileno(), False)
+        super().add_reader(fd, callback, *args)
+
+
+def _uvloop() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return uvloop.new_event_loop()  # type: ignore[no-any-return]
+
+
+LOOPS = [pytest.param(_NonBlockingReaderLoop, id="asyncio-nonblocking"),
+         pytest.param(_uvloop, id="uvloop", marks=pytest.mark.skipif(
+             importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_outputs_larger_than_the_pipe_arrive_whole(new_loop: Any) -> None:
+    """Many streams whose every step's message is megabytes: the parent reads them in pieces as
+    they arrive (the fd non-blocking, as under uvloop) and never takes a half-read message for a
+    dead engine (the false "engine process exited (still running)" seen with 64 clients)."""
+    eng = launch(max_num_seqs=16, max_queued_requests=16)
+    num_tokens = 6
+
+    async def collect(handle: Any) -> tuple[list[int], int]:
+        ids: list[int] = []
+        chars = 0
+        async for batch in eng.stream(handle):
+            for out in batch:
+                ids += out.new_token_ids
+                chars += len(out.new_text)
+        return ids, chars
+
+    async def run() -> list[tuple[list[int], int]]:
+        eng.start()
+        handles = [eng.add(f"big-{i}", [BIG] * (i + 1), SamplingParams(max_tokens=num_tokens), stream=True)
+                   for i in range(16)]
+        return await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), 120)
+
+    loop = new_loop()
+    try:
+        results = loop.run_until_complete(run())
+        assert eng.is_alive, eng.error
+    finally:
+        eng.shutdown()
+        loop.close()
+    for i, (ids, chars) in enumerate(results):
+        assert ids == list(range(i + 1, i + 1 + num_tokens))
+        assert chars == num_tokens * BIG_TEXT_CHARS

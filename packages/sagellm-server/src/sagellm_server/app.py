@@ -25,7 +25,13 @@ from sagellm.chat_template import ChatTemplateError, apply_chat_template
 from sagellm.outputs import RequestOutput
 from sagellm.sampling_params import SamplingParams
 from sagellm_server import __version__
-from sagellm_server.async_engine import EngineClient, EngineDeadError, QueueFullError, RequestHandle
+from sagellm_server.async_engine import (
+    EngineClient,
+    EngineError,
+    QueueFullError,
+    RequestHandle,
+    ServerShuttingDownError,
+)
 from sagellm_server.body_timeout import BodyTimeoutError, timed_receive
 from sagellm_server.http_limits import DEFAULT_BODY_TIMEOUT_S
 from sagellm_server.metrics import CONTENT_TYPE, ServerMetrics
@@ -37,6 +43,7 @@ from sagellm_server.openai_protocol import (
     parse_json_object,
     validation_error,
 )
+from sagellm_server.supervisor import EngineSupervisor
 
 logger = logging.getLogger("sagellm.server")
 
@@ -264,10 +271,18 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     except asyncio.CancelledError:  # a cancelled gather() holds CancelledError without being cancelled()
         logger.info("a client hung up waiting for %s; its request was aborted", request.url.path)
         raise ApiError(499, "the client closed the connection", code="client_closed") from None
-    except EngineDeadError as exc:
-        raise ApiError(500, str(exc), type="server_error", code="engine_dead") from None
+    except EngineError as exc:
+        raise engine_api_error(exc) from None
     except ValueError as exc:  # the engine refused the request
         raise ApiError(400, str(exc), code="invalid_value") from None
+
+
+def engine_api_error(exc: EngineError, admitting: bool = False) -> ApiError:
+    """The API error for a request the engine could not serve: 503 (retry later or elsewhere) when
+    the server is shutting down or the engine is down at admission; 500 when it failed mid-way."""
+    if admitting or isinstance(exc, ServerShuttingDownError):
+        return ApiError(503, str(exc), type="service_unavailable_error", code=exc.code)
+    return ApiError(500, str(exc), type="server_error", code=exc.code)
 
 
 # -- the application ----------------------------------------------------------------------
@@ -391,8 +406,8 @@ class _Server:
             self.engine.check_capacity(len(prompts))
         except QueueFullError as exc:
             raise ApiError(503, str(exc), type="service_unavailable_error", code="queue_full") from None
-        except EngineDeadError as exc:
-            raise ApiError(503, str(exc), type="service_unavailable_error", code="engine_dead") from None
+        except EngineError as exc:  # the engine is down, or the server is shutting down
+            raise engine_api_error(exc, admitting=True) from None
         if len(prompts) == 1:
             return [self.engine.add(base_id, prompts[0], params[0], stream)]
         return [self.engine.add(f"{base_id}-{i}", p, sp, stream)
@@ -472,9 +487,9 @@ class _Server:
                 yield fmt.chunk(i, text, ids, batch[-1].finish_reason)
             if include_usage:
                 yield fmt.usage(sum(map(len, prompts)), num_generated)
-        except (EngineDeadError, ValueError) as exc:
-            err = ApiError(500 if isinstance(exc, EngineDeadError) else 400, str(exc),
-                           type="server_error" if isinstance(exc, EngineDeadError) else "invalid_request_error")
+        except (EngineError, ValueError) as exc:
+            err = (engine_api_error(exc) if isinstance(exc, EngineError)
+                   else ApiError(400, str(exc), type="invalid_request_error"))
             yield f"data: {json.dumps(err.body())}\n\n"
         except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
             logger.info("a client hung up during a stream (%s); its request was aborted", fmt.request_id)
@@ -520,6 +535,9 @@ async def _log_stats(engine: EngineClient, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         s, now = engine.snapshot, time.monotonic()
+        if not s.alive:  # the supervisor logs deaths and restarts; a dead engine has no load
+            prev, prev_time = s, now
+            continue
         dt = max(now - prev_time, 1e-9)
         prompt_tps = (s.num_prompt_tokens - prev.num_prompt_tokens) / dt
         gen_tps = (s.num_generation_tokens - prev.num_generation_tokens) / dt
@@ -531,14 +549,18 @@ async def _log_stats(engine: EngineClient, interval: float) -> None:
 
 
 def create_app(engine: EngineClient, config: ServerConfig, tokenizer: Any,
-               metrics: ServerMetrics | None = None) -> FastAPI:
-    """The ASGI app; it starts ``engine``'s loop on start-up and stops it on shutdown."""
+               metrics: ServerMetrics | None = None,
+               supervisor: EngineSupervisor | None = None) -> FastAPI:
+    """The ASGI app; it starts ``engine``'s loop (and ``supervisor``, which restarts it or asks the
+    server to exit when it dies) on start-up and stops both on shutdown."""
     metrics = metrics or engine.metrics or ServerMetrics(config.served_model_name)
     server = _Server(engine, config, tokenizer, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start(asyncio.get_running_loop())
+        if supervisor is not None:
+            supervisor.start()
         logger_task = (asyncio.ensure_future(_log_stats(engine, config.log_interval))
                        if config.log_interval > 0 else None)
         try:
@@ -546,6 +568,8 @@ def create_app(engine: EngineClient, config: ServerConfig, tokenizer: Any,
         finally:
             if logger_task is not None:
                 logger_task.cancel()
+            if supervisor is not None:
+                await supervisor.stop()
             engine.shutdown()
 
     app = FastAPI(title="sageLLM", version=__version__, lifespan=lifespan, docs_url=None,
@@ -573,13 +597,22 @@ def create_app(engine: EngineClient, config: ServerConfig, tokenizer: Any,
         err = ApiError(500, f"internal server error: {type(exc).__name__}", type="server_error")
         return JSONResponse(err.body(), status_code=500)
 
-    @app.get("/health")
-    async def health() -> Response:
-        if engine.is_alive:
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health(request: Request) -> Response:
+        # Public: says up or down, never why (the cause is in the log).
+        if engine.draining:
+            err = ApiError(503, "the server is shutting down", type="service_unavailable_error",
+                           code="shutting_down")
+        elif not engine.is_alive:
+            err = ApiError(503, "the engine is not running", type="service_unavailable_error",
+                           code="engine_dead")
+        else:
+            err = None
+        if request.method == "HEAD":
+            return Response(status_code=200 if err is None else 503)
+        if err is None:
             return JSONResponse({"status": "ok"})
-        err = ApiError(503, f"the engine loop is not running: {engine.error!r}",
-                       type="service_unavailable_error", code="engine_dead")
-        return JSONResponse(err.body(), status_code=503)
+        return JSONResponse(err.body(), status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/version")
     async def version() -> dict[str, str]:

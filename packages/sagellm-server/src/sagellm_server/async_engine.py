@@ -14,10 +14,12 @@ Per-token latency histograms are observed there too, off the engine's critical p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,8 +44,26 @@ class EngineLike(Protocol):
     def get_stats(self) -> Any: ...
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped; nothing more will be served."""
+class EngineError(RuntimeError):
+    """A request could not be served by the engine; ``code`` names why, for the API error."""
+
+    code = "engine_error"
+
+
+class EngineDeadError(EngineError):
+    """The engine (loop or process) has stopped; nothing is served until it is back."""
+
+    code = "engine_dead"
+
+
+class EngineRequestError(EngineError):
+    """The engine failed this one request and goes on serving the others."""
+
+
+class ServerShuttingDownError(EngineError):
+    """The server is shutting down: it admits nothing new, and ended this request at the deadline."""
+
+    code = "shutting_down"
 
 
 class QueueFullError(RuntimeError):
@@ -63,6 +83,22 @@ class EngineSnapshot:
     num_steps: int = 0
     alive: bool = True
     time: float = field(default_factory=time.monotonic)
+
+    def down(self) -> EngineSnapshot:
+        """What to report once this engine is gone: no load (its gauges are not live any more),
+        and its counters kept, so they stay monotonic across a restart."""
+        return EngineSnapshot(num_prompt_tokens=self.num_prompt_tokens,
+                              num_generation_tokens=self.num_generation_tokens,
+                              num_preemptions=self.num_preemptions, num_steps=self.num_steps,
+                              alive=False)
+
+    def plus_counters(self, base: EngineSnapshot) -> EngineSnapshot:
+        """This snapshot with ``base``'s counters added (those of the engines before a restart)."""
+        return dataclasses.replace(
+            self, num_prompt_tokens=self.num_prompt_tokens + base.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens + base.num_generation_tokens,
+            num_preemptions=self.num_preemptions + base.num_preemptions,
+            num_steps=self.num_steps + base.num_steps)
 
 
 class RequestHandle:
@@ -99,8 +135,15 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.snapshot = EngineSnapshot()
         self.error: BaseException | None = None
+        #: Set once the engine has died (and cleared by a restart); the supervisor waits on it.
+        self.died = asyncio.Event()
+        #: Once set (graceful shutdown), new requests are refused with ``ServerShuttingDownError``.
+        self.draining = False
+        #: ``time.monotonic()`` of the engine's last sign of progress (a finished step), or of the
+        #: request that ended an idle spell; the hang watchdog compares against it.
+        self.last_progress = time.monotonic()
         if metrics is not None:
-            metrics.attach(lambda: self.snapshot)
+            metrics.attach(lambda: self.snapshot, lambda: self.engine_pid)
 
     # -- what a transport provides ---------------------------------------------------------
 
@@ -112,6 +155,25 @@ class EngineClient:
 
     @property
     def is_alive(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine's own process, if it has one (for its resident-memory gauge)."""
+        return None
+
+    @property
+    def can_restart(self) -> bool:
+        """Whether :meth:`restart` can bring a dead engine back."""
+        return False
+
+    async def restart(self, timeout: float | None = None) -> None:
+        """Replace the dead engine with a fresh one, without blocking the event loop."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restart its engine")
+
+    def kill(self, reason: str) -> None:
+        """End an engine that stopped making progress: mark it dead and stop it as hard as the
+        transport allows."""
         raise NotImplementedError
 
     def _send_add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -131,9 +193,11 @@ class EngineClient:
 
     def check_capacity(self, num_new: int = 1) -> None:
         """Raise if ``num_new`` more requests cannot be admitted now."""
+        if self.draining:
+            raise ServerShuttingDownError("the server is shutting down; retry on another instance")
         if not self.is_alive:
-            raise EngineDeadError(f"the engine loop is not running: {self.error!r}" if self.error
-                                  else "the engine loop is not running")
+            # The cause is in the log; clients only learn that it is down and may come back.
+            raise EngineDeadError("the engine is not running; retry later")
         if self.max_queued_requests is not None:
             waiting = len(self._requests) + num_new - self.max_num_seqs
             if waiting > self.max_queued_requests:
@@ -148,6 +212,8 @@ class EngineClient:
             raise ValueError(f"request id {request_id!r} is already in use")
         assert self._loop is not None, "start() the engine loop first"
         handle = RequestHandle(request_id, stream, self._loop, num_prompt_tokens=len(prompt_token_ids))
+        if not self._requests:  # an idle engine owes no progress: the hang clock starts now
+            self.last_progress = handle.arrival
         self._requests[request_id] = handle
         self._send_add(handle, prompt_token_ids, params)
         return handle
@@ -227,7 +293,43 @@ class EngineClient:
 
     def _fail_all(self, exc: BaseException) -> None:
         for handle in list(self._requests.values()):
-            self._fail(handle, EngineDeadError(f"the engine loop died: {exc!r}"))
+            self._fail(handle, exc)
+
+    def _engine_failed(self, handle: RequestHandle, message: str) -> None:
+        """The engine failed this request only (``RequestOutput.error``)."""
+        logger.error("the engine failed request %s: %s", handle.request_id, message)
+        if self.metrics is not None and not handle.done:
+            self.metrics.finished("error")
+        self._fail(handle, EngineRequestError(f"the engine failed this request: {message}"))
+
+    def _mark_dead(self, reason: str) -> None:
+        """The engine is gone: fail what is in flight, stop reporting its load, wake the
+        supervisor. Event loop only."""
+        if self.died.is_set():
+            return
+        if self.error is None:
+            self.error = EngineDeadError(reason)
+        self.snapshot = self.snapshot.down()
+        logger.error("%s; /health answers 503 while the engine is down", reason)
+        self._fail_all(EngineDeadError(f"{reason}; the request was not completed"))
+        self.died.set()
+
+    # -- graceful shutdown (event loop) ----------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Admit nothing new; what is in flight runs on."""
+        self.draining = True
+
+    def end_remaining(self) -> int:
+        """End every request still in flight (the shutdown deadline passed); how many."""
+        handles = list(self._requests.values())
+        for handle in handles:
+            self._fail(handle, ServerShuttingDownError(
+                "the server is shutting down and ended this request before it finished"))
+            self._send_abort(handle)
+            if self.metrics is not None:
+                self.metrics.finished("abort")
+        return len(handles)
 
 
 _STOP = object()
@@ -282,14 +384,29 @@ class AsyncEngine(EngineClient):
             handle = requests.get(out.request_id)
             if handle is None:
                 continue  # aborted on this side; the abort command is on its way
+            error = getattr(out, "error", None) if out.finished else None
+            if error:
+                self._engine_failed(handle, str(error))
+                continue
             m = out.metrics
             self._deliver(handle, out, m.last_token_time if m is not None and
                           m.last_token_time is not None else now)
 
-    def _fail_request(self, request_id: str, exc: BaseException) -> None:
+    def _refused(self, request_id: str, exc: BaseException) -> None:
         handle = self._requests.get(request_id)
         if handle is not None:
             self._fail(handle, exc)
+
+    def kill(self, reason: str) -> None:
+        # A thread cannot be stopped: the stuck step keeps its thread, but nothing waits on it any
+        # more, and the supervisor's policy decides what becomes of the server.
+        if self.error is None:
+            self.error = EngineDeadError(reason)
+        self._mark_dead(reason)
+
+    def _on_loop_death(self, exc: BaseException) -> None:
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        self._mark_dead(f"the engine loop raised {detail}")
 
     # -- the engine loop (its own thread) --------------------------------------------------
 
@@ -305,7 +422,7 @@ class AsyncEngine(EngineClient):
             try:
                 self.engine.add_request(ids, params, rid)
             except Exception as exc:  # validation the server missed: fail this request only
-                self._loop.call_soon_threadsafe(self._fail_request, rid, exc)  # type: ignore[union-attr]
+                self._loop.call_soon_threadsafe(self._refused, rid, exc)  # type: ignore[union-attr]
         else:
             self.engine.abort_request(cmd[1])
 
@@ -330,18 +447,14 @@ class AsyncEngine(EngineClient):
                 if not engine.has_unfinished_requests():
                     continue
                 outputs = engine.step()
+                now = self.last_progress = time.monotonic()
                 if outputs:
                     loop.call_soon_threadsafe(self._dispatch, outputs)
-                now = time.monotonic()
                 if now - self._last_stats_time >= STATS_INTERVAL:
                     self._last_stats_time = now
                     self.snapshot = self._take_snapshot()
         except BaseException as exc:
             self.error = exc
-            logger.exception("the engine loop died; /health now answers 503")
-            try:
-                self.snapshot = self._take_snapshot()
-            except Exception:
-                self.snapshot = EngineSnapshot(alive=False)
+            logger.exception("the engine loop died")
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self._fail_all, exc)
+                loop.call_soon_threadsafe(self._on_loop_death, exc)

@@ -70,13 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "its own (simpler, but HTTP work then competes with it for the GIL)")
     e.add_argument("--engine-startup-timeout", type=float, default=None,
                    help="seconds to wait for the engine process to load the model (default: no limit)")
+    # Tests only: build a scripted engine ("module:callable") instead of LLMEngine.
+    e.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
+    r = p.add_argument_group("robustness")
+    r.add_argument("--on-engine-death", choices=["restart", "exit"], default="restart",
+                   help="when the engine dies (or hangs): start a new engine process, or exit with "
+                        "status 1 for an outside supervisor to restart the server. With "
+                        "--engine-in-process the server always exits")
+    r.add_argument("--engine-restarts", metavar="N", type=int, default=3,
+                   help="most engine restarts within --engine-restart-window; past that the server "
+                        "exits with status 1")
+    r.add_argument("--engine-restart-window", metavar="S", type=float, default=600.0,
+                   help="seconds over which --engine-restarts are counted")
+    r.add_argument("--engine-restart-backoff", metavar="S", type=float, default=1.0,
+                   help="seconds before the first restart in a window, doubled for each further one")
+    r.add_argument("--engine-restart-backoff-max", metavar="S", type=float, default=30.0,
+                   help="longest wait before a restart")
+    r.add_argument("--engine-hang-timeout", metavar="S", type=float, default=120.0,
+                   help="seconds the engine may go without finishing a step while requests are in "
+                        "flight before it counts as hung (killed, then as --on-engine-death); keep it "
+                        "above your longest step; 0: never")
+    r.add_argument("--shutdown-timeout", metavar="S", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish before "
+                        "they are ended with an error; new requests get 503 meanwhile")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind; use 0.0.0.0 to accept other machines (set --api-key then)")
     s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health "
-                        f"(default: ${API_KEY_ENV}; never printed)")
+                        f"(default: ${API_KEY_ENV}, which keeps the key out of `ps`; never printed)")
     s.add_argument("--max-request-body-bytes", type=int, default=4 << 20,
                    help="larger request bodies get HTTP 413")
     s.add_argument("--log-interval", type=float, default=10.0,
@@ -112,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sagellm_server.app import ServerConfig, create_app
     from sagellm_server.engine_process import EngineStartupError
     from sagellm_server.metrics import ServerMetrics
+    from sagellm_server.server import GracefulServer
+    from sagellm_server.supervisor import EngineSupervisor, ExitRequest, SupervisionPolicy
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("binding %s without --api-key: anyone who can reach it may use it", args.host)
@@ -144,17 +169,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_interval=args.log_interval, backend=info.backend, device_name=info.device_name,
             registry=registry, body_timeout=args.body_timeout,
             allow_request_chat_template=args.request_chat_template)
-        app = create_app(async_engine, server_config, tokenizer, metrics)
+        exit_request = ExitRequest()
+        policy = SupervisionPolicy(
+            on_engine_death=args.on_engine_death, max_restarts=args.engine_restarts,
+            restart_window_s=args.engine_restart_window, backoff_s=args.engine_restart_backoff,
+            backoff_max_s=args.engine_restart_backoff_max, hang_timeout_s=args.engine_hang_timeout,
+            startup_timeout_s=args.engine_startup_timeout)
+        supervisor = EngineSupervisor(async_engine, policy, exit_request, metrics)
+        app = create_app(async_engine, server_config, tokenizer, metrics, supervisor)
         logger.info("serving %s as %r on http://%s:%d (backend %s, context %d, engine %s, API key %s)",
                     info.model, name, args.host, args.port, info.backend, info.max_model_len,
                     "in process" if args.engine_in_process else f"process pid {info.pid}",
                     "required" if args.api_key else "off")
-        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,
-                    log_level=args.log_level, timeout_graceful_shutdown=5,
-                    **http_limits.uvicorn_kwargs(args))
+        # The graceful drain happens before uvicorn's own shutdown; its timeout only covers
+        # flushing the responses that the drain completed or ended.
+        server = GracefulServer(
+            uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                           access_log=args.access_log, log_level=args.log_level,
+                           timeout_graceful_shutdown=5, **http_limits.uvicorn_kwargs(args)),
+            async_engine, exit_request, shutdown_timeout=args.shutdown_timeout)
+        server.run()
     finally:
         async_engine.shutdown()  # normally done on the app's shutdown already; idempotent
-    return 0
+    if not server.started:
+        return _STARTUP_FAILURE
+    return server.exit_code
+
+
+#: uvicorn's exit status when it could not start serving (for example, the port is taken).
+_STARTUP_FAILURE = 3
 
 
 #: Errors of the engine process's start-up that mean "bad settings" (exit status 2).
@@ -169,7 +212,8 @@ def _engine_process(config: EngineConfig, args: argparse.Namespace,
     importer = threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True)
     importer.start()
     engine = EngineProcess(config, max_num_seqs=args.max_num_seqs,
-                           max_queued_requests=args.max_queued_requests, metrics=metrics)
+                           max_queued_requests=args.max_queued_requests, metrics=metrics,
+                           factory=args.engine_factory)
     info = engine.launch(timeout=args.engine_startup_timeout)
     tokenizer = None
     if info.tokenizer is not None:
@@ -189,12 +233,15 @@ def _engine_in_process(config: EngineConfig, registry: Any, args: argparse.Names
                        metrics: ServerMetrics) -> tuple[EngineClient, EngineInfo, Any]:
     from sagellm.engine.llm_engine import LLMEngine
     from sagellm_server.async_engine import AsyncEngine
-    from sagellm_server.engine_process import describe_engine
+    from sagellm_server.engine_process import build_engine, describe_engine
 
-    engine = LLMEngine(config, registry=registry)
+    if args.engine_factory is not None:
+        engine: Any = build_engine(config.model_dump_json(), args.engine_factory)
+    else:
+        engine = LLMEngine(config, registry=registry)
     async_engine = AsyncEngine(engine, max_num_seqs=args.max_num_seqs,
                                max_queued_requests=args.max_queued_requests, metrics=metrics)
-    return async_engine, describe_engine(engine), engine.tokenizer
+    return async_engine, describe_engine(engine), getattr(engine, "tokenizer", None)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,70 +1,26 @@
-"""The engine in a process of its own (the "engine core"), so HTTP work never waits for its GIL.
+"""The server's side of the engine process (``sagellm_server.engine_core``, where the wire format is
+documented): it starts the child, feeds it requests, routes its outputs, notices its death and
+starts a new one when asked.
 
 With the engine in a thread of the server process, the event loop's per-token work for many
 streams (routing outputs, building SSE chunks, writing sockets) and the engine's step compete for
-one interpreter lock. Here the engine runs in a child started with ``multiprocessing``'s
-``spawn`` context (safe with CUDA); the two sides talk over two pipes in a small JSON format, and
-nothing is ever unpickled from them. The child builds ``LLMEngine`` from the ``EngineConfig`` JSON
-it is given, reports ready, then loops: read commands (blocking only when idle), step, send that
-step's outputs in one message.
-
-Wire format: every message is one JSON array, framed as ``multiprocessing.connection`` frames
-(a 4-byte big-endian length, then the bytes), so the child reads and writes with
-``Connection.recv_bytes``/``send_bytes`` and the parent writes without blocking the event loop.
-
-Parent to child (commands)::
-
-    ["add", key, request_id, prompt_token_ids, sampling_params_dict]
-    ["abort", key]
-    ["stop"]                                 (closing the pipe means the same)
-
-``key`` is a small integer the parent gives each request, shorter on the wire than its id.
-
-Child to parent::
-
-    ["ready", info]                          EngineInfo fields, once, after the engine is built
-    ["fail", error_type, message]            building the engine failed; the child exits
-    ["out", t, [output, ...], stats | null]  one step's outputs; t: the step's time.monotonic()
-    ["stats", stats]                         sent when the engine goes idle (fresh after aborts)
-    ["err", key, error_type, message]        the engine refused this request (only this one)
-    ["dead", error_type, message]            the engine loop raised; the child exits
-
-    output, running:  [key, new_token_ids, new_text, num_output_tokens]
-    output, finished: [key, new_token_ids, new_text, num_output_tokens, finish_reason, stop_reason,
-                       text, token_ids, num_prompt_tokens,
-                       [arrival, first_scheduled, first_token, last_token, finished_time] | null,
-                       num_preemptions]
-    stats: [num_running, num_waiting, kv_usage, num_kv_blocks, num_free_kv_blocks,
-            num_prompt_tokens, num_generation_tokens, num_preemptions, num_steps]
-
-Times are ``time.monotonic()`` of the child: CLOCK_MONOTONIC is one clock for the whole machine on
-Linux, so the parent compares them with its own arrival times. ``LLMEngine`` stamps every output
-of a step with the same time, so it travels once per message, and the full metrics only with the
-last output. Stats ride on an ``out`` message at most every ``STATS_INTERVAL`` seconds while busy.
-
-Lifetime: the child ignores SIGINT (the parent decides when it stops) and exits when the command
-pipe closes; a thread also watches a "lifeline" pipe that only the parent holds, so even an engine
-stuck in a step goes away (after ``LIFELINE_GRACE_S``) when the parent dies. The child is not
-daemonic, because a tensor-parallel engine starts worker processes of its own, which
-``multiprocessing`` forbids daemonic processes; the parent therefore always stops and joins it.
+one interpreter lock; in a child started with ``multiprocessing``'s ``spawn`` context (safe with
+CUDA) they do not. The event loop reads the output pipe with ``add_reader`` and writes commands
+without blocking; no thread of this process touches the engine's traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import importlib
-import json
 import logging
 import multiprocessing
 import os
 import signal
-import struct
-import sys
 import threading
 import time
-import traceback
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -72,256 +28,30 @@ from sagellm.config import EngineConfig
 from sagellm.outputs import RequestMetrics
 from sagellm.sampling_params import SamplingParams
 from sagellm_server.async_engine import (
-    STATS_INTERVAL,
     EngineClient,
     EngineDeadError,
-    EngineLike,
+    EngineRequestError,
     EngineSnapshot,
     RequestHandle,
 )
+from sagellm_server.engine_core import (
+    ENGINE_ERROR,
+    EngineInfo,
+    EngineStartupError,
+    build_engine,
+    describe_engine,
+    engine_process_main,
+    loads,
+)
+from sagellm_server.engine_core import frame as _frame
+from sagellm_server.frames import FrameReader, read_available
 from sagellm_server.metrics import ServerMetrics
+
+__all__ = ["EngineInfo", "EngineProcess", "EngineStartupError", "build_engine", "describe_engine"]
 
 logger = logging.getLogger("sagellm.server")
 
-#: How long an orphaned engine process may take to stop by itself before it is ended hard.
-LIFELINE_GRACE_S = 5.0
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
-_loads = json.loads
-
-
-def _frame(msg: list[Any]) -> bytes:
-    data = _dumps(msg).encode()
-    return struct.pack("!i", len(data)) + data
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the server needs to know about the engine it serves (sent in the ready message)."""
-
-    max_model_len: int
-    vocab_size: int
-    model: str
-    #: Where the server loads its own copy of the tokenizer from; None: token ids only.
-    tokenizer: str | None
-    backend: str
-    device_name: str
-    num_kv_blocks: int
-    block_size: int
-    startup_seconds: float
-    pid: int
-
-
-def describe_engine(engine: Any) -> EngineInfo:
-    """An :class:`EngineInfo` for ``engine`` (an ``LLMEngine``, or a test double with fewer parts)."""
-    cfg = getattr(engine, "config", None)
-    loaded = getattr(engine, "loaded", None)
-    platform = getattr(engine, "platform", None)
-    tokenizer = None
-    if getattr(engine, "tokenizer", None) is not None:
-        tokenizer = str(cfg.tokenizer) if cfg is not None and cfg.tokenizer else str(loaded.model_dir)  # type: ignore[union-attr]
-    kv = getattr(engine, "kv", None)
-    return EngineInfo(
-        max_model_len=int(engine.max_model_len), vocab_size=int(engine.vocab_size),
-        model=str(loaded.source) if loaded is not None else str(getattr(cfg, "model", "") or ""),
-        tokenizer=tokenizer,
-        backend=platform.name if platform is not None else "",
-        device_name=platform.device_name() if platform is not None else "",
-        num_kv_blocks=int(kv.num_blocks) if kv is not None else 0,
-        block_size=int(cfg.block_size) if cfg is not None else 0,
-        startup_seconds=float(getattr(engine, "startup_seconds", 0.0)),
-        pid=os.getpid())
-
-
-class EngineStartupError(RuntimeError):
-    """The engine process could not build the engine; ``error_type`` names the child's exception."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-
-
-# ============================================================================================
-# Child side
-# ============================================================================================
-
-
-def _stats(engine: EngineLike) -> list[Any]:
-    s = engine.get_stats()
-    return [s.num_running, s.num_waiting, s.kv_usage, s.num_kv_blocks, s.num_free_kv_blocks,
-            s.num_prompt_tokens, s.num_generation_tokens, s.num_preemptions, s.num_steps]
-
-
-class EngineCore:
-    """The child's loop around one engine."""
-
-    def __init__(self, engine: EngineLike, commands: Connection, outputs: Connection) -> None:
-        self.engine = engine
-        self.commands = commands
-        self.outputs = outputs
-        self.keys: dict[str, int] = {}  # request id -> key
-        self.ids: dict[int, str] = {}  # key -> request id
-        self.last_stats: list[Any] | None = None
-        self.last_stats_time = 0.0
-
-    def send(self, msg: list[Any]) -> None:
-        self.outputs.send_bytes(_dumps(msg).encode())
-
-    def apply(self, raw: bytes) -> bool:
-        """Carry out one command; False on ``stop``."""
-        msg = _loads(raw)
-        op = msg[0]
-        if op == "add":
-            _, key, rid, ids, params = msg
-            try:
-                self.engine.add_request(ids, SamplingParams.model_validate(params), rid)
-            except Exception as exc:  # validation the server missed: fail this request only
-                self.send(["err", key, type(exc).__name__, str(exc)])
-                return True
-            self.keys[rid] = key
-            self.ids[key] = rid
-        elif op == "abort":
-            rid = self.ids.pop(msg[1], None)
-            if rid is not None:
-                del self.keys[rid]
-                self.engine.abort_request(rid)
-        elif op == "stop":
-            return False
-        else:
-            raise ValueError(f"unknown engine command {op!r}")
-        return True
-
-    def send_stats_if_changed(self) -> None:
-        stats = _stats(self.engine)
-        if stats != self.last_stats:
-            self.last_stats = stats
-            self.last_stats_time = time.monotonic()
-            self.send(["stats", stats])
-
-    def encode(self, outputs: list[Any]) -> tuple[float, list[list[Any]]]:
-        keys, ids = self.keys, self.ids
-        items: list[list[Any]] = []
-        t = 0.0
-        for o in outputs:
-            key = keys.get(o.request_id)
-            if key is None:
-                continue  # aborted by the parent while this step ran
-            m = o.metrics
-            if m is not None and m.last_token_time is not None:
-                t = m.last_token_time
-            if o.finished:
-                del keys[o.request_id], ids[key]
-                times = None if m is None else [m.arrival_time, m.first_scheduled_time, m.first_token_time,
-                                                m.last_token_time, m.finished_time]
-                items.append([key, o.new_token_ids, o.new_text, o.num_output_tokens, o.finish_reason,
-                              o.stop_reason, o.text, o.token_ids, o.num_prompt_tokens, times,
-                              o.num_preemptions])
-            else:
-                items.append([key, o.new_token_ids, o.new_text, o.num_output_tokens])
-        return t or time.monotonic(), items
-
-    def run(self) -> None:
-        """Serve until ``stop`` or the parent goes away (EOF on the command pipe)."""
-        engine, commands = self.engine, self.commands
-        while True:
-            if not engine.has_unfinished_requests():
-                self.send_stats_if_changed()
-                if not self.apply(commands.recv_bytes()):  # idle: block
-                    return
-            while commands.poll():
-                if not self.apply(commands.recv_bytes()):
-                    return
-            if not engine.has_unfinished_requests():
-                continue
-            outputs = engine.step()
-            now = time.monotonic()
-            stats = None
-            if now - self.last_stats_time >= STATS_INTERVAL:
-                stats = self.last_stats = _stats(engine)
-                self.last_stats_time = now
-            if outputs or stats is not None:
-                t, items = self.encode(outputs)
-                self.send(["out", t, items, stats])
-
-
-def _watch_lifeline(lifeline: Connection) -> None:
-    """End this process if the parent dies, even while a step is stuck."""
-
-    def watch() -> None:
-        with contextlib.suppress(EOFError, OSError):
-            while True:
-                lifeline.recv_bytes()
-        time.sleep(LIFELINE_GRACE_S)
-        os._exit(3)
-
-    threading.Thread(target=watch, name="sagellm-engine-lifeline", daemon=True).start()
-
-
-def _serve(core: EngineCore, result: list[int]) -> None:
-    try:
-        core.run()
-        result.append(0)
-    except (EOFError, BrokenPipeError):
-        logger.info("the command pipe closed; the engine stops")
-        result.append(0)
-    except BaseException as exc:
-        logger.exception("the engine loop died")
-        result.append(1)
-        with contextlib.suppress(OSError):
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            core.outputs.send_bytes(_dumps(["dead", type(exc).__name__, detail]).encode())
-
-
-def _build_engine(config_json: str, factory: str | None) -> EngineLike:
-    config = EngineConfig.model_validate_json(config_json)
-    if factory is not None:  # "module:callable", for tests with a scripted engine
-        module, _, name = factory.partition(":")
-        return getattr(importlib.import_module(module), name)(config)  # type: ignore[no-any-return]
-    from sagellm.engine.llm_engine import LLMEngine
-
-    return LLMEngine(config)
-
-
-def engine_process_main(config_json: str, commands: Connection, outputs: Connection,
-                        lifeline: Connection, factory: str | None, log_level: int) -> None:
-    """Entry point of the engine process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level or logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
-    _watch_lifeline(lifeline)
-    code = 0
-    engine = None
-    try:
-        try:
-            engine = _build_engine(config_json, factory)
-        except BaseException as exc:
-            logger.debug("building the engine failed", exc_info=True)
-            outputs.send_bytes(_dumps(["fail", type(exc).__name__, str(exc)]).encode())
-            code = 2
-            return
-        outputs.send_bytes(_dumps(["ready", asdict(describe_engine(engine))]).encode())
-        core = EngineCore(engine, commands, outputs)
-        result: list[int] = []
-        # Step from a worker thread, as the in-process engine did: on a loaded CPU-only machine
-        # torch's OpenMP pool is far slower driven from the main thread (see bench_overhead.py).
-        loop = threading.Thread(target=_serve, args=(core, result), name="sagellm-engine-core")
-        loop.start()
-        loop.join()
-        code = result[0] if result else 1
-    finally:
-        if engine is not None and hasattr(engine, "shutdown"):
-            with contextlib.suppress(Exception):
-                engine.shutdown()  # the worker processes of a tensor-parallel engine
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Skip interpreter teardown: torch and tokenizers threads can hang a clean exit.
-        os._exit(code)
-
-
-# ============================================================================================
-# Parent side
-# ============================================================================================
 
 
 class WireOutput:
@@ -359,34 +89,129 @@ def _snapshot(s: list[Any]) -> EngineSnapshot:
     return EngineSnapshot(*s)
 
 
+class _Child:
+    """One engine process and the parent's ends of its pipes."""
+
+    def __init__(self, proc: Any, commands: Connection, outputs: Connection, lifeline: Connection) -> None:
+        self.proc = proc
+        self.commands = commands
+        self.outputs = outputs
+        self.lifeline = lifeline
+        self.info: EngineInfo | None = None
+
+    def close_pipes(self) -> None:
+        for conn in (self.commands, self.outputs, self.lifeline):
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def _spawn(config_json: str, factory: str | None, timeout: float | None) -> _Child:
+    """Start an engine process and wait until it has built the engine (blocking: the parent calls
+    it before serving, and from an executor thread to restart). Raises :class:`EngineStartupError`
+    with the child's error type and message if it cannot."""
+    ctx = multiprocessing.get_context("spawn")
+    cmd_r, cmd_w = ctx.Pipe(duplex=False)
+    out_r, out_w = ctx.Pipe(duplex=False)
+    life_r, life_w = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=engine_process_main, name="sagellm-engine-core", daemon=False,
+                       args=(config_json, cmd_r, out_w, life_r, factory, logging.getLogger().level))
+    proc.start()
+    for end in (cmd_r, out_w, life_r):  # the child's ends: EOF must mean "the other side died"
+        end.close()
+    child = _Child(proc, cmd_w, out_r, life_w)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while not out_r.poll(0.2):
+            if not proc.is_alive():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise EngineStartupError("TimeoutError", f"the engine did not start within {timeout} s")
+        try:
+            msg = loads(out_r.recv_bytes())  # blocking is fine here: no event loop reads it yet
+        except (EOFError, OSError):
+            proc.join(5)
+            raise EngineStartupError("EngineDeadError", "the engine process exited while starting "
+                                     f"({_describe_exit(proc.exitcode)})") from None
+        if msg[0] == "fail":
+            raise EngineStartupError(msg[1], msg[2])
+        assert msg[0] == "ready", msg
+    except EngineStartupError as exc:
+        _stop_child(child, 10.0)
+        exc.exitcode = proc.exitcode
+        raise
+    except BaseException:
+        _stop_child(child, 10.0)
+        raise
+    child.info = EngineInfo(**msg[1])
+    return child
+
+
+def _stop_child(child: _Child, timeout: float) -> None:
+    """Close our ends (the child exits on EOF), join it, and end it hard if it lingers (blocking)."""
+    proc = child.proc
+    with contextlib.suppress(OSError):
+        child.commands.close()
+    proc.join(timeout)
+    if proc.is_alive():
+        logger.warning("the engine process did not stop within %.0f s; terminating it", timeout)
+        proc.terminate()
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    child.close_pipes()
+
+
+#: How long a dead engine process may take to exit by itself before it gets SIGKILL.
+REAP_GRACE_S = 10.0
+_REAP_POLL_S = 0.02
+
+
 class EngineProcess(EngineClient):
     """The parent side: starts the engine process, feeds it requests, routes its outputs.
 
     :meth:`launch` (blocking, before the event loop runs) starts the child and waits until it is
     ready; :meth:`start` attaches the output pipe to the event loop with ``add_reader``, so no
-    thread of this process ever touches the engine's traffic."""
+    thread of this process ever touches the engine's traffic. The engine counts as dead only when
+    its process has exited (EOF on the output pipe, then reaped), when it says so (``dead``), or
+    when the hang watchdog kills it; :meth:`restart` then starts a new one from an executor
+    thread, once the old one is reaped (its device memory must be free first)."""
 
     def __init__(self, config: EngineConfig, *, max_num_seqs: int | None = None,
                  max_queued_requests: int | None = None, metrics: ServerMetrics | None = None,
                  factory: str | None = None) -> None:
-        super().__init__(max_num_seqs=max_num_seqs or config.max_num_seqs,
-                         max_queued_requests=max_queued_requests, metrics=metrics)
         self.config = config
         self.factory = factory
         self.info: EngineInfo | None = None
-        self._proc: Any = None
-        self._commands: Connection | None = None
-        self._outputs: Connection | None = None
-        self._lifeline: Connection | None = None
+        self._child: _Child | None = None
+        self._attached = False
+        self._reader = FrameReader()
         self._by_key: dict[int, RequestHandle] = {}
         self._next_key = 0
         self._wbuf = bytearray()
         self._writing = False
         self._stopped = False
+        # Last: registering the metrics collector already reads is_alive.
+        super().__init__(max_num_seqs=max_num_seqs or config.max_num_seqs,
+                         max_queued_requests=max_queued_requests, metrics=metrics)
+        #: Counters of the engines before the last restart, added to the live ones.
+        self._carried = EngineSnapshot()
+        #: Set while no dead child is left to reap.
+        self._reaped = asyncio.Event()
+        self._reaped.set()
+        self._spawning: concurrent.futures.Future[_Child] | None = None
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.proc.pid if self._child is not None else None
+
+    @property
+    def engine_pid(self) -> int | None:
+        return self.pid if self.is_alive else None
+
+    @property
+    def _proc(self) -> Any:
+        return self._child.proc if self._child is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -394,90 +219,123 @@ class EngineProcess(EngineClient):
         """Start the engine process and wait until it has built the engine (blocking).
 
         Raises :class:`EngineStartupError` if it cannot (the child's error type and message)."""
-        assert self._proc is None, "the engine process is already started"
-        ctx = multiprocessing.get_context("spawn")
-        cmd_r, cmd_w = ctx.Pipe(duplex=False)
-        out_r, out_w = ctx.Pipe(duplex=False)
-        life_r, life_w = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=engine_process_main, name="sagellm-engine-core", daemon=False,
-                           args=(self.config.model_dump_json(), cmd_r, out_w, life_r, self.factory,
-                                 logging.getLogger().level))
-        proc.start()
-        for end in (cmd_r, out_w, life_r):  # the child's ends: EOF must mean "the other side died"
-            end.close()
-        self._proc, self._commands, self._outputs, self._lifeline = proc, cmd_w, out_r, life_w
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while not out_r.poll(0.2):
-                if not proc.is_alive():
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    raise EngineStartupError("TimeoutError", f"the engine did not start within {timeout} s")
-            try:
-                msg = _loads(out_r.recv_bytes())
-            except (EOFError, OSError):
-                proc.join(5)
-                raise EngineStartupError("EngineDeadError", "the engine process exited while starting "
-                                         f"({_describe_exit(proc.exitcode)})") from None
-            if msg[0] == "fail":
-                raise EngineStartupError(msg[1], msg[2])
-            assert msg[0] == "ready", msg
-        except BaseException:
-            self._stop_process(10.0)
-            raise
-        self.info = EngineInfo(**msg[1])
-        logger.info("engine process pid %d ready in %.1f s", proc.pid, self.info.startup_seconds)
+        assert self._child is None, "the engine process is already started"
+        child = _spawn(self.config.model_dump_json(), self.factory, timeout)
+        self._install(child)
+        assert self.info is not None
         return self.info
 
+    def _install(self, child: _Child) -> None:
+        assert child.info is not None
+        self._child = child
+        self.info = child.info
+        self._reader = FrameReader()
+        self._wbuf.clear()
+        logger.info("engine process pid %d ready in %.1f s", child.proc.pid, child.info.startup_seconds)
+
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        assert self._proc is not None and self._outputs is not None and self._commands is not None, \
-            "launch() the engine process first"
-        self._loop = loop = loop or asyncio.get_running_loop()
-        os.set_blocking(self._commands.fileno(), False)
-        loop.add_reader(self._outputs.fileno(), self._on_readable)
+        assert self._child is not None, "launch() the engine process first"
+        self._loop = loop or asyncio.get_running_loop()
+        self._attach()
+
+    def _attach(self) -> None:
+        child = self._child
+        assert child is not None and self._loop is not None
+        # Both ends non-blocking on purpose: writes are buffered, reads take what is there.
+        os.set_blocking(child.commands.fileno(), False)
+        os.set_blocking(child.outputs.fileno(), False)
+        self._loop.add_reader(child.outputs.fileno(), self._on_readable)
+        self._attached = True
+        self.last_progress = time.monotonic()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self._proc is None or self._stopped:
+        if self._stopped:
             return
         self._stopped = True
         self._detach()
-        if self.error is None and not self._wbuf and self._commands is not None:
+        spawning = self._spawning
+        if spawning is not None:  # a restart is starting an engine: stop that one too
+            with contextlib.suppress(Exception):
+                _stop_child(spawning.result(timeout), timeout)
+        child = self._child
+        if child is None:
+            return
+        if self.error is None and not self._wbuf:
             with contextlib.suppress(OSError):  # a full pipe or a dead child: closing it says the same
-                os.write(self._commands.fileno(), _frame(["stop"]))
-        self._stop_process(timeout)
+                os.write(child.commands.fileno(), _frame(["stop"]))
+        _stop_child(child, timeout)
 
     def _detach(self) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            if self._outputs is not None:
-                loop.remove_reader(self._outputs.fileno())
-            if self._writing and self._commands is not None:
-                loop.remove_writer(self._commands.fileno())
+        loop, child = self._loop, self._child
+        if self._attached and child is not None and loop is not None and not loop.is_closed():
+            with contextlib.suppress(ValueError, OSError):  # the fd may be closed already
+                loop.remove_reader(child.outputs.fileno())
+                if self._writing:
+                    loop.remove_writer(child.commands.fileno())
+        self._attached = False
         self._writing = False
-
-    def _stop_process(self, timeout: float) -> None:
-        """Close our ends (the child exits on EOF), join it, and end it hard if it lingers."""
-        proc = self._proc
-        if self._commands is not None:
-            self._commands.close()
-            self._commands = None
-        proc.join(timeout)
-        if proc.is_alive():
-            logger.warning("the engine process did not stop within %.0f s; terminating it", timeout)
-            proc.terminate()
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        for conn in (self._outputs, self._lifeline):
-            if conn is not None:
-                conn.close()
-        self._outputs = self._lifeline = None
 
     @property
     def is_alive(self) -> bool:
-        return (self._proc is not None and self.error is None and not self._stopped
-                and self._proc.exitcode is None)
+        child = self._child
+        return (child is not None and self.error is None and not self._stopped
+                and child.proc.exitcode is None)
+
+    @property
+    def can_restart(self) -> bool:
+        return not self._stopped
+
+    async def restart(self, timeout: float | None = None) -> None:
+        """Start a new engine process in place of the dead one. The new engine must serve the same
+        context length and vocabulary (the HTTP side validates requests against them)."""
+        assert self.error is not None, "the engine is not dead"
+        loop = self._loop
+        assert loop is not None
+        await self._reaped.wait()
+        fut: concurrent.futures.Future[_Child] = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()  # it cannot be cancelled: shutdown() must stop the child
+        config_json = self.config.model_dump_json()
+
+        def spawn() -> None:
+            try:
+                fut.set_result(_spawn(config_json, self.factory, timeout))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self._spawning = fut
+        threading.Thread(target=spawn, name="sagellm-engine-restart", daemon=True).start()
+        try:
+            # Shielded: if the supervisor is cancelled meanwhile, _spawning stays set and
+            # shutdown() stops the engine this start produces.
+            child = await asyncio.shield(asyncio.wrap_future(fut))
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self._spawning = None
+            raise
+        self._spawning = None
+        old, new = self.info, child.info
+        assert old is not None and new is not None
+        if self._stopped or (new.max_model_len, new.vocab_size) != (old.max_model_len, old.vocab_size):
+            await loop.run_in_executor(None, _stop_child, child, 10.0)
+            if self._stopped:
+                raise EngineDeadError("the server shut down while the engine restarted")
+            raise EngineStartupError("EngineMismatch", (
+                f"the restarted engine serves max_model_len {new.max_model_len} and vocab_size "
+                f"{new.vocab_size}, not {old.max_model_len} and {old.vocab_size}"))
+        self._install(child)
+        self.error = None
+        self.snapshot = EngineSnapshot().plus_counters(self._carried)
+        self.died.clear()
+        self._attach()
+
+    def kill(self, reason: str) -> None:
+        child = self._child
+        if child is None or self.died.is_set():
+            return
+        with contextlib.suppress(OSError):
+            child.proc.kill()
+        self._die(child, reason)
 
     # -- commands (event loop) -------------------------------------------------------------
 
@@ -495,8 +353,8 @@ class EngineProcess(EngineClient):
         self._by_key.pop(handle.key, None)
 
     def _send(self, msg: list[Any]) -> None:
-        if self._commands is None:
-            return
+        if not self._attached:
+            return  # dead or stopping: nothing reads commands any more
         frame = _frame(msg)
         if self._wbuf:
             self._wbuf += frame
@@ -508,8 +366,8 @@ class EngineProcess(EngineClient):
 
     def _write_now(self, frame: bytes) -> None:
         """Write without blocking; keep the rest and finish when the pipe has room."""
-        assert self._commands is not None
-        fd = self._commands.fileno()
+        assert self._child is not None
+        fd = self._child.commands.fileno()
         try:
             n = os.write(fd, frame)
         except BlockingIOError:
@@ -521,9 +379,9 @@ class EngineProcess(EngineClient):
                 self._loop.add_writer(fd, self._flush)
 
     def _flush(self) -> None:
-        if self._commands is None:
+        if not self._attached or self._child is None:
             return
-        fd = self._commands.fileno()
+        fd = self._child.commands.fileno()
         try:
             n = os.write(fd, self._wbuf)
         except BlockingIOError:
@@ -538,17 +396,43 @@ class EngineProcess(EngineClient):
     # -- outputs (event loop) --------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        conn = self._outputs
-        if conn is None:
+        child = self._child
+        if child is None or not self._attached:
             return
         try:
-            for _ in range(64):  # everything queued, within reason
-                self._handle(_loads(conn.recv_bytes()))
-                if self.error is not None or not conn.poll():
-                    break
-        except (EOFError, OSError):
-            self._proc.join(1.0)
-            self._die(f"the engine process exited ({_describe_exit(self._proc.exitcode)})")
+            data, eof = read_available(child.outputs.fileno())
+        except OSError as exc:  # not EAGAIN (read_available handles that): the pipe itself failed
+            logger.error("reading the engine's output pipe failed: %r", exc)
+            data, eof = b"", True
+        if data:
+            try:
+                frames = self._reader.feed(data)
+            except ValueError:
+                logger.exception("the engine's output stream is corrupt")
+                self.kill("the engine's output stream is corrupt")
+                return
+            for raw in frames:
+                self._handle_frame(raw)
+                if self._child is not child or self.died.is_set():
+                    return  # it died (a "dead" message); the rest is moot
+        if eof:
+            self._on_eof(child)
+
+    def _handle_frame(self, raw: bytes) -> None:
+        self.last_progress = time.monotonic()
+        msg: Any = None
+        try:
+            msg = loads(raw)
+            self._handle(msg)
+        except Exception:
+            # A bug on this side, not the engine's death: fail only the requests it touched.
+            logger.exception("handling a message from the engine process failed")
+            for key in _keys_of(msg):
+                handle = self._by_key.get(key)
+                if handle is not None:
+                    self._fail(handle, EngineRequestError("the server could not handle the engine's "
+                                                          "output for this request"))
+                    self._send_abort(handle)
 
     def _handle(self, msg: list[Any]) -> None:
         op = msg[0]
@@ -561,30 +445,85 @@ class EngineProcess(EngineClient):
                     continue  # aborted on this side; the abort command is on its way
                 self._deliver(handle, WireOutput(handle.request_id, item, handle.num_prompt_tokens), t)
             if stats is not None:
-                self.snapshot = _snapshot(stats)
+                self.snapshot = _snapshot(stats).plus_counters(self._carried)
         elif op == "stats":
-            self.snapshot = _snapshot(msg[1])
+            self.snapshot = _snapshot(msg[1]).plus_counters(self._carried)
         elif op == "err":
             handle = self._by_key.get(msg[1])
             if handle is not None:
                 kind, text = msg[2], msg[3]
-                self._fail(handle, ValueError(text) if kind == "ValueError" else RuntimeError(f"{kind}: {text}"))
+                if kind == "ValueError":  # add_request refused it: the client's fault (400)
+                    self._fail(handle, ValueError(text))
+                else:
+                    self._engine_failed(handle, text if kind == ENGINE_ERROR else f"{kind}: {text}")
         elif op == "dead":
-            self._die(f"the engine raised {msg[2]}")
+            assert self._child is not None
+            self._die(self._child, f"the engine raised {msg[2]}")
         else:
             logger.warning("unknown message from the engine process: %r", op)
 
-    def _die(self, reason: str) -> None:
-        if self.error is not None:
-            return
-        self.error = EngineDeadError(reason)
-        s = self.snapshot
-        self.snapshot = EngineSnapshot(s.num_running, s.num_waiting, s.kv_usage, s.num_kv_blocks,
-                                       s.num_free_kv_blocks, s.num_prompt_tokens, s.num_generation_tokens,
-                                       s.num_preemptions, s.num_steps, alive=False)
-        logger.error("%s; /health now answers 503", reason)
+    def _on_eof(self, child: _Child) -> None:
+        """The child closed its output pipe: it is exiting. Wait (without blocking) until it has,
+        so its exit status names the cause, then it is dead."""
         self._detach()
-        self._fail_all(self.error)
+        if self.died.is_set():
+            return
+        self._reaped.clear()
+
+        def gone(exitcode: int | None) -> None:
+            self._die(child, f"the engine process exited ({_describe_exit(exitcode)})")
+
+        self._reap(child, gone)
+
+    def _die(self, child: _Child, reason: str) -> None:
+        if self.died.is_set():
+            return
+        self._detach()
+        self._carried = self.snapshot.down()
+        self._mark_dead(reason)
+        if self._reaped.is_set() and child.proc.exitcode is None:
+            self._reaped.clear()
+            self._reap(child, None)
+        elif child.proc.exitcode is not None:
+            child.close_pipes()
+
+    def _reap(self, child: _Child, then: Callable[[int | None], None] | None) -> None:
+        """Poll (from the event loop, never blocking it) until ``child`` has exited and is
+        reaped (no zombie); SIGKILL it after ``REAP_GRACE_S``. Then close its pipes, set
+        ``_reaped`` and call ``then`` with its exit code."""
+        loop = self._loop
+        assert loop is not None
+        deadline = time.monotonic() + REAP_GRACE_S
+
+        def check() -> None:
+            nonlocal deadline
+            code = child.proc.exitcode  # waitpid(WNOHANG): reaps it once it has exited
+            if code is None:
+                if time.monotonic() > deadline:
+                    logger.warning("the engine process %d did not exit within %.0f s; killing it",
+                                   child.proc.pid, REAP_GRACE_S)
+                    with contextlib.suppress(OSError):
+                        child.proc.kill()
+                    deadline = float("inf")
+                if not loop.is_closed():
+                    loop.call_later(_REAP_POLL_S, check)
+                return
+            child.close_pipes()
+            self._reaped.set()
+            if then is not None:
+                then(code)
+
+        check()
+
+
+def _keys_of(msg: Any) -> list[int]:
+    """The request keys a child message is about (to fail just those if handling it fails)."""
+    if isinstance(msg, list) and msg:
+        if msg[0] == "out" and len(msg) > 2 and isinstance(msg[2], list):
+            return [item[0] for item in msg[2] if isinstance(item, list) and item]
+        if msg[0] == "err" and len(msg) > 1:
+            return [msg[1]]
+    return []
 
 
 def _describe_exit(exitcode: int | None) -> str:

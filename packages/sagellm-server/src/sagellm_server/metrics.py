@@ -2,11 +2,15 @@
 
 Engine-wide numbers (running and waiting requests, KV usage, token counters) are read from the
 engine loop's latest stats snapshot when Prometheus scrapes, so they cost nothing per step.
-Per-request latencies are histograms observed on the event loop as outputs arrive.
+While the engine is down its load gauges are absent (a dead engine's last numbers are not live)
+and ``sagellm:engine_alive`` is 0; its counters carry on across a restart. Resident memory of the
+server and of the engine process is read from ``/proc`` at scrape time. Per-request latencies are
+histograms observed on the event loop as outputs arrive.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -27,11 +31,25 @@ _E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                 50.0, 60.0, 120.0, 240.0, 480.0)
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident memory of process ``pid`` from ``/proc/PID/statm``; None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class _EngineCollector(Collector):
     """Gauges and counters computed from the engine loop's snapshot at scrape time."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], engine_pid: Callable[[], int | None],
+                 model_name: str) -> None:
         self._snapshot = snapshot
+        self._engine_pid = engine_pid
         self._labels = {"model_name": model_name}
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -46,13 +64,26 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._snapshot()
-        yield self._gauge("sagellm:num_requests_running", "Requests in the running batch.", s.num_running)
-        yield self._gauge("sagellm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
-        yield self._gauge("sagellm:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", s.kv_usage)
-        yield self._gauge("sagellm:num_kv_blocks", "KV blocks in the pool.", s.num_kv_blocks)
-        yield self._gauge("sagellm:num_free_kv_blocks", "KV blocks free in the pool.", s.num_free_kv_blocks)
-        yield self._gauge("sagellm:engine_alive", "1 while the engine loop runs, 0 once it died.",
+        if s.alive:  # a dead engine has no load; its last numbers would read as live
+            yield self._gauge("sagellm:num_requests_running", "Requests in the running batch.", s.num_running)
+            yield self._gauge("sagellm:num_requests_waiting", "Requests waiting to be scheduled.",
+                              s.num_waiting)
+            yield self._gauge("sagellm:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).",
+                              s.kv_usage)
+            yield self._gauge("sagellm:num_kv_blocks", "KV blocks in the pool.", s.num_kv_blocks)
+            yield self._gauge("sagellm:num_free_kv_blocks", "KV blocks free in the pool.",
+                              s.num_free_kv_blocks)
+        yield self._gauge("sagellm:engine_alive", "1 while the engine runs, 0 while it is down.",
                           1.0 if s.alive else 0.0)
+        server_rss = rss_bytes()
+        if server_rss is not None:
+            yield self._gauge("sagellm:server_rss_bytes", "Resident memory of the server process.",
+                              server_rss)
+        pid = self._engine_pid()
+        engine_rss = rss_bytes(pid) if pid is not None else None
+        if engine_rss is not None:
+            yield self._gauge("sagellm:engine_rss_bytes", "Resident memory of the engine process "
+                              "(absent while it is down, and with --engine-in-process).", engine_rss)
         yield self._counter("sagellm:prompt_tokens", "Prompt tokens prefilled.", s.num_prompt_tokens)
         yield self._counter("sagellm:generation_tokens", "Tokens generated.", s.num_generation_tokens)
         yield self._counter("sagellm:num_preemptions", "Sequences preempted for lack of KV blocks.",
@@ -83,9 +114,12 @@ class ServerMetrics:
                           for reason in ("stop", "length", "abort")}
         self.rejected = Counter("sagellm:request_rejected", "Requests refused before reaching the "
                                 "engine, by HTTP status.", ["model_name", "status"], registry=r)
+        self.engine_restarts = Counter("sagellm:engine_restarts", "Times a dead engine was replaced "
+                                       "by a new one that came up.", labels, registry=r).labels(model_name)
 
-    def attach(self, snapshot: Callable[[], EngineSnapshot]) -> None:
-        self.registry.register(_EngineCollector(snapshot, self.model_name))
+    def attach(self, snapshot: Callable[[], EngineSnapshot],
+               engine_pid: Callable[[], int | None] = lambda: None) -> None:
+        self.registry.register(_EngineCollector(snapshot, engine_pid, self.model_name))
 
     def finished(self, reason: str | None) -> None:
         counter = self._finished.get(reason or "abort")

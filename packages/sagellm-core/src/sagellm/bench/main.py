@@ -14,15 +14,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sagellm.bench import report, workloads
+from sagellm.bench import report, soak
 
 OFFLINE = ["ttft_512", "tpot_512_256", "batch8_512_256", "batch16_512_256", "nano256_random",
            "kv_fragmentation"]
+#: Workloads that only talk to a running server (--serve-url), without an offline engine.
+SERVE = ["serve_c1", "serve_c16", "soak"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF directory of the bench model (config only is "
-                   "fine: weights are random)")
+    p.add_argument("--model", default=None, help="HF directory of the bench model (config only is "
+                   "fine: weights are random); needed by the offline workloads")
     p.add_argument("--backend", default="auto")
     p.add_argument("--platform-class", default=None,
                    help="module:Class of a Platform to use instead of discovery (e.g. when the "
@@ -30,13 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--workloads", default="all",
-                   help=f"comma list of {','.join(OFFLINE)},serve_c1,serve_c16 (default all "
-                        "offline ones, plus serve rows when --serve-url is given)")
+                   help=f"comma list of {','.join(OFFLINE + SERVE)} (default all offline ones, "
+                        "plus serve_c1,serve_c16 when --serve-url is given; soak only when named)")
     p.add_argument("--serve-url", default=None, help="base URL of a running sagellm-server")
     p.add_argument("--baseline-dir", type=Path, default=None,
                    help="folder of baseline JSONs (per card: h100/vllm_offline.json ...)")
     p.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
     p.add_argument("--enforce-eager", action="store_true")
+    soak.add_arguments(p)
 
 
 def _make_engine(args: argparse.Namespace) -> Any:
@@ -59,8 +62,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.workloads == "all" and args.serve_url:
         names = names + ["serve_c1", "serve_c16"]
     result: dict[str, Any] = {"engine": "sagellm", "python": pyplatform.python_version()}
-    if all(n.startswith("serve_") for n in names):
+    if all(n in SERVE for n in names):
         return _run_serve_only(args, names, result)
+    if not args.model:
+        raise ValueError(f"the offline workloads ({', '.join(n for n in names if n not in SERVE)}) "
+                         "need --model")
+    from sagellm.bench import workloads
+
     t0 = time.perf_counter()
     engine = _make_engine(args)
     t_ready = time.perf_counter() - t0
@@ -80,11 +88,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kv_fragmentation": lambda: workloads.kv_fragmentation(engine),
     }
     for name in names:
-        if name.startswith("serve_"):
-            from sagellm.bench import serve
-
-            conc, num = (1, 8) if name == "serve_c1" else (16, 64)
-            result[name] = serve.run_serve(args.serve_url, conc, num)
+        if name in SERVE:
+            result[name] = _serve_workload(args, name)
         else:
             result[name] = table[name]()
         logging.getLogger("sagellm.bench").warning("%s done: %s", name, {
@@ -99,8 +104,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _run_serve_only(args: argparse.Namespace, names: list[str], result: dict[str, Any]
                     ) -> dict[str, Any]:
     """Serve rows against a running server; the device is the one the server reports."""
-    from sagellm.bench import serve
-
     if not args.serve_url:
         raise ValueError("serve workloads need --serve-url")
     t0 = time.perf_counter()
@@ -112,12 +115,22 @@ def _run_serve_only(args: argparse.Namespace, names: list[str], result: dict[str
     result["device"] = serving.get("device") or "unknown"
     result["backend"] = serving.get("name")
     for name in names:
-        conc, num = (1, 8) if name == "serve_c1" else (16, 64)
-        result[name] = serve.run_serve(args.serve_url, conc, num)
+        result[name] = _serve_workload(args, name)
         logging.getLogger("sagellm.bench").warning("%s done: %s", name, {
             k: v for k, v in result[name].items() if k in ("out_tok_s", "ttft_ms", "tpot_ms")})
     result["total_s"] = time.perf_counter() - t0
     return result
+
+
+def _serve_workload(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    if not args.serve_url:
+        raise ValueError(f"{name} needs --serve-url")
+    if name == "soak":
+        return soak.run_soak(args)
+    from sagellm.bench import serve
+
+    conc, num = (1, 8) if name == "serve_c1" else (16, 64)
+    return serve.run_serve(args.serve_url, conc, num)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +145,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result["vs_baseline"] = report.rows(result, base)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(report.format_table(result["vs_baseline"], result["device"]))
+    if result["vs_baseline"]:
+        print(report.format_table(result["vs_baseline"], result["device"]))
+    if "soak" in result:
+        print(soak.format_table(result["soak"]))
     print(f"(JSON: {args.out})", file=sys.stderr)
-    return 0
+    # A failed soak level fails the command (the JSON is written either way).
+    return 1 if result.get("soak", {}).get("pass") is False else 0

@@ -10,27 +10,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import statistics
 import threading
 import time
 from typing import Any
 from urllib.parse import urlparse
 
+from sagellm.bench.stats import summary as _summary
 from sagellm.bench.workloads import random_prompt
-
-
-def _pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def _summary(xs: list[float]) -> dict[str, float]:
-    return {"p50": _pct(xs, 50), "p90": _pct(xs, 90), "p99": _pct(xs, 99),
-            "mean": statistics.fmean(xs) if xs else float("nan")}
 
 
 def one_request(url: str, prompt: list[int], max_tokens: int, model: str | None = None
