@@ -7,6 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sagellm import chat_template as chat_template_lib
 from sagellm.config import EngineConfig
 from sagellm.engine.llm_engine import LLMEngine
 from sagellm.errors import RequestError
@@ -74,14 +75,13 @@ class LLM:
 
     def apply_chat_template(self, messages: Seq[Message], add_generation_prompt: bool = True,
                             chat_template: str | None = None) -> list[int]:
+        """The prompt's token ids; the template renders in the hardened sandbox the server uses,
+        so a template that fails or runs away raises :class:`ChatTemplateError` here too."""
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
-        if chat_template is None and not getattr(tok, "chat_template", None):
-            raise ValueError("the model's tokenizer has no chat template; pass chat_template=")
-        text = tok.apply_chat_template(list(messages), tokenize=False,
-                                       add_generation_prompt=add_generation_prompt,
-                                       chat_template=chat_template)
+        text = chat_template_lib.apply_chat_template(tok, list(messages), chat_template=chat_template,
+                                                     add_generation_prompt=add_generation_prompt)
         return list(tok(text, add_special_tokens=False).input_ids)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

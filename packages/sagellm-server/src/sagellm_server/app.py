@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hmac
 import json
 import logging
@@ -18,9 +17,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import sagellm
+from sagellm.chat_template import ChatTemplateError, apply_chat_template
 from sagellm.outputs import RequestOutput
 from sagellm.sampling_params import SamplingParams
 from sagellm_server import __version__
@@ -31,11 +32,15 @@ from sagellm_server.async_engine import (
     RequestHandle,
     ServerShuttingDownError,
 )
+from sagellm_server.body_timeout import BodyTimeoutError, timed_receive
+from sagellm_server.http_limits import DEFAULT_BODY_TIMEOUT_S
 from sagellm_server.metrics import CONTENT_TYPE, ServerMetrics
+from sagellm_server.offload import TokenizerPool
 from sagellm_server.openai_protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    parse_json_object,
     validation_error,
 )
 from sagellm_server.supervisor import EngineSupervisor
@@ -61,6 +66,10 @@ class ServerConfig:
     device_name: str = ""
     registry: Any = None
     extra_model_names: list[str] = field(default_factory=list)
+    #: Seconds each read of a request body may take (then 408).
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S
+    #: Whether clients may send their own ``chat_template`` (rendered in the hardened sandbox).
+    allow_request_chat_template: bool = True
 
 
 # -- middleware ---------------------------------------------------------------------------
@@ -79,17 +88,21 @@ async def _send_error(send: Send, err: ApiError, headers: list[tuple[bytes, byte
 
 
 class GuardMiddleware:
-    """API key check (constant time) and request-body size limit, before any routing."""
+    """API key check (constant time), request-body size limit and body read timeout, before any
+    routing."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_body = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        receive = timed_receive(receive, self.body_timeout)
         headers = dict(scope["headers"])
         if self.expected is not None and scope["path"] not in PUBLIC_PATHS:
             given = headers.get(b"authorization", b"")
@@ -119,8 +132,14 @@ class GuardMiddleware:
         chunks: list[bytes] = []
         size = 0
         while True:
-            msg = await receive()
+            try:
+                msg = await receive()
+            except BodyTimeoutError as exc:
+                await _send_error(send, exc, [(b"connection", b"close")])
+                return
             if msg["type"] == "http.disconnect":
+                logger.info("a client hung up while sending a request body (%s %s)",
+                            scope["method"], scope["path"])
                 return
             chunk = msg.get("body", b"")
             size += len(chunk)
@@ -250,6 +269,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     try:
         return job.result()
     except asyncio.CancelledError:  # a cancelled gather() holds CancelledError without being cancelled()
+        logger.info("a client hung up waiting for %s; its request was aborted", request.url.path)
         raise ApiError(499, "the client closed the connection", code="client_closed") from None
     except EngineError as exc:
         raise engine_api_error(exc) from None
@@ -275,9 +295,10 @@ class _Server:
                  metrics: ServerMetrics) -> None:
         self.engine = engine
         self.config = config
-        # A private copy: HF fast tokenizers must not be used from two threads at once, and an
-        # in-process engine thread detokenizes with the original.
-        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        # Tokenizer copies of their own in worker threads: HF fast tokenizers must not be used
+        # from two threads at once, and an in-process engine thread detokenizes with the original.
+        self.tokenizer = tokenizer
+        self.tokenizers = TokenizerPool(tokenizer)
         self.metrics = metrics
         self.model_names = {config.served_model_name, *config.extra_model_names}
         self.started = int(time.time())
@@ -285,46 +306,75 @@ class _Server:
     # -- parsing and validation ------------------------------------------------------------
 
     async def parse(self, request: Request, model: type[M]) -> M:
-        raw = await request.body()
         try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+            raw = await request.body()
+        except ClientDisconnect:  # routine on a busy server: one line, no traceback
+            logger.info("a client hung up while sending a request body (%s)", request.url.path)
+            raise ApiError(499, "the client closed the connection", code="client_closed") from None
+        obj = parse_json_object(raw)
         try:
             req = model.model_validate(obj)
         except ValidationError as exc:
             raise validation_error(exc) from None
         name = getattr(req, "model", None)
         if name is not None and name not in self.model_names:
+            if len(name) > 200:
+                name = name[:200] + "..."  # do not echo a megabyte back
             raise ApiError(404, f"the model '{name}' does not exist; this server serves "
                            f"'{self.config.served_model_name}'", param="model", code="model_not_found")
         req.check_supported()  # type: ignore[attr-defined]
         return req
 
-    def tokenize(self, text: str | list[str], add_special_tokens: bool = True) -> Any:
+    async def tokenize(self, text: str | list[str]) -> Any:
         if self.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer: send token ids", param="prompt")
-        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        return await self.tokenizers.run(lambda tok: tok(text, add_special_tokens=True).input_ids)
+
+    async def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        """The prompt's token ids: the chat template renders, and its text tokenizes, in a
+        worker thread; the template under the sandbox's time and size limits."""
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer, so it has no chat template")
+        if req.chat_template is not None and not self.config.allow_request_chat_template:
+            raise ApiError(400, "this server does not accept a chat_template in requests "
+                           "(--no-request-chat-template)", param="chat_template",
+                           code="unsupported_value")
+        messages = [m.as_template_dict() for m in req.messages]
+
+        def work(tok: Any) -> list[int]:
+            text = apply_chat_template(tok, messages, chat_template=req.chat_template,
+                                       add_generation_prompt=req.add_generation_prompt)
+            return list(tok(text, add_special_tokens=False).input_ids)
+
+        try:
+            return await self.tokenizers.run(work)
+        except ChatTemplateError as exc:
+            param = "chat_template" if req.chat_template is not None else "messages"
+            raise ApiError(400, str(exc), param=param, code="invalid_chat_template") from None
 
     def check_prompt(self, ids: list[int], param: str) -> None:
         if not ids:
             raise ApiError(400, "the prompt is empty", param=param, code="invalid_value")
-        vocab = self.config.vocab_size
-        for t in ids:
-            if not 0 <= t < vocab:
-                raise ApiError(400, f"token id {t} is outside the vocabulary (0..{vocab - 1})",
-                               param=param, code="invalid_value")
+        # The length first: it is O(1), and a megabyte prompt's ids are not worth a loop here.
         limit = self.config.max_model_len
         if len(ids) >= limit:
             raise ApiError(400, f"this model's maximum context length is {limit} tokens; the "
                            f"prompt has {len(ids)} tokens, leaving no room for a completion",
                            param=param, code="context_length_exceeded")
+        vocab = self.config.vocab_size
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise ApiError(400, f"token id {t} is outside the vocabulary (0..{vocab - 1})",
+                               param=param, code="invalid_value")
 
     def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int,
                         requested: int | None, default: int | None) -> SamplingParams:
         limit = self.config.max_model_len
+        for t in req.stop_token_ids or ():
+            if not 0 <= t < self.config.vocab_size:
+                raise ApiError(400, f"stop token id {t} is outside the vocabulary "
+                               f"(0..{self.config.vocab_size - 1})", param="stop_token_ids",
+                               code="invalid_value")
         if requested is not None:
             max_tokens = requested
         else:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
@@ -334,6 +384,9 @@ class _Server:
                            f"{prompt_len + max_tokens} were requested ({prompt_len} in the prompt + "
                            f"{max_tokens} max_tokens); reduce the prompt or max_tokens",
                            param="max_tokens", code="context_length_exceeded")
+        if req.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
+                           param="min_tokens", code="invalid_value")
         kwargs: dict[str, Any] = {"max_tokens": max_tokens, "min_tokens": req.min_tokens,
                                   "ignore_eos": req.ignore_eos, "seed": req.seed,
                                   "include_stop_str_in_output": req.include_stop_str_in_output,
@@ -366,9 +419,9 @@ class _Server:
         req = await self.parse(request, CompletionRequest)
         p = req.prompt
         if isinstance(p, str):
-            prompts = [list(self.tokenize(p))]
+            prompts = [list(await self.tokenize(p))]
         elif isinstance(p[0], str):
-            prompts = [list(x) for x in self.tokenize(p)]  # type: ignore[arg-type]
+            prompts = [list(x) for x in await self.tokenize(p)]  # type: ignore[arg-type]
         elif isinstance(p[0], int):
             prompts = [list(p)]  # type: ignore[arg-type]
         else:
@@ -396,18 +449,7 @@ class _Server:
 
     async def chat(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
-        tok = self.tokenizer
-        if tok is None:
-            raise ApiError(400, "this model has no tokenizer, so it has no chat template")
-        if req.chat_template is None and not getattr(tok, "chat_template", None):
-            raise ApiError(400, "the model has no chat template; pass chat_template", param="chat_template")
-        try:
-            text = tok.apply_chat_template([m.as_template_dict() for m in req.messages], tokenize=False,
-                                           add_generation_prompt=req.add_generation_prompt,
-                                           chat_template=req.chat_template)
-        except Exception as exc:  # a template may raise on an unexpected conversation shape
-            raise ApiError(400, f"the chat template failed on these messages: {exc}", param="messages") from None
-        ids = list(self.tokenize(text, add_special_tokens=False))
+        ids = await self.render_chat(req)
         self.check_prompt(ids, "messages")
         params = self.sampling_params(req, len(ids), req.requested_max_tokens, None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -449,6 +491,9 @@ class _Server:
             err = (engine_api_error(exc) if isinstance(exc, EngineError)
                    else ApiError(400, str(exc), type="invalid_request_error"))
             yield f"data: {json.dumps(err.body())}\n\n"
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+            logger.info("a client hung up during a stream (%s); its request was aborted", fmt.request_id)
+            raise
         finally:
             # Closing the streams aborts whatever has not finished (client gone, error).
             for gen in (merged, *streams):
@@ -536,6 +581,8 @@ def create_app(engine: EngineClient, config: ServerConfig, tokenizer: Any,
         if exc.status != 499:
             metrics.reject(exc.status)
         headers = {"Retry-After": "1"} if exc.status == 503 else None
+        if exc.status == 408:  # the rest of a timed-out body may still be coming: do not read it
+            headers = {"Connection": "close"}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -592,6 +639,6 @@ def create_app(engine: EngineClient, config: ServerConfig, tokenizer: Any,
         return await server.chat(request)
 
     app.add_middleware(GuardMiddleware, api_key=config.api_key,  # type: ignore[arg-type]
-                       max_body_bytes=config.max_request_body_bytes)
+                       max_body_bytes=config.max_request_body_bytes, body_timeout=config.body_timeout)
     return app
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sagellm_server import http_limits
+
 if TYPE_CHECKING:
     from sagellm.config import EngineConfig
     from sagellm_server.async_engine import EngineClient
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger request bodies get HTTP 413")
     s.add_argument("--log-interval", type=float, default=10.0,
                    help="seconds between throughput log lines (0: none)")
+    s.add_argument("--request-chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="accept a chat_template in chat requests (rendered in a sandbox with time "
+                        "and size limits); --no-request-chat-template refuses them with 400")
+    http_limits.add_arguments(s)
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -161,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             served_model_name=name, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
             api_key=args.api_key or None, max_request_body_bytes=args.max_request_body_bytes,
             log_interval=args.log_interval, backend=info.backend, device_name=info.device_name,
-            registry=registry)
+            registry=registry, body_timeout=args.body_timeout,
+            allow_request_chat_template=args.request_chat_template)
         exit_request = ExitRequest()
         policy = SupervisionPolicy(
             on_engine_death=args.on_engine_death, max_restarts=args.engine_restarts,
@@ -179,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = GracefulServer(
             uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                            access_log=args.access_log, log_level=args.log_level,
-                           timeout_graceful_shutdown=5),
+                           timeout_graceful_shutdown=5, **http_limits.uvicorn_kwargs(args)),
             async_engine, exit_request, shutdown_timeout=args.shutdown_timeout)
         server.run()
     finally:

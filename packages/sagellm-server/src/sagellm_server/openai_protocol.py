@@ -6,6 +6,9 @@ assembled around a pre-serialized prefix) because they are built once per token.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
@@ -40,6 +43,67 @@ def validation_error(exc: ValidationError) -> ApiError:
     return ApiError(400, f"invalid value for '{where}': {msg}", param=param, code="invalid_value")
 
 
+#: A JSON escape of a UTF-16 surrogate (\\uD800-\\uDFFF): the only way one gets into a str.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it.
+
+    Stricter than ``json.loads``: no NaN/Infinity, no numbers that overflow to infinity, no
+    nesting deep enough to exhaust the stack, and no lone surrogates (which JSON's escapes
+    allow but Unicode does not: tokenizers and our own JSON responses would fail on them)."""
+    try:
+        obj = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw):
+        path = _surrogate_path(obj)
+        if path is not None:
+            where = ".".join(path) or "body"
+            raise ApiError(400, f"invalid value for '{where}': it contains a lone UTF-16 surrogate "
+                           "escape (\\ud800-\\udfff), which is not valid Unicode",
+                           param=path[0] if path and path[0] != _KEY else None, code="invalid_value")
+    return obj
+
+
+_KEY = "(a key)"
+
+
+def _surrogate_path(obj: Any) -> list[str] | None:
+    """Where the first string (or key) with a lone surrogate is; iterative, as nesting is deep."""
+    todo: list[tuple[Any, list[str]]] = [(obj, [])]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for k, v in reversed(value.items()):
+                if _SURROGATE.search(k):
+                    return [*path, _KEY]
+                todo.append((v, [*path, k]))
+        elif isinstance(value, list):
+            todo.extend((v, [*path, str(i)]) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
@@ -53,11 +117,12 @@ class _CommonRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=100.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = None
+    # Beyond int64 these overflow the sampler's tensors: refuse them here, as a 400.
+    top_k: int | None = Field(None, le=2**31 - 1)
     min_tokens: int = Field(0, ge=0)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
     ignore_eos: StrictBool = False
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
