@@ -268,10 +268,3 @@ def get_registry(refresh: bool = False) -> Registry:
             logger.info("loaded sagellm plugin %s from %s %s (%.2f s)", load.entry_point,
                         load.distribution, load.version, load.seconds)
     return _cached
-
-
-def select_platform(name: str = "auto", device_index: int = 0,
-                    registry: Registry | None = None) -> Platform:
-    """Instantiate the platform for ``name`` (``auto`` or a backend name)."""
-    info = (registry or get_registry()).select(name)
-    return info.platform(device_index)
