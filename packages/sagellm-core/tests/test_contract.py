@@ -239,7 +239,7 @@ def test_engine_does_not_import_distributed() -> None:
 
 def test_no_private_engine_names_imported_from_outside() -> None:
     engine_dir = SRC / "sagellm-core" / "src" / "sagellm" / "engine"
-    for path in SRC.glob("*/src/**/*.py"):
+    for path in [*SRC.glob("*/src/**/*.py"), *SRC.parent.glob("examples/*/src/**/*.py")]:
         if engine_dir in path.parents:
             continue
         for module, names in _imports(path):

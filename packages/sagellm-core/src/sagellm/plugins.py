@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from sagellm import hookspecs
-from sagellm.protocols import CONTRACT_VERSION, Availability, Platform
+from sagellm.protocols import CONTRACT_VERSION, OLDEST_CONTRACT_VERSION, Availability, Platform
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +239,12 @@ def _add_platform(reg: Registry, platform: type[Platform], dist: str, version: s
                                           f"v{platform.contract_version}; this sagellm-core has "
                                           f"v{CONTRACT_VERSION}: upgrade sagellm-core",
                                           version=version))
+        return
+    if getattr(platform, "contract_version", CONTRACT_VERSION) < OLDEST_CONTRACT_VERSION:
+        reg.failures.append(PluginFailure(ep, dist, f"{platform.__name__} targets backend contract "
+                                          f"v{platform.contract_version}; this sagellm-core supports "
+                                          f"v{OLDEST_CONTRACT_VERSION} to v{CONTRACT_VERSION}: "
+                                          f"upgrade {dist}", version=version))
         return
     avail = _safe_availability(platform)
     try:

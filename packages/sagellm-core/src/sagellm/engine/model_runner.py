@@ -58,14 +58,9 @@ class ModelRunner:
 
     def __init__(self, ctx: RunnerContext) -> None:
         self.ctx = ctx
-        self.model = ctx.model
-        self.kv = ctx.kv
-        self.attention = ctx.attention
-        self.platform = ctx.platform
-        self.config = ctx.config
-        self.device = ctx.device
-        self.block_size = ctx.block_size
-        self.max_model_len = ctx.max_model_len
+        self.model, self.kv, self.attention = ctx.model, ctx.kv, ctx.attention
+        self.platform, self.config, self.device = ctx.platform, ctx.config, ctx.device
+        self.block_size, self.max_model_len = ctx.block_size, ctx.max_model_len
         self.sampler = Sampler()
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
