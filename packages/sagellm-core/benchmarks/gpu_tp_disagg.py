@@ -107,7 +107,7 @@ class TorchCudaPlatform(Platform):
         return TorchAttentionBackend()
 
     def make_comm_backend(self, rank: int, world_size: int) -> TorchDistributedComm:
-        return TorchDistributedComm(self.device, sync=True)
+        return TorchDistributedComm(self.device, sync=True, synchronize=self.synchronize)
 
 
 def platform_class(choice: str) -> type[Platform]:

@@ -19,7 +19,7 @@ from sagellm.bench.soak_probe import growth, kv_leak, parse_prometheus, restarts
 from sagellm.bench.soak_requests import Mix, bad_body, bad_requests, plan
 from sagellm.bench.stats import percentile, summary
 from sagellm.engine.block_manager import BlockManager
-from sagellm.engine.sequence import Sequence
+from sagellm.engine.sequence import SequenceState
 from sagellm.protocols import KVCacheSpec
 from sagellm.sampling_params import SamplingParams
 
@@ -88,7 +88,7 @@ def test_prefix_cached_blocks_count_as_free() -> None:
     prefix cache are free for allocation, so they are not counted as leaked."""
     spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, block_size=4, dtype=torch.float32)
     bm = BlockManager(TorchKVBackend(spec, 8, torch.device("cpu")), 4, enable_caching=True)
-    s = Sequence("a", list(range(1, 13)), SamplingParams())
+    s = SequenceState("a", list(range(1, 13)), SamplingParams())
     bm.allocate(s, 12)
     s.num_computed_tokens = 12
     bm.register_computed_blocks(s)

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from sagellm.backends.torch_kv import TorchKVBackend
 from sagellm.engine.block_manager import BlockManager
 from sagellm.engine.scheduler import Scheduler
-from sagellm.engine.sequence import Sequence, SequenceStatus
+from sagellm.engine.sequence import SequenceState, SequenceStatus
 from sagellm.layers.sampler import Sampler, SamplingBatch, apply_top_k_top_p
 from sagellm.protocols import KVCacheSpec, KVPoolExhausted
 from sagellm.sampling_params import SamplingParams
@@ -22,8 +22,8 @@ def make(num_blocks: int = 16) -> tuple[TorchKVBackend, BlockManager]:
     return kv, BlockManager(kv, SPEC.block_size)
 
 
-def seq(rid: str, n: int, **kw: object) -> Sequence:
-    return Sequence(rid, list(range(1, n + 1)), SamplingParams(**kw))  # type: ignore[arg-type]
+def seq(rid: str, n: int, **kw: object) -> SequenceState:
+    return SequenceState(rid, list(range(1, n + 1)), SamplingParams(**kw))  # type: ignore[arg-type]
 
 
 def test_kv_backend_allocate_free_copy_and_usage() -> None:
@@ -46,19 +46,15 @@ def test_kv_backend_allocate_free_copy_and_usage() -> None:
         kv.free_blocks([ids[0]])
 
 
-def test_block_manager_ref_counts_and_fork() -> None:
+def test_block_manager_ref_counts() -> None:
     kv, bm = make(8)
     a = seq("a", 10)
     bm.allocate(a, 10)
     assert len(a.block_table) == 3
+    assert all(bm.ref_counts[i] == 1 for i in a.block_table)
     a.num_computed_tokens = 10
     assert bm.blocks_needed(a, 2) == 0 and bm.blocks_needed(a, 3) == 1
-    b = seq("b", 10)
-    bm.fork(a, b)
-    assert all(bm.ref_counts[i] == 2 for i in a.block_table)
     bm.free(a)
-    assert kv.num_free_blocks == 5  # still held by b
-    bm.free(b)
     assert kv.num_free_blocks == 8 and bm.ref_counts == {}
 
 

@@ -1,4 +1,5 @@
-"""The example platform: the CPU as "device", core's torch KV pool and gloo, our own attention."""
+"""The example platform: the CPU as "device", core's torch KV pool and gloo, our own attention,
+our own model runner and one replaced layer."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ import torch
 
 from sagellm.backends.torch_comm import TorchDistributedComm
 from sagellm.backends.torch_kv import TorchKVBackend
-from sagellm.protocols import Availability, Capabilities, KVCacheSpec, MemoryInfo, Platform
+from sagellm.layers.registry import LayerKind
+from sagellm.protocols import (
+    Availability,
+    Capabilities,
+    KVCacheSpec,
+    LayerRegister,
+    MemoryInfo,
+    Platform,
+)
+from sagellm.runner import RunnerContext
 from sagellm_example_backend.attention import ExampleAttention
+from sagellm_example_backend.layers import ExampleSiluAndMul
+from sagellm_example_backend.runner import ExampleModelRunner
 
 #: Set to anything to make the backend report itself unavailable (shows how reasons surface).
 DISABLE_ENV = "SAGELLM_EXAMPLE_DISABLE"
@@ -19,7 +31,7 @@ class ExamplePlatform(Platform):
     name = "example"
     device_type = "cpu"
     #: The contract version this backend was written and tested against.
-    contract_version = 1
+    contract_version = 2
 
     @classmethod
     def is_available(cls) -> Availability:
@@ -51,3 +63,11 @@ class ExamplePlatform(Platform):
 
     def make_comm_backend(self, rank: int, world_size: int) -> TorchDistributedComm:
         return TorchDistributedComm(self.device)
+
+    # Both optional: without them core's runner and layers run.
+
+    def register_layers(self, register: LayerRegister) -> None:
+        register(LayerKind.SILU_AND_MUL, ExampleSiluAndMul)
+
+    def make_model_runner(self, ctx: RunnerContext) -> ExampleModelRunner:
+        return ExampleModelRunner(ctx)

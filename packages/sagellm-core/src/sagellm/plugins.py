@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from sagellm import hookspecs
-from sagellm.protocols import CONTRACT_VERSION, Availability, Platform
+from sagellm.protocols import CONTRACT_VERSION, OLDEST_CONTRACT_VERSION, Availability, Platform
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,12 @@ def _add_platform(reg: Registry, platform: type[Platform], dist: str, version: s
                                           f"v{CONTRACT_VERSION}: upgrade sagellm-core",
                                           version=version))
         return
+    if getattr(platform, "contract_version", CONTRACT_VERSION) < OLDEST_CONTRACT_VERSION:
+        reg.failures.append(PluginFailure(ep, dist, f"{platform.__name__} targets backend contract "
+                                          f"v{platform.contract_version}; this sagellm-core supports "
+                                          f"v{OLDEST_CONTRACT_VERSION} to v{CONTRACT_VERSION}: "
+                                          f"upgrade {dist}", version=version))
+        return
     avail = _safe_availability(platform)
     try:
         priority = platform.capabilities().priority
@@ -268,10 +274,3 @@ def get_registry(refresh: bool = False) -> Registry:
             logger.info("loaded sagellm plugin %s from %s %s (%.2f s)", load.entry_point,
                         load.distribution, load.version, load.seconds)
     return _cached
-
-
-def select_platform(name: str = "auto", device_index: int = 0,
-                    registry: Registry | None = None) -> Platform:
-    """Instantiate the platform for ``name`` (``auto`` or a backend name)."""
-    info = (registry or get_registry()).select(name)
-    return info.platform(device_index)

@@ -5,8 +5,10 @@ Four abstractions, each small and typed:
 * :class:`KVBackend`  - owns the device memory of the paged KV pool and hands out physical blocks.
 * :class:`AttentionBackend` - paged prefill, paged decode and KV writes.
 * :class:`CommBackend` - collectives and KV-block transfer between ranks.
-* :class:`Platform` - describes a device kind, says whether it can run here, and builds the three
-  objects above.
+* :class:`Platform` - describes a device kind, says whether it can run here, builds the three
+  objects above, moves data between host and device, and may replace two things of core's:
+  the model runner (``make_model_runner``, see :mod:`sagellm.runner`) and the layers declared
+  swappable in :mod:`sagellm.layers.registry` (``register_layers``).
 
 Core owns all bookkeeping (which sequence holds which block, reference counts, scheduling); a
 backend owns memory and kernels. ``CONTRACT_VERSION`` is bumped on every incompatible change; a
@@ -17,13 +19,27 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-CONTRACT_VERSION = 1
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sagellm.engine.model_runner import ModelRunner
+    from sagellm.engine.runner_context import RunnerContext
+    from sagellm.layers.registry import LayerKind
+
+#: Version 2: ``make_model_runner(ctx: RunnerContext)`` (was ``**kwargs``), ``register_layers``,
+#: ``fetch_ids`` / ``to_device`` / ``empty_cache``; ``KVBackend.copy_blocks`` left the contract.
+CONTRACT_VERSION = 2
+#: The oldest ``Platform.contract_version`` core still loads (see ``docs/backends.md`` section 4).
+OLDEST_CONTRACT_VERSION = 1
+
+#: ``register(kind, replacement)``, the callback :meth:`Platform.register_layers` receives.
+LayerRegister = Callable[["LayerKind", "type[nn.Module]"], None]
 
 
 class KVPoolExhausted(RuntimeError):
@@ -104,14 +120,6 @@ class KVBackend(abc.ABC):
         """Take blocks back. Called by the block manager when a block's last reference drops.
 
         Freeing a block that is not allocated is a bug in the caller and must raise ``ValueError``.
-        """
-
-    @abc.abstractmethod
-    def copy_blocks(self, src_to_dst: Sequence[tuple[int, int]]) -> None:
-        """Copy whole blocks (all layers, keys and values) inside the pool.
-
-        Called by the model runner before a step whose plan lists copies (copy-on-write of a
-        shared block, defragmentation).
         """
 
     @abc.abstractmethod
@@ -420,7 +428,34 @@ class Platform(abc.ABC):
         """Free and total bytes of the device, read by the engine to size the KV pool."""
 
     def synchronize(self) -> None:
-        """Wait for queued device work; used around timings and memory profiling."""
+        """Wait for queued device work; used around timings and memory profiling, and passed to
+        :class:`~sagellm.backends.torch_comm.TorchDistributedComm` for exact transfer timings."""
+
+    def empty_cache(self) -> None:
+        """Return the allocator's cached free memory to the device.
+
+        Called once by the engine after memory profiling, before the KV pool is sized, so the
+        profile's temporaries do not count as used memory. Default: nothing.
+        """
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Copy a freshly built host tensor of step inputs to the device without waiting.
+
+        Called by the model runner for every input tensor of every step. Default:
+        ``host.to(self.device, non_blocking=True)``; a device whose copies only overlap from
+        page-locked memory pins ``host`` first.
+        """
+        return host.to(self.device, non_blocking=True)
+
+    def fetch_ids(self, ids: torch.Tensor) -> list[int]:
+        """The sampled token ids ``ids`` (a small device tensor) as a Python list.
+
+        Called by the model runner once per step; it is the step's only wait for the device. A
+        device whose ``tensor.tolist()`` waits while holding the interpreter lock should wait
+        with it released (other threads, such as the server's event loop, run meanwhile).
+        Default: ``ids.cpu().tolist()``.
+        """
+        return ids.cpu().tolist()  # type: ignore[no-any-return]
 
     def max_memory_allocated(self) -> int:
         """Peak bytes allocated by torch on the device since the last reset (0 if unknown)."""
@@ -448,11 +483,23 @@ class Platform(abc.ABC):
         ``capabilities().dist_backend``.
         """
 
-    def prepare_model(self, model: torch.nn.Module) -> None:
-        """Adapt a freshly loaded model to this device, in place (swap in fused kernels, say).
+    def register_layers(self, register: LayerRegister) -> None:
+        """Offer replacements for core's swappable layers (fused kernels, say).
 
-        Called once by every engine rank right after weights are loaded, before memory profiling,
-        so the profile measures the model that will run. Default: nothing.
+        Call ``register(kind, Replacement)`` once per :class:`~sagellm.layers.registry.LayerKind`
+        this device runs faster; ``Replacement`` subclasses that kind's core class, overrides
+        ``forward`` only and reads only the attributes the kind declares. Called once by every
+        engine rank right after weights are loaded (before :meth:`prepare_model` and memory
+        profiling), which then swaps every exact instance of the core class in the model.
+        Default: nothing.
+        """
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Adapt a freshly loaded model to this device, in place.
+
+        Called once by every engine rank right after the layer swap of :meth:`register_layers`,
+        before memory profiling, so the profile measures the model that will run. Default:
+        nothing.
         """
 
     def is_fatal_error(self, exc: BaseException) -> bool:
@@ -478,10 +525,13 @@ class Platform(abc.ABC):
             return False
         return isinstance(exc, RuntimeError) and any(m in str(exc) for m in FATAL_ERROR_MARKERS)
 
-    def make_model_runner(self, *args: object, **kwargs: object) -> object | None:
+    def make_model_runner(self, ctx: RunnerContext) -> ModelRunner | None:
         """Optionally return a specialised model runner (CUDA graphs and the like).
 
-        Return ``None`` (the default) to use core's ``ModelRunner``.
+        Called once by a single-rank engine (and by the decode worker of a disaggregated one)
+        after the KV pool exists. Return an instance of a :class:`~sagellm.runner.ModelRunner`
+        subclass built with ``super().__init__(ctx)``, or ``None`` (the default) to use core's.
+        Tensor-parallel ranks always run core's runner, which ships every step to the others.
         """
         return None
 

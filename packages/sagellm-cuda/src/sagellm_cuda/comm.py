@@ -16,7 +16,7 @@ from sagellm.backends.torch_comm import TorchDistributedComm
 class NcclComm(TorchDistributedComm):
     def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None,
                  sync: bool = False) -> None:
-        super().__init__(device, group, sync)
+        super().__init__(device, group, sync, synchronize=lambda: torch.cuda.synchronize(device))
         backend = dist.get_backend(group)
         if backend != "nccl":
             raise RuntimeError(f"NcclComm needs an nccl process group, this one is {backend!r}")

@@ -1,4 +1,4 @@
-"""Fused element-wise kernels and the module swap that puts them into a core model.
+"""Fused element-wise kernels, and their registration as replacements for core's layers.
 
 Each kernel rounds at the same points as core's torch code (so outputs match it bit for bit in
 most elements), but reads and writes each tensor once instead of once per torch op: residual add
@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
 from sagellm.layers.activation import SiluAndMul
 from sagellm.layers.norm import RMSNorm
+from sagellm.layers.registry import LayerKind
 from sagellm.layers.rotary import RotaryEmbedding
+from sagellm.protocols import LayerRegister
 
 
 @triton.jit
@@ -131,7 +132,8 @@ def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# Module swap
+# Replacements for core's swappable layers (``sagellm.layers.registry``): forward only, reading
+# the attributes each kind declares.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -156,23 +158,8 @@ class FusedRotaryEmbedding(RotaryEmbedding):
         return q, k
 
 
-_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
-    RMSNorm: FusedRMSNorm,
-    SiluAndMul: FusedSiluAndMul,
-    RotaryEmbedding: FusedRotaryEmbedding,
-}
-
-
-def use_fused_kernels(model: nn.Module) -> int:
-    """Give core's norm, activation and rotary modules this package's kernels, in place.
-
-    Only exact core classes are swapped (a model's own subclass keeps its behaviour); parameters
-    and buffers stay where they are. Returns the number of modules changed.
-    """
-    n = 0
-    for module in model.modules():
-        fused = _SWAPS.get(type(module))
-        if fused is not None:
-            module.__class__ = fused
-            n += 1
-    return n
+def register_fused_layers(register: LayerRegister) -> None:
+    """Offer this package's kernels for core's swappable layers (``Platform.register_layers``)."""
+    register(LayerKind.RMS_NORM, FusedRMSNorm)
+    register(LayerKind.SILU_AND_MUL, FusedSiluAndMul)
+    register(LayerKind.ROTARY_EMBEDDING, FusedRotaryEmbedding)

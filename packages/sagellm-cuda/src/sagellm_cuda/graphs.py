@@ -13,6 +13,10 @@ alone: it decides time to first token) replays a prefill graph captured for the 
 bucket (32 ... 2048). The prompt is padded at its end; causal attention keeps the padding out of
 the real rows, padded rows write no KV (slot -1), and the graph returns the last real row. Other
 steps with prefill tokens run eagerly through core's :class:`ModelRunner`.
+
+Built only on the public runner contract (:mod:`sagellm.runner`): the graphs call the model
+through ``forward_context``, sample through ``compute_logits``/``sample`` and wait through
+``fetch_ids``, exactly as core's eager steps do.
 """
 
 from __future__ import annotations
@@ -23,18 +27,9 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
-from sagellm.engine.model_runner import ModelRunner, fetch_ids
-from sagellm.engine.plan import StepPlan
-from sagellm.layers.attention import ForwardContext
-from sagellm.protocols import (
-    AttentionBackend,
-    AttentionMetadata,
-    DecodeMetadata,
-    KVBackend,
-    PrefillMetadata,
-)
+from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
+from sagellm.runner import ModelRunner, RunnerContext, SequenceState, StepPlan
 
 logger = logging.getLogger("sagellm.cuda.graphs")
 
@@ -51,14 +46,16 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 class CudaGraphModelRunner(ModelRunner):
-    def __init__(self, model: nn.Module, kv: KVBackend, attention: AttentionBackend,
-                 device: torch.device, block_size: int, *, max_model_len: int,
-                 max_batch_size: int = 256, enforce_eager: bool = False,
-                 max_prefill_graph_tokens: int = 2048) -> None:
-        super().__init__(model, kv, attention, device, block_size)
-        self.max_model_len = max_model_len
-        self.max_batch_size = max_batch_size
-        self.enforce_eager = enforce_eager
+    """Graphs for up to ``config.max_num_seqs`` decodes and prompts of up to
+    ``min(2048, config.max_num_batched_tokens)`` tokens; none with ``config.enforce_eager``."""
+
+    def __init__(self, ctx: RunnerContext) -> None:
+        super().__init__(ctx)
+        model, device, block_size = self.model, self.device, self.block_size
+        max_model_len = self.max_model_len
+        max_batch_size = self.max_batch_size = ctx.config.max_num_seqs
+        enforce_eager = self.enforce_eager = ctx.config.enforce_eager
+        max_prefill_graph_tokens = min(2048, ctx.config.max_num_batched_tokens)
         self.graph_sizes = graph_batch_sizes(max_batch_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
@@ -74,7 +71,7 @@ class CudaGraphModelRunner(ModelRunner):
         self._np = self._host.numpy()
         self._mb = mb
         self.out_ids = torch.zeros(mb, dtype=torch.int64, device=device)
-        hidden = int(model.config.hidden_size)
+        hidden = int(model.config.hidden_size)  # type: ignore[union-attr]
         dtype = next(model.parameters()).dtype
         self.out_hidden = torch.zeros(mb, hidden, dtype=dtype, device=device)
         # Single-sequence prefill graphs: [ids | positions | slots] each pt long, the block
@@ -115,8 +112,7 @@ class CudaGraphModelRunner(ModelRunner):
             num_prefill_tokens=0, num_decode_tokens=bs, slot_mapping=slots, prefill=None,
             decode=DecodeMetadata(seq_lens=seq_lens, block_tables=tables,
                                   max_seq_len=self.max_model_len))
-        ctx = ForwardContext(meta, self.kv.kv_caches(), self.attention)
-        hidden = self.model(ids, pos, ctx)
+        hidden = self.model(ids, pos, self.forward_context(meta))
         logits = self.model.compute_logits(hidden)  # type: ignore[operator]
         self.out_ids[:bs].copy_(logits.argmax(-1))
         self.out_hidden[:bs].copy_(hidden)
@@ -166,8 +162,7 @@ class CudaGraphModelRunner(ModelRunner):
             prefill=PrefillMetadata(cu_seqlens_q=cu, seq_lens=seq_lens, context_lens=self._zero,
                                     block_tables=table, max_seqlen_q=tb, max_seqlen_k=tb,
                                     has_prefix=False, seq_lens_list=[tb], context_lens_list=[0]))
-        ctx = ForwardContext(meta, self.kv.kv_caches(), self.attention)
-        hidden = self.model(ids, pos, ctx).index_select(0, last)
+        hidden = self.model(ids, pos, self.forward_context(meta)).index_select(0, last)
         logits = self.model.compute_logits(hidden)  # type: ignore[operator]
         self.prefill_out_ids.copy_(logits.argmax(-1))
         self.prefill_out_hidden.copy_(hidden)
@@ -217,8 +212,6 @@ class CudaGraphModelRunner(ModelRunner):
         if (tb is None and plan.prefills) or (n and bs is None):
             self.num_eager_steps += 1
             return super().execute(plan)
-        if plan.blocks_to_copy:
-            self.kv.copy_blocks(plan.blocks_to_copy)
         ids = self._run_prefill_graph(plan, tb) if tb is not None else []
         if n:
             assert bs is not None
@@ -226,24 +219,22 @@ class CudaGraphModelRunner(ModelRunner):
             ids += self._run_decode_graph([op.seq for op in plan.decodes], bs)
         return ids
 
-    def _run_decode_graph(self, seqs: list, bs: int) -> list[int]:  # type: ignore[type-arg]
+    def _run_decode_graph(self, seqs: list[SequenceState], bs: int) -> list[int]:
         self._fill(seqs, bs)
         end = 4 * self._mb + bs * self.table_width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self.graphs[bs].replay()
         return self._sample_from_graph(seqs, self.out_ids, self.out_hidden)
 
-    def _sample_from_graph(self, seqs: list, out_ids: torch.Tensor,  # type: ignore[type-arg]
+    def _sample_from_graph(self, seqs: list[SequenceState], out_ids: torch.Tensor,
                            out_hidden: torch.Tensor) -> list[int]:
         """Greedy ids straight from the graph; other settings sample its last hidden states."""
         n = len(seqs)
         if all(s.params.temperature == 0.0 and not s.params.min_tokens for s in seqs):
-            return fetch_ids(out_ids[:n])
-        logits = self.model.compute_logits(out_hidden[:n]).float()  # type: ignore[operator]
-        self._suppress_early_stop(logits, seqs)
-        return fetch_ids(self.sampler(logits, self.sampling_batch(seqs)))
+            return self.fetch_ids(out_ids[:n])
+        return self.fetch_ids(self.sample(self.compute_logits(out_hidden[:n]), seqs))
 
-    def _fill(self, seqs: list, bs: int) -> None:  # type: ignore[type-arg]
+    def _fill(self, seqs: list[SequenceState], bs: int) -> None:
         n = len(seqs)
         block = self.block_size
         ids, pos, slots, seq_lens, tables = self._views(self._np, bs)

@@ -7,18 +7,23 @@ on machines without CUDA, where :meth:`CudaPlatform.is_available` explains what 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sagellm.backends.accelerator import Probe, TorchAcceleratorPlatform
 from sagellm.hookspecs import hookimpl
-from sagellm.protocols import Availability, Capabilities, KVCacheSpec
+from sagellm.protocols import Availability, Capabilities, KVCacheSpec, LayerRegister
 
 if TYPE_CHECKING:
+    from sagellm.runner import RunnerContext
     from sagellm_cuda.attention import TritonAttentionBackend
     from sagellm_cuda.comm import NcclComm
+    from sagellm_cuda.graphs import CudaGraphModelRunner
     from sagellm_cuda.kv import CudaKVBackend
+
+#: Set to 1 to keep core's torch layers (no fused kernels).
+NO_FUSION_ENV = "SAGELLM_CUDA_NO_FUSION"
 
 
 def cuda_availability() -> Availability:
@@ -93,30 +98,38 @@ class CudaPlatform(TorchAcceleratorPlatform):
 
         return NcclComm(self.device)
 
-    def prepare_model(self, model: torch.nn.Module) -> None:
-        """Swap this package's fused kernels into core's norm, activation and rotary modules
-        (before profiling, so the KV pool is sized for the model that runs)."""
-        from sagellm_cuda.fused import use_fused_kernels
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
 
-        if os.environ.get("SAGELLM_CUDA_NO_FUSION") != "1":
-            use_fused_kernels(model)
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        # Only copies from page-locked memory overlap with the GPU's work.
+        return host.pin_memory().to(self.device, non_blocking=True)
 
-    def make_model_runner(self, *args: object, **kwargs: Any) -> object | None:
+    def fetch_ids(self, ids: torch.Tensor) -> list[int]:
+        """Wait for the ids in ``Event.synchronize``, which releases the interpreter lock
+        (``tensor.tolist()`` would hold it for the whole step), so the server's event loop runs
+        while the GPU works."""
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return host.tolist()  # type: ignore[no-any-return]
+
+    def register_layers(self, register: LayerRegister) -> None:
+        """This package's fused norm, activation and rotary kernels (before profiling, so the
+        KV pool is sized for the model that runs)."""
+        if os.environ.get(NO_FUSION_ENV) == "1":
+            return
+        from sagellm_cuda.fused import register_fused_layers
+
+        register_fused_layers(register)
+
+    def make_model_runner(self, ctx: RunnerContext) -> CudaGraphModelRunner:
         """A runner that replays decode and single-prompt prefill steps as CUDA graphs."""
         from sagellm_cuda.graphs import CudaGraphModelRunner
 
-        model = kwargs["model"]
-        config = kwargs.get("config")
-        max_model_len = getattr(config, "max_model_len", None) or int(
-            model.config.max_position_embeddings)  # type: ignore[union-attr]
-        return CudaGraphModelRunner(
-            model, kwargs["kv"], kwargs["attention"], kwargs["device"],  # type: ignore[arg-type]
-            int(kwargs["block_size"]),  # type: ignore[call-overload]
-            max_model_len=max_model_len,
-            max_batch_size=int(getattr(config, "max_num_seqs", 256)),
-            enforce_eager=bool(getattr(config, "enforce_eager", False)),
-            max_prefill_graph_tokens=min(2048, int(getattr(config, "max_num_batched_tokens", 2048))),
-        )
+        return CudaGraphModelRunner(ctx)
 
 
 @hookimpl

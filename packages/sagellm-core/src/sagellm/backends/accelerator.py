@@ -1,4 +1,4 @@
-"""Shared base for accelerators whose torch module mirrors ``torch.cuda`` (``torch.npu``,
+"""Shared base for accelerators whose torch module mirrors CUDA's (``torch.npu``,
 ``torch.mlu``, ...): device selection, memory queries and peak-memory counters are the same calls
 on ``torch.<device_type>``, so a vendor platform only says what differs.
 

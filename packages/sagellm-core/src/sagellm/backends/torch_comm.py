@@ -6,7 +6,7 @@ timing and bandwidth bookkeeping live here once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ class TorchDistributedComm(CommBackend):
     """Collectives on the default process group (or ``group``), timed per op."""
 
     def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None,
-                 sync: bool = False) -> None:
+                 sync: bool = False, synchronize: Callable[[], None] | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call init_process_group first")
         self._device = device
@@ -31,16 +31,18 @@ class TorchDistributedComm(CommBackend):
         self.world_size = dist.get_world_size(group)
         self._stats = BandwidthStats()
         # Timings are only meaningful when the op finished; accelerators queue work, so a
-        # backend that wants exact numbers passes sync=True (costs a device sync per op).
+        # backend that wants exact numbers passes sync=True and how to wait for its device
+        # (``synchronize=platform.synchronize``); it costs a device sync per op.
         self._sync = sync
+        self._synchronize = synchronize
 
     @property
     def device(self) -> torch.device:
         return self._device
 
     def _done(self) -> None:
-        if self._sync and self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        if self._sync and self._synchronize is not None:
+            self._synchronize()
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

@@ -7,12 +7,27 @@
 * :mod:`~sagellm.distributed.disagg` splits prefill and decode between two workers and moves the
   finished prompts' KV blocks with ``CommBackend.send_kv_blocks`` / ``recv_kv_blocks``.
 
-``LLMEngine`` enters here when ``tensor_parallel_size > 1`` or ``disaggregate_prefill`` is set; a
-single-rank engine never imports this package.
+The engine's builder enters here, through :func:`launch_layout`, when ``tensor_parallel_size > 1``
+or ``disaggregate_prefill`` is set; a single-rank engine never imports this package. The engine
+does not import it either (this package builds on ``sagellm.engine``): the builder looks it up
+by name (``sagellm.engine.builder.MULTI_RANK_LAYOUTS``).
 """
 
 from __future__ import annotations
 
+from sagellm.config import EngineConfig
+from sagellm.distributed.disagg import DisaggLayout
 from sagellm.distributed.launcher import WorkerFailure, WorkerGroup, launch
+from sagellm.distributed.tp_worker import TensorParallelLayout
+from sagellm.engine.layout import Layout
+from sagellm.protocols import Platform
 
-__all__ = ["WorkerFailure", "WorkerGroup", "launch"]
+__all__ = ["WorkerFailure", "WorkerGroup", "launch", "launch_layout"]
+
+
+def launch_layout(config: EngineConfig, platform: Platform) -> Layout:
+    """Start (or join) the other ranks ``config`` asks for; returns rank 0's layout."""
+    workers = launch(config, platform)
+    if workers.role == "tensor-parallel":
+        return TensorParallelLayout(workers)
+    return DisaggLayout(workers)

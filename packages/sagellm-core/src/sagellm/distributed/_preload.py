@@ -10,7 +10,7 @@ import contextlib
 
 import sagellm.distributed.disagg  # noqa: F401
 import sagellm.distributed.tp_worker  # noqa: F401
-import sagellm.engine.llm_engine  # noqa: F401
+import sagellm.engine.builder  # noqa: F401
 
 with contextlib.suppress(Exception):
     import transformers

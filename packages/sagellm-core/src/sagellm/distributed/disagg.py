@@ -27,17 +27,18 @@ import time
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from sagellm.distributed.launcher import CMD_PREFILL, CMD_SHUTDOWN, CMD_STATS, WorkerGroup
 from sagellm.distributed.wire import Channel, register_wire_type
 from sagellm.engine.block_manager import BlockManager
+from sagellm.engine.builder import EngineParts
+from sagellm.engine.layout import Layout
 from sagellm.engine.model_runner import ModelInput, ModelRunner
-from sagellm.engine.plan import DecodeOp, KVTransferOp, PrefillOp, StepPlan
-from sagellm.engine.scheduler import Scheduler
-from sagellm.engine.sequence import Sequence, SequenceStatus
+from sagellm.engine.plan import KVTransferOp, PrefillOp, StepPlan
+from sagellm.engine.scheduler import Budget, Scheduler
+from sagellm.engine.sequence import SequenceState
 from sagellm.protocols import (
     CommBackend,
     KVBackend,
@@ -45,9 +46,6 @@ from sagellm.protocols import (
     KVMemoryUsage,
     KVPoolExhausted,
 )
-
-if TYPE_CHECKING:
-    from sagellm.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("sagellm.disagg")
 
@@ -98,9 +96,6 @@ class RemoteBlockPool(KVBackend):
         events, self._events = self._events, []
         return events
 
-    def copy_blocks(self, src_to_dst: Seq[tuple[int, int]]) -> None:
-        raise NotImplementedError("the prefill pool lives on the prefill worker")
-
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError("the prefill pool lives on the prefill worker")
 
@@ -129,86 +124,32 @@ class DisaggScheduler(Scheduler):
         #: Requests whose KV lives on the prefill worker.
         self.prefilling: set[str] = set()
         #: Decode-side blocks reserved for this step's transfers, held by stand-in sequences.
-        self._incoming: dict[str, Sequence] = {}
+        self._incoming: dict[str, SequenceState] = {}
 
-    def add(self, seq: Sequence) -> None:
-        for bm, where in ((self.block_manager, "decode"), (self.prefill_block_manager, "prefill")):
-            need = -(-seq.num_tokens // bm.block_size)
-            if need > bm.num_blocks:
-                raise ValueError(f"request {seq.request_id} needs {need} KV blocks; the {where} "
-                                 f"pool has {bm.num_blocks}")
-        self.waiting.append(seq)
+    # The algorithm is Scheduler.schedule; these are the decisions disaggregation changes.
 
-    def schedule(self) -> StepPlan:
-        self.num_steps += 1
-        plan = StepPlan(step_id=self.num_steps)
-        dbm = self.block_manager
-        token_budget = self.max_num_batched_tokens
-        prefill_budget = self.max_prefill_tokens
-        scheduled: set[str] = set()
+    def _pools(self) -> list[tuple[BlockManager, str]]:
+        return [(self.block_manager, "decode "), (self.prefill_block_manager, "prefill ")]
 
-        # 1. Decodes on this worker, oldest first; preempt the newest decoder when out of blocks.
-        for seq in [s for s in self.running if s.request_id not in self.prefilling]:
-            if token_budget <= 0:
-                break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            if not self._make_room(seq, 1, scheduled, plan):
-                self._preempt(seq, plan)
-                continue
-            dbm.allocate(seq, 1)
-            plan.decodes.append(DecodeOp(seq))
-            scheduled.add(seq.request_id)
-            token_budget -= 1
+    def _pool_description(self) -> str:
+        return "the KV pools"
 
-        # 2. Resume chunked prefills on the prefill worker, oldest first.
-        for seq in [s for s in self.running if s.request_id in self.prefilling]:
-            if prefill_budget <= 0:
-                break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            n = self._prefill_chunk(seq, prefill_budget, scheduled, plan)
-            if n:
-                self._add_prefill(seq, n, plan)
-                scheduled.add(seq.request_id)
-                prefill_budget -= n
+    def _decodes(self, seq: SequenceState) -> bool:
+        return seq.request_id not in self.prefilling
 
-        # 3. Admit waiting requests (preempted first) to the prefill worker.
-        while self.waiting and len(self.running) < self.max_num_seqs and prefill_budget > 0:
-            seq = self.waiting[0]
-            n = self._prefill_chunk(seq, prefill_budget, scheduled, plan)
-            if not n:
-                break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = time.monotonic()
-            self.running.append(seq)
-            self.prefilling.add(seq.request_id)
-            self._add_prefill(seq, n, plan)
-            scheduled.add(seq.request_id)
-            prefill_budget -= n
+    def _decode_victim(self, seq: SequenceState) -> bool:
+        return seq.request_id not in self.prefilling  # a prefilling one holds no decode blocks
 
-        if plan.is_empty and self.waiting and not self.running:
-            seq = self.waiting[0]
-            raise RuntimeError(f"cannot schedule {seq.request_id}: {seq.num_tokens} tokens do not "
-                               f"fit the KV pools")
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s; transfer %d", plan.describe(), len(plan.kv_transfers))
-        return plan
+    def _prefill_tokens(self, seq: SequenceState, budget: Budget) -> int:
+        return min(seq.num_uncomputed_tokens, budget.prefill)  # prefills run on another device
 
-    def _prefill_chunk(self, seq: Sequence, budget: int, scheduled: set[str], plan: StepPlan) -> int:
-        """Tokens of ``seq`` to prefill this step (0: not now)."""
+    def _fit_prefill(self, seq: SequenceState, n: int, scheduled: set[str], plan: StepPlan
+                     ) -> int:
+        """Room in the prefill pool (preempting newer prefills); a prompt's last chunk also
+        waits until its blocks fit the decode pool."""
         pbm = self.prefill_block_manager
-        n = min(seq.num_uncomputed_tokens, budget)
-        while not pbm.can_allocate(seq, n):
-            victim = next((s for s in reversed(self.running) if s is not seq
-                           and s.request_id in self.prefilling and s.request_id not in scheduled),
-                          None)
-            if victim is None:
-                n = (pbm.num_free_blocks + len(seq.block_table)) * pbm.block_size - seq.num_computed_tokens
-                break
-            self._preempt(victim, plan)
+        if not self._make_room(pbm, seq, n, scheduled, plan, self._prefill_victim):
+            n = (pbm.num_free_blocks + len(seq.block_table)) * pbm.block_size - seq.num_computed_tokens
         if n <= 0:
             return 0
         if seq.num_computed_tokens + n == seq.num_tokens:
@@ -217,31 +158,33 @@ class DisaggScheduler(Scheduler):
                 return 0  # the decode pool is full: finish this prompt once decodes free blocks
         return n
 
-    def _add_prefill(self, seq: Sequence, n: int, plan: StepPlan) -> None:
+    def _prefill_victim(self, seq: SequenceState) -> bool:
+        return seq.request_id in self.prefilling
+
+    def _admit_tokens(self, seq: SequenceState, budget: Budget, scheduled: set[str],
+                      plan: StepPlan) -> int:
+        if budget.prefill <= 0:
+            return 0
+        return self._fit_prefill(seq, min(seq.num_uncomputed_tokens, budget.prefill), scheduled,
+                                 plan)
+
+    def _admit(self, seq: SequenceState) -> None:
+        super()._admit(seq)
+        self.prefilling.add(seq.request_id)
+
+    def _add_prefill(self, seq: SequenceState, n: int, plan: StepPlan) -> None:
         self.prefill_block_manager.allocate(seq, n)
         op = PrefillOp(seq, seq.num_computed_tokens, seq.num_computed_tokens + n)
         plan.prefills.append(op)
         if op.samples:
-            stand_in = Sequence(seq.request_id, seq.token_ids, seq.params)
+            stand_in = SequenceState(seq.request_id, seq.token_ids, seq.params)
             self.block_manager.allocate(stand_in, seq.num_tokens)
             self._incoming[seq.request_id] = stand_in
             plan.kv_transfers.append(KVTransferOp(
                 seq.request_id, list(seq.block_table), src=PREFILL_RANK, dst=DECODE_RANK,
                 dst_block_ids=list(stand_in.block_table)))
 
-    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[str], plan: StepPlan) -> bool:
-        """Preempt the newest unscheduled decoders until ``seq`` fits the decode pool."""
-        bm = self.block_manager
-        while not bm.can_allocate(seq, num_tokens):
-            victim = next((s for s in reversed(self.running) if s is not seq
-                           and s.request_id not in self.prefilling and s.request_id not in scheduled),
-                          None)
-            if victim is None:
-                return False
-            self._preempt(victim, plan)
-        return True
-
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: SequenceState) -> None:
         """Free ``seq``'s blocks in whichever pool holds them."""
         rid = seq.request_id
         stand_in = self._incoming.pop(rid, None)
@@ -253,13 +196,12 @@ class DisaggScheduler(Scheduler):
         else:
             self.block_manager.free(seq)
 
-    def commit(self, plan: StepPlan) -> None:
-        # No prefix caching across the pair yet: no block is hashed, so a freed block goes
-        # straight back to its pool on either side.
-        for op in plan.prefills:
-            op.seq.num_computed_tokens = op.end
-        for op in plan.decodes:
-            op.seq.num_computed_tokens = op.seq.num_tokens
+    def _committed(self, plan: StepPlan) -> None:
+        """Hand the transferred prompts' blocks to their sequences.
+
+        No prefix caching across the pair yet: no block is hashed, so a freed block goes
+        straight back to its pool on either side.
+        """
         by_id = {op.seq.request_id: op.seq for op in plan.prefills}
         for t in plan.kv_transfers:
             seq = by_id[t.request_id]
@@ -309,31 +251,21 @@ class TransferLog:
 class DisaggRunner:
     """Rank 0's runner: prefills go to rank 1, decodes run here, finished prompts' KV comes back."""
 
-    def __init__(self, engine: LLMEngine, workers: WorkerGroup, decode_runner: ModelRunner,
+    def __init__(self, parts: EngineParts, workers: WorkerGroup, decode_runner: ModelRunner,
                  prefill_pool: RemoteBlockPool) -> None:
-        self.engine = engine
+        self.parts = parts
         self.workers = workers
         self.comm = workers.comm
         self.channel = workers.channel
         self.decode_runner = decode_runner
         # Builds the prefill inputs (block tables of the prefill pool) and samples their rows.
-        self.prefill_inputs = ModelRunner(engine.model, engine.kv, engine.attention,
-                                          engine.device, engine.config.block_size)
+        self.prefill_inputs = ModelRunner(parts.runner_context())
         self.prefill_pool = prefill_pool
-        self.hidden_size = int(engine.hf_config.hidden_size)  # type: ignore[attr-defined]
-        self.dtype = engine.kv_spec.dtype
+        self.hidden_size = int(parts.loaded.hf_config.hidden_size)  # type: ignore[attr-defined]
+        self.dtype = parts.kv_spec.dtype
         self.transfers = TransferLog()
         self._logged = TransferLog()
         self._last_log = time.monotonic()
-
-    # ``LLMEngine`` and the profiler look these up on the runner.
-    @property
-    def model(self):  # type: ignore[no-untyped-def]
-        return self.engine.model
-
-    @property
-    def kv(self) -> KVBackend:
-        return self.engine.kv
 
     def execute(self, plan: StepPlan) -> list[int]:
         return self.workers.run_step(lambda: self._execute(plan))
@@ -348,31 +280,28 @@ class DisaggRunner:
         # The decode step runs here while rank 1 prefills.
         decoded: list[int] = []
         if plan.decodes:
-            decoded = self.decode_runner.execute(
-                StepPlan(plan.step_id, decodes=plan.decodes, blocks_to_copy=plan.blocks_to_copy))
+            decoded = self.decode_runner.execute(StepPlan(plan.step_id, decodes=plan.decodes))
         first: list[int] = []
         if sampling_prefills:
             hidden = torch.empty((len(sampling_prefills), self.hidden_size), dtype=self.dtype,
-                                 device=self.engine.device)
+                                 device=self.parts.device)
             self.comm.broadcast(hidden, src=PREFILL_RANK)
             first = self._sample(hidden, sampling_prefills)
         if plan.kv_transfers:
             self._receive(plan.kv_transfers)
         return first + decoded
 
-    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _sample(self, hidden: torch.Tensor, seqs: list[SequenceState]) -> list[int]:
         r = self.prefill_inputs
-        logits = self.engine.model.compute_logits(hidden).float()  # type: ignore[operator]
-        r._suppress_early_stop(logits, seqs)
-        return r.sampler(logits, r.sampling_batch(seqs)).tolist()
+        return r.sample(r.compute_logits(hidden), seqs).tolist()  # type: ignore[no-any-return]
 
     def _receive(self, transfers: list[KVTransferOp]) -> None:
         dst = [i for t in transfers for i in t.dst_block_ids]
         t0 = time.perf_counter()
-        self.comm.recv_kv_blocks(self.engine.kv, dst, src=PREFILL_RANK)
-        self.engine.platform.synchronize()
+        self.comm.recv_kv_blocks(self.parts.kv, dst, src=PREFILL_RANK)
+        self.parts.platform.synchronize()
         seconds = time.perf_counter() - t0
-        nbytes = len(dst) * self.engine.kv_spec.bytes_per_block
+        nbytes = len(dst) * self.parts.kv_spec.bytes_per_block
         # End to end and device-synchronised, next to the backend's own per-call numbers.
         self.comm.get_bandwidth_stats().record("kv_transfer", nbytes, seconds)
         log = self.transfers
@@ -412,25 +341,38 @@ def _kv_signature(spec: KVCacheSpec, num_blocks: int, hidden_size: int) -> list[
             hidden_size]
 
 
-def attach_disaggregation(engine: LLMEngine, workers: WorkerGroup) -> None:
-    """Make rank 0's engine the decode worker and scheduler of a prefill/decode pair."""
-    hidden = int(engine.hf_config.hidden_size)  # type: ignore[attr-defined]
-    mine = _kv_signature(engine.kv_spec, 0, hidden)
-    theirs = torch.zeros(len(mine), dtype=torch.int64, device=workers.comm.device)
-    got = workers.run_step(lambda: workers.comm.broadcast(theirs, src=PREFILL_RANK).tolist())
-    if got[1:] != mine[1:]:
-        workers.shutdown()
-        raise ValueError(f"the prefill worker's KV layout {got[1:]} differs from the decode "
-                         f"worker's {mine[1:]} (layers, block size, KV heads, head dim, bytes, hidden)")
-    pool = RemoteBlockPool(engine.kv_spec, int(got[0]))
-    prefill_bm = BlockManager(pool, engine.config.block_size)
-    cfg = engine.config
-    engine.scheduler = DisaggScheduler(engine.block_manager, prefill_bm, cfg.max_num_seqs,
-                                       cfg.max_num_batched_tokens,
-                                       cfg.max_prefill_tokens or cfg.max_num_batched_tokens)
-    engine.runner = DisaggRunner(engine, workers, engine.runner, pool)  # type: ignore[assignment]
-    logger.info("prefill/decode disaggregation: prefill worker pool %d blocks, decode pool %d blocks",
-                pool.num_blocks, engine.kv.num_blocks)
+class DisaggLayout(Layout):
+    """Rank 0 as the decode worker and the scheduler of a prefill/decode pair."""
+
+    def __init__(self, workers: WorkerGroup) -> None:
+        super().__init__(workers.config, workers.tp, workers)
+        self.group = workers
+        self.prefill_pool: RemoteBlockPool | None = None
+
+    def make_scheduler(self, parts: EngineParts) -> DisaggScheduler:
+        """Check that both workers' KV layouts agree, then book the prefill pool here."""
+        workers = self.group
+        hidden = int(parts.loaded.hf_config.hidden_size)  # type: ignore[attr-defined]
+        mine = _kv_signature(parts.kv_spec, 0, hidden)
+        theirs = torch.zeros(len(mine), dtype=torch.int64, device=workers.comm.device)
+        got = workers.run_step(lambda: workers.comm.broadcast(theirs, src=PREFILL_RANK).tolist())
+        if got[1:] != mine[1:]:
+            workers.shutdown()
+            raise ValueError(f"the prefill worker's KV layout {got[1:]} differs from the decode "
+                             f"worker's {mine[1:]} (layers, block size, KV heads, head dim, bytes, "
+                             f"hidden)")
+        self.prefill_pool = RemoteBlockPool(parts.kv_spec, int(got[0]))
+        cfg = parts.config
+        return DisaggScheduler(parts.block_manager, BlockManager(self.prefill_pool, cfg.block_size),
+                               cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                               cfg.max_prefill_tokens or cfg.max_num_batched_tokens)
+
+    def make_runner(self, parts: EngineParts, scheduler: Scheduler) -> DisaggRunner:
+        assert self.prefill_pool is not None, "make_scheduler runs first"
+        self.group.attached = True
+        logger.info("prefill/decode disaggregation: prefill worker pool %d blocks, decode pool "
+                    "%d blocks", self.prefill_pool.num_blocks, parts.kv.num_blocks)
+        return DisaggRunner(parts, self.group, parts.make_model_runner(), self.prefill_pool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,16 +391,16 @@ def _apply_events(held: bytearray, events: list[int]) -> None:
 
 
 @torch.inference_mode()
-def serve_prefill(engine: LLMEngine, comm: CommBackend) -> None:
+def serve_prefill(parts: EngineParts, comm: CommBackend) -> None:
     """The prefill worker's loop: prefill what rank 0 sends, return hidden rows and KV blocks."""
-    kv = engine.kv
-    runner = ModelRunner(engine.model, kv, engine.attention, engine.device, engine.config.block_size)
-    hidden_size = int(engine.hf_config.hidden_size)  # type: ignore[attr-defined]
-    comm.broadcast(torch.tensor(_kv_signature(engine.kv_spec, kv.num_blocks, hidden_size),
+    kv = parts.kv
+    runner = ModelRunner(parts.runner_context())
+    hidden_size = int(parts.loaded.hf_config.hidden_size)  # type: ignore[attr-defined]
+    comm.broadcast(torch.tensor(_kv_signature(parts.kv_spec, kv.num_blocks, hidden_size),
                                 dtype=torch.int64, device=comm.device), src=PREFILL_RANK)
     channel = Channel(comm, src=DECODE_RANK)
     held = bytearray(kv.num_blocks)
-    bs = engine.config.block_size
+    bs = parts.config.block_size
     while True:
         command, msg = channel.recv()
         if command == CMD_SHUTDOWN:

@@ -1,6 +1,6 @@
 """Starting, watching and stopping the other ranks of a multi-process engine.
 
-``LLMEngine`` calls :func:`launch` when ``tensor_parallel_size > 1`` or ``disaggregate_prefill``
+The engine's builder calls :func:`launch` (through :func:`sagellm.distributed.launch_layout`) when ``tensor_parallel_size > 1`` or ``disaggregate_prefill``
 is set. Rank 0 is the process the user created the engine in; it schedules and samples. The
 other ranks are started here with ``torch.multiprocessing`` (spawn) - one per device, device
 index ``config.device_index + rank`` - or, when the process was itself started by ``torchrun``
@@ -29,10 +29,9 @@ import signal
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable
 from multiprocessing.connection import wait as wait_any
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,9 +40,6 @@ from sagellm.config import EngineConfig
 from sagellm.distributed.wire import Channel
 from sagellm.layers.parallel import TPGroup
 from sagellm.protocols import CommBackend, Platform
-
-if TYPE_CHECKING:
-    from sagellm.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("sagellm.distributed")
 
@@ -103,6 +99,8 @@ class WorkerGroup:
         self._lock = threading.Lock()
         self._closed = False
         self._in_step = False
+        #: Set once rank 0's engine has its runner; a group left unattached is from an engine
+        #: that failed to start, and the next :func:`launch` stops it.
         self.attached = False
         self._abort_pg = dist.get_backend() != "gloo"
         self._watcher = threading.Thread(target=self._watch, name="sagellm-worker-watch", daemon=True)
@@ -202,22 +200,6 @@ class WorkerGroup:
             logger.exception("destroying the process group failed")
         atexit.unregister(self.shutdown)
         logger.info("%s workers stopped", self.role)
-
-    # -- wiring into the engine ------------------------------------------------------------
-
-    def attach(self, engine: LLMEngine) -> None:
-        """Give rank 0's engine its distributed runner (and, for disaggregation, scheduler)."""
-        self.attached = True
-        # The workers go when the engine does (or at exit, whichever comes first).
-        weakref.finalize(engine, self.shutdown)
-        if self.role == "tensor-parallel":
-            from sagellm.distributed.tp_worker import attach_tensor_parallel
-
-            attach_tensor_parallel(engine, self)
-        else:
-            from sagellm.distributed.disagg import attach_disaggregation
-
-            attach_disaggregation(engine, self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,18 +394,17 @@ def run_worker(role: str, config_json: str, platform_cls: type[Platform], rank: 
             store.set(_ALIVE_KEY.format(rank), str(os.getpid()))
         _init_group(platform.capabilities().dist_backend, rank, world_size, store, platform.device)
         comm = platform.make_comm_backend(rank, world_size)
-        from sagellm.engine.llm_engine import LLMEngine
+        from sagellm.engine.builder import build_parts
 
         if role == "tensor-parallel":
             from sagellm.distributed.tp_worker import serve_tensor_parallel
 
-            engine = LLMEngine(config, platform=platform, tp=TPGroup(rank, world_size, comm))
-            serve_tensor_parallel(engine, comm)
+            serve_tensor_parallel(build_parts(config, platform, TPGroup(rank, world_size, comm)),
+                                  comm)
         else:
             from sagellm.distributed.disagg import serve_prefill
 
-            engine = LLMEngine(config, platform=platform)
-            serve_prefill(engine, comm)
+            serve_prefill(build_parts(config, platform), comm)
         dist.destroy_process_group()
         return 0
     except Exception:

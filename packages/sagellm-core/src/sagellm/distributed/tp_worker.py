@@ -9,64 +9,55 @@ all-gathers, all through the ``CommBackend``; only rank 0 samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
 from sagellm.distributed.launcher import CMD_SHUTDOWN, CMD_STEP, WorkerGroup
-from sagellm.distributed.wire import Channel, register_wire_type
+from sagellm.distributed.wire import Channel
+from sagellm.engine.builder import EngineParts
+from sagellm.engine.layout import Layout
 from sagellm.engine.model_runner import ModelInput, ModelRunner
 from sagellm.engine.plan import StepPlan
+from sagellm.engine.runner_context import RunnerContext
+from sagellm.engine.scheduler import Scheduler
 from sagellm.protocols import CommBackend
-
-if TYPE_CHECKING:
-    from sagellm.engine.llm_engine import LLMEngine
-
-
-@register_wire_type
-@dataclass
-class TPStep:
-    """One step for the non-zero ranks: block copies to apply first, then the model input."""
-
-    #: ``(src, dst)`` pairs, flattened.
-    copies: list[int]
-    inp: ModelInput
-
-
-def min_over_ranks(comm: CommBackend, value: int) -> int:
-    """The smallest ``value`` over all ranks (KV pool sizes must agree: block ids are shared)."""
-    t = torch.tensor([value], dtype=torch.int64, device=comm.device)
-    return int(comm.all_gather(t, dim=0).min().item())
 
 
 class TPDriverRunner(ModelRunner):
     """Rank 0's runner: :class:`ModelRunner`, plus the broadcast of every step's inputs."""
 
-    def __init__(self, engine: LLMEngine, workers: WorkerGroup) -> None:
-        super().__init__(engine.model, engine.kv, engine.attention, engine.device,
-                         engine.config.block_size)
+    def __init__(self, ctx: RunnerContext, workers: WorkerGroup) -> None:
+        super().__init__(ctx)
         self.workers = workers
 
     def prepare(self, plan: StepPlan) -> ModelInput:
         inp = super().prepare(plan)
-        copies = [i for pair in plan.blocks_to_copy for i in pair]
-        self.workers.channel.send(CMD_STEP, TPStep(copies, inp))
+        self.workers.channel.send(CMD_STEP, inp)
         return inp
 
     def execute(self, plan: StepPlan) -> list[int]:
-        return self.workers.run_step(lambda: super(TPDriverRunner, self).execute(plan))
+        return self.workers.run_step(lambda: super(TPDriverRunner, self).execute(plan))  # type: ignore[no-any-return]
 
 
-def attach_tensor_parallel(engine: LLMEngine, workers: WorkerGroup) -> None:
-    engine.runner = TPDriverRunner(engine, workers)
+class TensorParallelLayout(Layout):
+    """Rank 0 of a tensor-parallel engine: core's scheduler, a runner that drives every rank.
+
+    Every rank runs core's eager runner: a platform runner that replays captured graphs would
+    skip the step broadcast and leave the other ranks waiting.
+    """
+
+    def __init__(self, workers: WorkerGroup) -> None:
+        super().__init__(workers.config, workers.tp, workers)
+        self.group = workers
+
+    def make_runner(self, parts: EngineParts, scheduler: Scheduler) -> TPDriverRunner:
+        self.group.attached = True
+        return TPDriverRunner(parts.runner_context(), self.group)
 
 
 @torch.inference_mode()
-def serve_tensor_parallel(engine: LLMEngine, comm: CommBackend) -> None:
+def serve_tensor_parallel(parts: EngineParts, comm: CommBackend) -> None:
     """The loop of a rank other than 0: run each step rank 0 sends until it says stop."""
-    runner = ModelRunner(engine.model, engine.kv, engine.attention, engine.device,
-                         engine.config.block_size)
+    runner = ModelRunner(parts.runner_context())
     channel = Channel(comm, src=0)
     while True:
         command, msg = channel.recv()
@@ -74,11 +65,8 @@ def serve_tensor_parallel(engine: LLMEngine, comm: CommBackend) -> None:
             return
         if command != CMD_STEP:
             raise RuntimeError(f"unexpected command {command} on a tensor-parallel rank")
-        assert isinstance(msg, TPStep)
-        if msg.copies:
-            c = msg.copies
-            engine.kv.copy_blocks([(c[i], c[i + 1]) for i in range(0, len(c), 2)])
-        hidden = runner.forward(msg.inp)
-        if msg.inp.logits_indices.numel():
+        assert isinstance(msg, ModelInput)
+        hidden = runner.forward(msg)
+        if msg.logits_indices.numel():
             # The LM head all-gathers: take part, drop the logits (rank 0 samples).
-            engine.model.compute_logits(hidden)  # type: ignore[operator]
+            parts.model.compute_logits(hidden)  # type: ignore[operator]

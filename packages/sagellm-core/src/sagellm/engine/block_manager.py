@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sagellm.engine.sequence import Sequence
+from sagellm.engine.sequence import SequenceState
 from sagellm.protocols import KVBackend
 
 
@@ -46,7 +46,7 @@ class BlockManager:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.ref_counts: dict[int, int] = {}
-        self._holders: dict[str, Sequence] = {}
+        self._holders: dict[str, SequenceState] = {}
         # Prefix cache: content hash <-> block id, and unreferenced cached blocks in LRU order.
         self._cached: dict[int, int] = {}
         self._hash_of: dict[int, int] = {}
@@ -72,7 +72,7 @@ class BlockManager:
     def _block_hash(self, parent: int | None, tokens: list[int]) -> int:
         return hash((parent, tuple(tokens)))
 
-    def acquire_cached_prefix(self, seq: Sequence) -> int:
+    def acquire_cached_prefix(self, seq: SequenceState) -> int:
         """Give a sequence that holds no blocks the cached blocks its tokens start with.
 
         At least one token is left to compute (its logits are needed). Returns the number of
@@ -103,7 +103,7 @@ class BlockManager:
             self._holders[seq.request_id] = seq
         return seq.num_computed_tokens
 
-    def register_computed_blocks(self, seq: Sequence) -> None:
+    def register_computed_blocks(self, seq: SequenceState) -> None:
         """Hash the blocks of ``seq`` that became full, so later requests can reuse them."""
         if not self.enable_caching:
             return
@@ -143,16 +143,16 @@ class BlockManager:
 
     # -- allocation ------------------------------------------------------------------------
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+    def blocks_needed(self, seq: SequenceState, num_new_tokens: int) -> int:
         """Extra blocks ``seq`` needs to hold ``num_new_tokens`` more computed tokens."""
         total = seq.num_computed_tokens + num_new_tokens
         need = -(-total // self.block_size)
         return max(0, need - len(seq.block_table))
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:
+    def can_allocate(self, seq: SequenceState, num_new_tokens: int, reserve: int = 0) -> bool:
         return self.blocks_needed(seq, num_new_tokens) + reserve <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: SequenceState, num_new_tokens: int) -> None:
         """Grow ``seq``'s block table to hold ``num_new_tokens`` more tokens."""
         n = self.blocks_needed(seq, num_new_tokens)
         if n:
@@ -162,14 +162,7 @@ class BlockManager:
             seq.block_table.extend(ids)
         self._holders[seq.request_id] = seq
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Share all of ``parent``'s blocks with ``child`` (copy-on-write by the caller)."""
-        for i in parent.block_table:
-            self.ref_counts[i] += 1
-        child.block_table = list(parent.block_table)
-        self._holders[child.request_id] = child
-
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: SequenceState) -> None:
         """Drop ``seq``'s references; blocks nobody else holds go back to the pool.
 
         Cached (hashed) blocks become evictable instead, the tail of the sequence first in line
@@ -189,9 +182,6 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         self._holders.pop(seq.request_id, None)
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def stats(self) -> BlockStats:
         allocated = sum(len(s.block_table) for s in self._holders.values()) * self.block_size

@@ -6,13 +6,13 @@ token); other tokenizers fall back to decoding a sliding window of ids.
 
 from __future__ import annotations
 
-from sagellm.engine.sequence import Sequence
+from sagellm.engine.sequence import SequenceState
 
 #: Prompt tokens kept as left context, so the first generated word keeps its leading space.
 CONTEXT_TOKENS = 5
 
 
-def _decode_stream(tokenizer, seq: Sequence, skip_special: bool):  # type: ignore[no-untyped-def]
+def _decode_stream(tokenizer, seq: SequenceState, skip_special: bool):  # type: ignore[no-untyped-def]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None, None
@@ -29,7 +29,7 @@ def _decode_stream(tokenizer, seq: Sequence, skip_special: bool):  # type: ignor
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, seq: Sequence) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, tokenizer, seq: SequenceState) -> None:  # type: ignore[no-untyped-def]
         self.tokenizer = tokenizer
         self.skip_special = seq.params.skip_special_tokens
         self.prefix_offset = max(0, seq.num_prompt_tokens - CONTEXT_TOKENS)

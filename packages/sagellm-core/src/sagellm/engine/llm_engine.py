@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
 from sagellm.config import EngineConfig
-from sagellm.engine.block_manager import BlockManager
+from sagellm.engine.builder import assemble
 from sagellm.engine.detokenizer import IncrementalDetokenizer
-from sagellm.engine.model_runner import ModelRunner
-from sagellm.engine.plan import PrefillOp, StepPlan
-from sagellm.engine.scheduler import Scheduler
-from sagellm.engine.sequence import Sequence, SequenceStatus
-from sagellm.layers.parallel import SINGLE, TPGroup
-from sagellm.loader import load_model
-from sagellm.models.llama import head_dim_of
+from sagellm.engine.layout import Layout
+from sagellm.engine.plan import StepPlan
+from sagellm.engine.sequence import SequenceState, SequenceStatus
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.plugins import Registry, get_registry
-from sagellm.protocols import KVCacheSpec, Platform
+from sagellm.protocols import Platform
 from sagellm.sampling_params import SamplingParams
 
 logger = logging.getLogger("sagellm.engine")
@@ -42,136 +39,65 @@ class EngineStats:
 
 
 class LLMEngine:
+    """Requests in, one scheduled and executed step per :meth:`step` call.
+
+    ``LLMEngine(config)`` (or keyword arguments of :class:`~sagellm.config.EngineConfig`) picks
+    the backend (``registry``/``platform`` override the choice) and the layout (one rank,
+    tensor-parallel or disaggregated; ``layout`` overrides it), and gets every part from
+    :func:`~sagellm.engine.builder.assemble`.
+    """
+
     def __init__(self, config: EngineConfig | None = None, *, registry: Registry | None = None,
-                 platform: Platform | None = None, tp: TPGroup = SINGLE, **kwargs: object) -> None:
+                 platform: Platform | None = None, layout: Layout | None = None,
+                 **kwargs: object) -> None:
         t0 = time.perf_counter()
-        self.config = config = config or EngineConfig(**kwargs)  # type: ignore[arg-type]
+        config = config or EngineConfig(**kwargs)  # type: ignore[arg-type]
         self.registry = registry or get_registry()
-        self.platform = platform or self.registry.select(config.backend).platform(config.device_index)
-        self.platform.set_device()
-        # Before the workers start, so every rank sees the prefill budget this engine uses.
-        self.config = config = config.with_prefill_budget(
-            self.platform.capabilities().prefill_chunk_tokens)
+        platform = platform or self.registry.select(config.backend).platform(config.device_index)
+        built = assemble(config, platform, layout)
+        parts = built.parts
+        self.parts = parts
+        self.layout = built.layout
         #: The other ranks of a tensor-parallel or disaggregated engine (``sagellm.distributed``).
-        self.workers = None
-        if tp.size == 1 and (config.tensor_parallel_size > 1 or config.disaggregate_prefill):
-            from sagellm.distributed.launcher import launch
-
-            self.workers = launch(config, self.platform)
-            self.config = config = self.workers.config
-            tp = self.workers.tp
-        caps = self.platform.capabilities()
-        device = self.platform.device
-        self.device = device
-        torch.manual_seed(config.seed)
-        loaded = load_model(config, device, caps.default_dtype, tp)
-        self.loaded = loaded
-        self.model = loaded.model
-        self.platform.prepare_model(self.model)
-        self.tokenizer = loaded.tokenizer
-        self.hf_config = loaded.hf_config
-        hf = self.hf_config
-        self.max_model_len = config.max_model_len or int(hf.max_position_embeddings)  # type: ignore[attr-defined]
-        self.vocab_size = int(hf.vocab_size)  # type: ignore[attr-defined]
-        self.eos_token_ids = self._eos_ids()
-        num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # type: ignore[index]
-        self.kv_spec = KVCacheSpec(
-            num_layers=int(hf.num_hidden_layers),  # type: ignore[attr-defined]
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim_of(hf),
-            block_size=config.block_size,
-            dtype=loaded.dtype,
-        )
-        self.attention = self.platform.make_attention_backend()
-        num_blocks = self._num_kv_blocks()
-        if tp.comm is not None:
-            from sagellm.distributed.tp_worker import min_over_ranks
-
-            num_blocks = min_over_ranks(tp.comm, num_blocks)  # block ids are shared by all ranks
-        self.kv = self.platform.make_kv_backend(self.kv_spec, num_blocks)
-        self.block_manager = BlockManager(self.kv, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens,
-                                   config.max_prefill_tokens or config.max_num_batched_tokens)
-        runner = self.platform.make_model_runner(
-            model=self.model, kv=self.kv, attention=self.attention, device=device,
-            block_size=config.block_size, config=config)
-        self.runner: ModelRunner = runner or ModelRunner(  # type: ignore[assignment]
-            self.model, self.kv, self.attention, device, config.block_size)
+        self.workers = built.layout.workers
         if self.workers is not None:
-            self.workers.attach(self)
-        self._seqs: dict[str, Sequence] = {}
+            # The workers go when the engine does (or at exit, whichever comes first).
+            weakref.finalize(self, built.layout.shutdown)
+        self.config = parts.config
+        self.platform = platform
+        self.device = parts.device
+        self.loaded = parts.loaded
+        self.model = parts.model
+        self.tokenizer = parts.loaded.tokenizer
+        self.hf_config = parts.loaded.hf_config
+        self.max_model_len = parts.max_model_len
+        self.vocab_size = parts.vocab_size
+        self.eos_token_ids = parts.eos_token_ids
+        self.kv_spec = parts.kv_spec
+        self.attention = parts.attention
+        self.kv = parts.kv
+        self.block_manager = parts.block_manager
+        self.scheduler = built.scheduler
+        self.runner = built.runner
+        self._seqs: dict[str, SequenceState] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
         self._next_id = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.startup_seconds = time.perf_counter() - t0
+        bs = self.config.block_size
         logger.info("engine ready in %.1f s: backend %s (%s), model %s, dtype %s, KV pool %d blocks "
-                    "x %d tokens = %d tokens", self.startup_seconds, self.platform.name,
-                    self.platform.device_name(), loaded.source, loaded.dtype, num_blocks,
-                    config.block_size, num_blocks * config.block_size)
+                    "x %d tokens = %d tokens", self.startup_seconds, platform.name,
+                    platform.device_name(), parts.loaded.source, parts.loaded.dtype,
+                    self.kv.num_blocks, bs, self.kv.num_blocks * bs)
         self._notify_started()
 
     def shutdown(self) -> None:
         """Stop the worker processes of a multi-rank engine (a no-op for one rank)."""
-        if self.workers is not None:
-            self.workers.shutdown()
+        self.layout.shutdown()
 
     # -- start-up helpers ------------------------------------------------------------------
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        eos = getattr(self.hf_config, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(eos)
-        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
-            ids.add(self.tokenizer.eos_token_id)  # type: ignore[union-attr]
-        return frozenset(ids)
-
-    def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        per_block = self.kv_spec.bytes_per_block
-        useful = -(-self.max_model_len // cfg.block_size) * cfg.max_num_seqs
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        if self.device.type == "cpu":
-            return max(1, min(cfg.cpu_kv_cache_bytes // per_block, useful))
-        activation = self._profile_activation_bytes()
-        mem = self.platform.memory_info()
-        used = mem.total_bytes - mem.free_bytes
-        budget = int(mem.total_bytes * cfg.gpu_memory_utilization) - used - activation
-        if budget < per_block:
-            raise RuntimeError(
-                f"no device memory left for the KV cache: {mem.total_bytes / 2**30:.1f} GiB total, "
-                f"{used / 2**30:.1f} GiB in use, {activation / 2**30:.1f} GiB of activations; raise "
-                f"gpu_memory_utilization ({cfg.gpu_memory_utilization}) or lower max_num_batched_tokens")
-        return int(budget // per_block)
-
-    @torch.inference_mode()
-    def _profile_activation_bytes(self) -> int:
-        """Peak activation memory of the largest step, measured with a dummy prefill."""
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
-        bs = self.config.block_size
-        tmp_kv = self.platform.make_kv_backend(self.kv_spec, -(-n // bs))
-        seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1))
-        seq.block_table = list(range(-(-n // bs)))
-        runner = ModelRunner(self.model, tmp_kv, self.attention, self.device, bs)
-        self.platform.synchronize()
-        self.platform.reset_peak_memory()
-        base = self.platform.max_memory_allocated()
-        plan = StepPlan(step_id=0, prefills=[PrefillOp(seq, 0, n)])
-        inp = runner.prepare(plan)
-        hidden = runner.forward(inp)
-        self.model.compute_logits(hidden)  # type: ignore[operator]
-        self.platform.synchronize()
-        peak = self.platform.max_memory_allocated() - base
-        del tmp_kv, runner, inp, hidden
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return max(peak, 0)
 
     def _notify_started(self) -> None:
         info = {"backend": self.platform.name, "model": self.loaded.source,
@@ -215,7 +141,7 @@ class LLMEngine:
             self._next_id += 1
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, token_ids, params, self.eos_token_ids)
+        seq = SequenceState(request_id, token_ids, params, self.eos_token_ids)
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
         self._prompts[request_id] = text
@@ -270,7 +196,7 @@ class LLMEngine:
                 outputs.append(self._fail(seq, exc, num_tokens))
         return outputs
 
-    def _execute(self, plan: StepPlan) -> tuple[dict[str, int], list[tuple[Sequence, Exception]]]:
+    def _execute(self, plan: StepPlan) -> tuple[dict[str, int], list[tuple[SequenceState, Exception]]]:
         """Run ``plan``: the sampled token per request id, and the sequences that failed.
 
         Nothing is committed yet when this runs, so after a failure every op can run again on
@@ -289,7 +215,7 @@ class LLMEngine:
                            len(plan.prefills) + len(plan.decodes))
         _restore_generators(generators)  # seeded requests draw the same numbers again
         tokens: dict[str, int] = {}
-        failed: list[tuple[Sequence, Exception]] = []
+        failed: list[tuple[SequenceState, Exception]] = []
         for sub in _one_by_one(plan):
             seq = (sub.prefills or sub.decodes)[0].seq
             try:
@@ -303,7 +229,7 @@ class LLMEngine:
                 tokens[seq.request_id] = sampled[0]
         return tokens, failed
 
-    def _advance(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+    def _advance(self, seq: SequenceState, tok: int, now: float) -> RequestOutput:
         """Append the sampled token, detokenize, check stop conditions, build the output."""
         seq.append_token(tok)
         self.num_generation_tokens += 1
@@ -323,7 +249,7 @@ class LLMEngine:
             self._forget(seq.request_id)
         return out
 
-    def _fail(self, seq: Sequence, exc: Exception, num_tokens: int | None = None) -> RequestOutput:
+    def _fail(self, seq: SequenceState, exc: Exception, num_tokens: int | None = None) -> RequestOutput:
         """Finish ``seq`` with an error: free its blocks, log once, return its last output.
 
         ``num_tokens`` is its length before the failed step, so the output holds only tokens
@@ -341,12 +267,12 @@ class LLMEngine:
         self._forget(seq.request_id)
         return out
 
-    def _detokenize(self, seq: Sequence) -> None:
+    def _detokenize(self, seq: SequenceState) -> None:
         detok = self._detok.get(seq.request_id)
         if detok is not None:
             seq.output_text += detok.step(seq.token_ids)
 
-    def _check_stop(self, seq: Sequence, tok: int) -> None:
+    def _check_stop(self, seq: SequenceState, tok: int) -> None:
         p = seq.params
         n_out = seq.num_output_tokens
         if n_out >= p.min_tokens:
@@ -367,7 +293,7 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED_LENGTH
 
     @staticmethod
-    def _emit_text(seq: Sequence, finished: bool) -> str:
+    def _emit_text(seq: SequenceState, finished: bool) -> str:
         """Text newly safe to show. While running, the last ``max(len(stop)) - 1`` characters
         are held back, since they may turn out to start a stop string."""
         text = seq.output_text
@@ -378,7 +304,7 @@ class LLMEngine:
         seq.num_text_emitted = end
         return delta
 
-    def _output(self, seq: Sequence, new_ids: list[int], new_text: str, finished: bool) -> RequestOutput:
+    def _output(self, seq: SequenceState, new_ids: list[int], new_text: str, finished: bool) -> RequestOutput:
         m = seq.metrics
         return RequestOutput(
             request_id=seq.request_id,
@@ -420,25 +346,21 @@ def _without(plan: StepPlan, request_ids: set[str]) -> StepPlan:
         prefills=[op for op in plan.prefills if op.seq.request_id not in request_ids],
         decodes=[op for op in plan.decodes if op.seq.request_id not in request_ids],
         preempted=plan.preempted,
-        blocks_to_copy=plan.blocks_to_copy,
         kv_transfers=[t for t in plan.kv_transfers if t.request_id not in request_ids],
     )
 
 
 def _one_by_one(plan: StepPlan) -> list[StepPlan]:
-    """One plan per op of ``plan``; the block copies go with the first (copying twice is harmless
-    but wasted)."""
+    """One plan per op of ``plan``."""
     subs = [StepPlan(plan.step_id, prefills=[op]) for op in plan.prefills]
     subs += [StepPlan(plan.step_id, decodes=[op]) for op in plan.decodes]
-    if subs:
-        subs[0].blocks_to_copy = plan.blocks_to_copy
     return subs
 
 
-_GeneratorState = tuple[Sequence, "torch.Generator | None", "torch.Tensor | None"]
+_GeneratorState = tuple[SequenceState, "torch.Generator | None", "torch.Tensor | None"]
 
 
-def _save_generators(seqs: list[Sequence]) -> list[_GeneratorState]:
+def _save_generators(seqs: list[SequenceState]) -> list[_GeneratorState]:
     """The random state of the seeded sequences, to rewind after a failed step."""
     saved: list[_GeneratorState] = []
     for s in seqs:

@@ -1,24 +1,24 @@
-"""Executes a step plan: builds the flat batch and attention metadata, runs the model, samples."""
+"""Executes a step plan: builds the flat batch and attention metadata, runs the model, samples.
+
+:class:`ModelRunner` is part of the backend contract (exported by :mod:`sagellm.runner`): a
+backend may subclass it and return the subclass from ``Platform.make_model_runner``. The public
+methods below are the hooks such a subclass builds on; ``execute`` is what the engine calls.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
 from sagellm.engine.plan import StepPlan
-from sagellm.engine.sequence import Sequence
+from sagellm.engine.runner_context import RunnerContext
+from sagellm.engine.sequence import SequenceState
 from sagellm.layers.attention import ForwardContext
 from sagellm.layers.sampler import Sampler, SamplingBatch
-from sagellm.protocols import (
-    AttentionBackend,
-    AttentionMetadata,
-    DecodeMetadata,
-    KVBackend,
-    PrefillMetadata,
-)
+from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
 
 
 @dataclass
@@ -30,7 +30,16 @@ class ModelInput:
     logits_indices: torch.Tensor
 
 
-def _block_table_tensor(seqs: list[Sequence], device: torch.device, width: int | None = None
+class StepRunner(Protocol):
+    """What the engine calls each step: a :class:`ModelRunner`, or a multi-rank runner that
+    drives other ranks (``sagellm.distributed``)."""
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        """Run ``plan``; one sampled token per ``plan.sampling_seqs()`` entry, in that order."""
+        ...
+
+
+def _block_table_tensor(seqs: list[SequenceState], device: torch.device, width: int | None = None
                         ) -> torch.Tensor:
     width = width or max((len(s.block_table) for s in seqs), default=1) or 1
     table = np.zeros((len(seqs), width), dtype=np.int32)
@@ -39,43 +48,28 @@ def _block_table_tensor(seqs: list[Sequence], device: torch.device, width: int |
     return torch.from_numpy(table).to(device, non_blocking=True)
 
 
-def fetch_ids(t: torch.Tensor) -> list[int]:
-    """Sampled ids to the host, waiting for the device with the GIL released.
-
-    ``tensor.tolist()`` on a device tensor blocks inside the interpreter lock for the whole
-    step; here the wait happens in ``Event.synchronize`` (which releases it), so other Python
-    threads (the HTTP server's event loop) run while the device works.
-    """
-    if t.device.type != "cuda":
-        return t.cpu().tolist()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    done.synchronize()
-    return host.tolist()
-
-
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv: KVBackend, attention: AttentionBackend,
-                 device: torch.device, block_size: int) -> None:
-        self.model = model
-        self.kv = kv
-        self.attention = attention
-        self.device = device
-        self.block_size = block_size
+    """Core's runner: every step eagerly, on any platform.
+
+    Built from a :class:`RunnerContext`; its fields are also attributes of the runner
+    (``model``, ``kv``, ``attention``, ``platform``, ``config``, ``device``, ``block_size``,
+    ``max_model_len``), plus ``sampler``, core's :class:`~sagellm.layers.sampler.Sampler`.
+    """
+
+    def __init__(self, ctx: RunnerContext) -> None:
+        self.ctx = ctx
+        self.model, self.kv, self.attention = ctx.model, ctx.kv, ctx.attention
+        self.platform, self.config, self.device = ctx.platform, ctx.config, ctx.device
+        self.block_size, self.max_model_len = ctx.block_size, ctx.max_model_len
         self.sampler = Sampler()
-        self.pin = device.type == "cuda"
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(arr)
-        if self.pin:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+        return self.platform.to_device(torch.from_numpy(arr))
 
     # -- inputs ----------------------------------------------------------------------------
 
     def prepare(self, plan: StepPlan) -> ModelInput:
+        """The flat batch of ``plan`` on the device: prefill tokens first, then decodes."""
         bs = self.block_size
         ids: list[np.ndarray] = []
         pos: list[np.ndarray] = []
@@ -140,7 +134,8 @@ class ModelRunner:
             logits_indices=self._to_device(np.asarray(logits_idx, dtype=np.int64)),
         )
 
-    def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    def sampling_batch(self, seqs: list[SequenceState]) -> SamplingBatch:
+        """Per-row sampling settings of ``seqs``; creates the generators of seeded requests."""
         gens: list[torch.Generator | None] = []
         for s in seqs:
             if s.params.seed is not None and s.generator is None and s.params.temperature > 0:
@@ -157,28 +152,48 @@ class ModelRunner:
 
     # -- execution -------------------------------------------------------------------------
 
+    def forward_context(self, meta: AttentionMetadata) -> ForwardContext:
+        """What the model's attention layers receive for one forward over ``meta``."""
+        return ForwardContext(meta, self.kv.kv_caches(), self.attention)
+
     def forward(self, inp: ModelInput) -> torch.Tensor:
         """Run the model; returns the hidden states of the rows that sample."""
-        ctx = ForwardContext(inp.attn_metadata, self.kv.kv_caches(), self.attention)
-        hidden = self.model(inp.input_ids, inp.positions, ctx)
+        hidden = self.model(inp.input_ids, inp.positions, self.forward_context(inp.attn_metadata))
         return hidden[inp.logits_indices]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the hidden rows ``hidden``."""
+        return self.model.compute_logits(hidden).float()  # type: ignore[operator,no-any-return]
+
+    def sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
+        """One token id per row of ``logits`` (row ``i`` belongs to ``seqs[i]``), on the device.
+
+        Applies :meth:`suppress_early_stop` to ``logits`` (in place) first.
+        """
+        self.suppress_early_stop(logits, seqs)
+        return self.sampler(logits, self.sampling_batch(seqs))
+
+    def fetch_ids(self, ids: torch.Tensor) -> list[int]:
+        """Sampled ids to the host: the step's wait for the device (``Platform.fetch_ids``)."""
+        return self.platform.fetch_ids(ids)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int]:
-        """Run one step; returns one sampled token per ``plan.sampling_seqs()`` entry."""
-        if plan.blocks_to_copy:
-            self.kv.copy_blocks(plan.blocks_to_copy)
+        """Run one step; returns one sampled token per ``plan.sampling_seqs()`` entry.
+
+        The engine may call it again with a part of a plan that raised (one sequence at a time,
+        nothing committed in between), so it must not keep per-plan state across calls.
+        """
         seqs = plan.sampling_seqs()
         inp = self.prepare(plan)
         hidden = self.forward(inp)
         if not seqs:
             return []
-        logits = self.model.compute_logits(hidden).float()
-        self._suppress_early_stop(logits, seqs)
-        return fetch_ids(self.sampler(logits, self.sampling_batch(seqs)))
+        return self.fetch_ids(self.sample(self.compute_logits(hidden), seqs))
 
     @staticmethod
-    def _suppress_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def suppress_early_stop(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
+        """Ban, in place, the stop and end-of-sequence ids of rows still short of ``min_tokens``."""
         vocab = logits.shape[-1]
         for i, s in enumerate(seqs):
             if s.params.min_tokens and s.num_output_tokens < s.params.min_tokens:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sagellm.engine.sequence import Sequence
+from sagellm.engine.sequence import SequenceState
 
 
 @dataclass
 class PrefillOp:
     """Compute tokens ``[start, end)`` of ``seq``; sample after if ``end`` is its last token."""
 
-    seq: Sequence
+    seq: SequenceState
     start: int
     end: int
 
@@ -33,7 +33,7 @@ class PrefillOp:
 class DecodeOp:
     """Compute ``seq``'s last token and sample the next one."""
 
-    seq: Sequence
+    seq: SequenceState
 
     @property
     def position(self) -> int:
@@ -61,7 +61,6 @@ class StepPlan:
     decodes: list[DecodeOp] = field(default_factory=list)
     #: Requests preempted (blocks freed, back to waiting) while building this plan.
     preempted: list[str] = field(default_factory=list)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     kv_transfers: list[KVTransferOp] = field(default_factory=list)
 
     @property
@@ -80,7 +79,7 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not self.prefills and not self.decodes
 
-    def sampling_seqs(self) -> list[Sequence]:
+    def sampling_seqs(self) -> list[SequenceState]:
         """Sequences that get a new token from this step, in batch order."""
         return [op.seq for op in self.prefills if op.samples] + [op.seq for op in self.decodes]
 
@@ -94,4 +93,6 @@ class StepPlan:
                  f"decode {self.num_decode_tokens} ({dec or '-'})"]
         if self.preempted:
             parts.append(f"preempted {', '.join(self.preempted)}")
+        if self.kv_transfers:
+            parts.append(f"transfer {len(self.kv_transfers)}")
         return "; ".join(parts)

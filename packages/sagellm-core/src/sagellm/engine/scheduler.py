@@ -12,36 +12,50 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from sagellm.engine.block_manager import BlockManager
 from sagellm.engine.plan import DecodeOp, PrefillOp, StepPlan
-from sagellm.engine.sequence import Sequence, SequenceStatus
+from sagellm.engine.sequence import SequenceState, SequenceStatus
 
 logger = logging.getLogger("sagellm.scheduler")
 
 
+@dataclass
+class Budget:
+    """Tokens one step may still plan: all kinds together, and prefill tokens."""
+
+    tokens: int
+    prefill: int
+
+
 class Scheduler:
+    """Plans each step; the algorithm is :meth:`schedule`, the decisions it delegates are the
+    methods under "the decisions a subclass may change"."""
+
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_prefill_tokens: int) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []
         self.num_steps = 0
         self.num_preemptions = 0
 
     # -- queue management ------------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
-        need = -(-seq.num_tokens // self.block_manager.block_size)
-        if need > self.block_manager.num_blocks:
-            raise ValueError(f"request {seq.request_id} needs {need} KV blocks; the pool has "
-                             f"{self.block_manager.num_blocks}")
+    def add(self, seq: SequenceState) -> None:
+        for bm, where in self._pools():
+            need = -(-seq.num_tokens // bm.block_size)
+            if need > bm.num_blocks:
+                raise ValueError(f"request {seq.request_id} needs {need} KV blocks; the "
+                                 f"{where}pool has {bm.num_blocks}")
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, request_id: str) -> SequenceState | None:
         for queue in (self.running, self.waiting):
             for seq in queue:
                 if seq.request_id == request_id:
@@ -66,89 +80,134 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         self.num_steps += 1
         plan = StepPlan(step_id=self.num_steps)
-        bm = self.block_manager
-        token_budget = self.max_num_batched_tokens
-        prefill_budget = self.max_prefill_tokens
+        budget = Budget(self.max_num_batched_tokens, self.max_prefill_tokens)
         scheduled: set[str] = set()
 
         # 1. Decodes of running sequences, oldest first; preempt the newest when out of blocks.
-        for seq in [s for s in self.running if not s.is_prefill]:
-            if token_budget <= 0:
+        for seq in [s for s in self.running if self._decodes(s)]:
+            if budget.tokens <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if not self._make_room(seq, 1, scheduled, plan):
+            if not self._make_room(self.block_manager, seq, 1, scheduled, plan,
+                                   self._decode_victim):
                 self._preempt(seq, plan)
                 continue
-            bm.allocate(seq, 1)
+            self.block_manager.allocate(seq, 1)
             plan.decodes.append(DecodeOp(seq))
             scheduled.add(seq.request_id)
-            token_budget -= 1
+            budget.tokens -= 1
 
         # 2. Resume chunked prefills of running sequences, oldest first.
-        for seq in [s for s in self.running if s.is_prefill]:
-            n = min(seq.num_uncomputed_tokens, token_budget, prefill_budget)
+        for seq in [s for s in self.running if not self._decodes(s)]:
+            n = self._prefill_tokens(seq, budget)
             if n <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            if not self._make_room(seq, n, scheduled, plan):
-                # Take what fits; with nothing at all, give the blocks back and wait.
-                n = (bm.num_free_blocks + len(seq.block_table)) * bm.block_size - seq.num_computed_tokens
-                if n <= 0:
-                    self._preempt(seq, plan)
-                    continue
-            bm.allocate(seq, n)
-            plan.prefills.append(PrefillOp(seq, seq.num_computed_tokens, seq.num_computed_tokens + n))
-            scheduled.add(seq.request_id)
-            token_budget -= n
-            prefill_budget -= n
+            n = self._fit_prefill(seq, n, scheduled, plan)
+            if n > 0:
+                self._schedule_prefill(seq, n, plan, budget, scheduled)
 
         # 3. Admit waiting sequences (preempted ones first) while budgets, slots and blocks allow.
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            bm.acquire_cached_prefix(seq)
-            n = min(seq.num_uncomputed_tokens, token_budget, prefill_budget)
-            if n <= 0 or not bm.can_allocate(seq, n):
-                if seq.block_table:  # give the cached prefix back until it can run
-                    bm.free(seq)
-                    seq.num_computed_tokens = 0
+            n = self._admit_tokens(seq, budget, scheduled, plan)
+            if n <= 0:
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = time.monotonic()
-            self.running.append(seq)
-            bm.allocate(seq, n)
-            plan.prefills.append(PrefillOp(seq, seq.num_computed_tokens, seq.num_computed_tokens + n))
-            scheduled.add(seq.request_id)
-            token_budget -= n
-            prefill_budget -= n
+            self._admit(self.waiting.popleft())
+            self._schedule_prefill(seq, n, plan, budget, scheduled)
 
         if plan.is_empty and self.waiting and not self.running:
             seq = self.waiting[0]
             raise RuntimeError(f"cannot schedule {seq.request_id}: {seq.num_tokens} tokens do not "
-                               f"fit the KV pool of {bm.num_blocks} blocks")
+                               f"fit {self._pool_description()}")
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(plan.describe())
         return plan
 
-    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[str], plan: StepPlan) -> bool:
-        """Preempt the newest unscheduled running sequences until ``seq`` fits."""
-        bm = self.block_manager
+    def _schedule_prefill(self, seq: SequenceState, n: int, plan: StepPlan, budget: Budget,
+                          scheduled: set[str]) -> None:
+        self._add_prefill(seq, n, plan)
+        scheduled.add(seq.request_id)
+        budget.tokens -= n
+        budget.prefill -= n
+
+    def _make_room(self, bm: BlockManager, seq: SequenceState, num_tokens: int,
+                   scheduled: set[str], plan: StepPlan,
+                   eligible: Callable[[SequenceState], bool]) -> bool:
+        """Preempt the newest unscheduled ``eligible`` running sequences until ``seq`` fits ``bm``."""
         while not bm.can_allocate(seq, num_tokens):
-            victim = next((s for s in reversed(self.running)
-                           if s is not seq and s.request_id not in scheduled), None)
+            victim = next((s for s in reversed(self.running) if s is not seq
+                           and s.request_id not in scheduled and eligible(s)), None)
             if victim is None:
                 return False
             self._preempt(victim, plan)
         return True
 
-    def _release(self, seq: Sequence) -> None:
+    # -- the decisions a subclass may change (``sagellm.distributed.disagg`` does) -----------
+
+    def _pools(self) -> list[tuple[BlockManager, str]]:
+        """The pools a request must fit, each with its name in messages."""
+        return [(self.block_manager, "")]
+
+    def _pool_description(self) -> str:
+        return f"the KV pool of {self.block_manager.num_blocks} blocks"
+
+    def _decodes(self, seq: SequenceState) -> bool:
+        """Whether running ``seq`` decodes this step (else it resumes a chunked prefill)."""
+        return not seq.is_prefill
+
+    def _decode_victim(self, seq: SequenceState) -> bool:
+        """Whether running ``seq`` may be preempted to make room for a decode."""
+        return True
+
+    def _prefill_tokens(self, seq: SequenceState, budget: Budget) -> int:
+        """How many of running ``seq``'s uncomputed tokens the budgets allow (0: stop resuming)."""
+        return min(seq.num_uncomputed_tokens, budget.tokens, budget.prefill)
+
+    def _fit_prefill(self, seq: SequenceState, n: int, scheduled: set[str], plan: StepPlan
+                     ) -> int:
+        """Tokens of a resumed prefill that get blocks (preempting others); 0: not this step."""
+        bm = self.block_manager
+        if self._make_room(bm, seq, n, scheduled, plan, self._decode_victim):
+            return n
+        # Take what fits; with nothing at all, give the blocks back and wait.
+        n = (bm.num_free_blocks + len(seq.block_table)) * bm.block_size - seq.num_computed_tokens
+        if n <= 0:
+            self._preempt(seq, plan)
+        return n
+
+    def _admit_tokens(self, seq: SequenceState, budget: Budget, scheduled: set[str],
+                      plan: StepPlan) -> int:
+        """Tokens to prefill of the next waiting ``seq`` (its cached prefix reused); 0: wait."""
+        bm = self.block_manager
+        bm.acquire_cached_prefix(seq)
+        n = min(seq.num_uncomputed_tokens, budget.tokens, budget.prefill)
+        if n <= 0 or not bm.can_allocate(seq, n):
+            if seq.block_table:  # give the cached prefix back until it can run
+                bm.free(seq)
+                seq.num_computed_tokens = 0
+            return 0
+        return n
+
+    def _admit(self, seq: SequenceState) -> None:
+        """Move ``seq``, just taken off the waiting queue, to the running ones."""
+        seq.status = SequenceStatus.RUNNING
+        if seq.metrics.first_scheduled_time is None:
+            seq.metrics.first_scheduled_time = time.monotonic()
+        self.running.append(seq)
+
+    def _add_prefill(self, seq: SequenceState, n: int, plan: StepPlan) -> None:
+        """Allocate ``n`` more tokens of ``seq`` and add their prefill op to ``plan``."""
+        self.block_manager.allocate(seq, n)
+        plan.prefills.append(PrefillOp(seq, seq.num_computed_tokens, seq.num_computed_tokens + n))
+
+    def _release(self, seq: SequenceState) -> None:
         """Give back every KV block ``seq`` holds (preemption, finish, abort)."""
         self.block_manager.free(seq)
 
-    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+    def _preempt(self, seq: SequenceState, plan: StepPlan) -> None:
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed_tokens = 0
@@ -162,20 +221,26 @@ class Scheduler:
 
     def commit(self, plan: StepPlan) -> None:
         """Mark the plan's tokens as computed (called after the forward, before sampling)."""
-        bm = self.block_manager
         for op in plan.prefills:
             op.seq.num_computed_tokens = op.end
-            bm.register_computed_blocks(op.seq)
         for op in plan.decodes:
             op.seq.num_computed_tokens = op.seq.num_tokens
+        self._committed(plan)
+
+    def _committed(self, plan: StepPlan) -> None:
+        """After :meth:`commit` marked the tokens: hash the blocks they filled (prefix caching)."""
+        bm = self.block_manager
+        for op in plan.prefills:
+            bm.register_computed_blocks(op.seq)
+        for op in plan.decodes:
             if op.seq.num_computed_tokens % bm.block_size == 0:
                 bm.register_computed_blocks(op.seq)
 
-    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+    def finish(self, seq: SequenceState, status: SequenceStatus) -> None:
         if seq in self.running:
             self.running.remove(seq)
         self._finish(seq, status)
 
-    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+    def _finish(self, seq: SequenceState, status: SequenceStatus) -> None:
         seq.status = status
         self._release(seq)

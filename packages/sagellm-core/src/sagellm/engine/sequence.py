@@ -35,7 +35,7 @@ class SequenceMetrics:
     finished_time: float | None = None
 
 
-class Sequence:
+class SequenceState:
     """Prompt plus generated tokens, KV blocks and progress.
 
     ``num_computed_tokens`` counts tokens whose keys and values are in the cache. Each step
@@ -74,10 +74,6 @@ class Sequence:
         return self.token_ids[: self.num_prompt_tokens]
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
@@ -94,13 +90,9 @@ class Sequence:
         """More than one token left to compute: a (possibly resumed) prefill."""
         return self.num_uncomputed_tokens > 1
 
-    @property
-    def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None
-
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+        return (f"SequenceState({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")

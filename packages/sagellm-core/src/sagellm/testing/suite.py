@@ -25,6 +25,7 @@ import torch
 
 from sagellm.protocols import (
     CONTRACT_VERSION,
+    OLDEST_CONTRACT_VERSION,
     AttentionBackend,
     Availability,
     Capabilities,
@@ -36,6 +37,7 @@ from sagellm.protocols import (
     MemoryInfo,
     Platform,
 )
+from sagellm.sampling_params import SamplingParams
 from sagellm.testing.reference import PagedCase, make_paged_case
 
 #: (id, seq_lens, context_lens, num_heads, num_kv_heads) of the prefill cases.
@@ -112,8 +114,9 @@ class BackendSuite:
         cls = self.platform_cls
         assert isinstance(cls.name, str) and cls.name, "Platform.name must be a non-empty string"
         assert isinstance(cls.device_type, str) and cls.device_type
-        assert cls.contract_version <= CONTRACT_VERSION, (
-            f"{cls.__name__} targets contract v{cls.contract_version}, core has v{CONTRACT_VERSION}")
+        assert OLDEST_CONTRACT_VERSION <= cls.contract_version <= CONTRACT_VERSION, (
+            f"{cls.__name__} targets contract v{cls.contract_version}, core supports "
+            f"v{OLDEST_CONTRACT_VERSION}..v{CONTRACT_VERSION}")
         avail = cls.is_available()  # must not raise, available or not
         assert isinstance(avail, Availability)
         if not avail.available:
@@ -133,6 +136,29 @@ class BackendSuite:
         platform.synchronize()
         platform.reset_peak_memory()
         assert platform.max_memory_allocated() >= 0
+        platform.empty_cache()
+
+    def test_host_transfers(self, platform: Platform) -> None:
+        host = torch.arange(5, dtype=torch.int64)
+        dev = platform.to_device(host)
+        assert dev.device.type == platform.device.type and dev.dtype == torch.int64
+        assert platform.fetch_ids(dev * 3) == [0, 3, 6, 9, 12]
+        assert platform.fetch_ids(dev[:0]) == []
+
+    # -- swappable layers ------------------------------------------------------------------
+
+    def test_layer_replacements(self, platform: Platform, test_dtype: torch.dtype) -> None:
+        """Every replacement the platform registers is allowed for its kind (a subclass of
+        core's layer with no state of its own) and matches core's layer numerically."""
+        from sagellm.layers.registry import SWAPPABLE_LAYERS, layer_overrides
+        from sagellm.testing.layers import check_layer_replacement
+
+        overrides = layer_overrides(platform)  # checks each registration
+        tol = TOLERANCES.get(test_dtype, 6e-2)
+        for spec in SWAPPABLE_LAYERS.values():
+            if spec.base in overrides:
+                check_layer_replacement(spec.kind, overrides[spec.base], platform.device,
+                                        test_dtype, tol)
 
     # -- KV pool ---------------------------------------------------------------------------
 
@@ -171,21 +197,6 @@ class BackendSuite:
         again = kv.kv_caches()
         assert all(k1 is k2 and v1 is v2 for (k1, v1), (k2, v2) in zip(caches, again, strict=True)), (
             "kv_caches() must return the same tensors every call")
-
-    def test_kv_copy_blocks(self, platform: Platform, test_dtype: torch.dtype) -> None:
-        kv = platform.make_kv_backend(self._spec(test_dtype), 6)
-        caches = kv.kv_caches()
-        for layer, (k, v) in enumerate(caches):
-            for blk in range(6):
-                k[blk] = float(100 * layer + blk)
-                v[blk] = float(-100 * layer - blk)
-        kv.copy_blocks([(1, 4), (2, 5)])
-        kv.copy_blocks([])
-        for layer, (k, v) in enumerate(caches):
-            kc, vc = k.float().cpu(), v.float().cpu()
-            for blk, want in {0: 0, 1: 1, 2: 2, 3: 3, 4: 1, 5: 2}.items():
-                assert kc[blk].eq(100 * layer + want).all(), f"layer {layer} key block {blk}"
-                assert vc[blk].eq(-100 * layer - want).all(), f"layer {layer} value block {blk}"
 
     def test_kv_memory_usage(self, platform: Platform, test_dtype: torch.dtype) -> None:
         spec = self._spec(test_dtype)
@@ -328,6 +339,44 @@ class BackendSuite:
         [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29],
         [3, 1, 4, 1, 5, 9, 2, 6],
     ]
+
+    def test_model_runner_from_context(self, platform: Platform, tiny_model: Path) -> None:
+        """The engine runs the platform's runner (``make_model_runner``), a ``ModelRunner``
+        built from the engine's context; running a plan again, whole or one sequence at a
+        time, before committing it gives the same tokens (the engine relies on it to isolate
+        a failing request)."""
+        from sagellm.config import EngineConfig
+        from sagellm.engine.llm_engine import LLMEngine
+        from sagellm.plugins import Registry
+        from sagellm.runner import ModelRunner, StepPlan
+
+        config = EngineConfig(model=str(tiny_model), block_size=4, num_kv_blocks=64,
+                              max_num_batched_tokens=32, max_prefill_tokens=16,
+                              dtype="float32" if torch.float32 in platform.capabilities().dtypes
+                              else "auto")
+        engine = LLMEngine(config, registry=Registry(), platform=platform)
+        runner = engine.runner
+        assert isinstance(runner, ModelRunner)
+        assert runner.platform is platform and runner.kv is engine.kv
+        assert runner.ctx.config is engine.config and runner.ctx.model is engine.model
+        if type(platform).make_model_runner is not Platform.make_model_runner:
+            assert type(runner) is not ModelRunner, "the platform's make_model_runner was not used"
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        for prompt in self.E2E_PROMPTS[:2]:
+            engine.add_request(list(prompt), params)
+        for _ in range(3):  # a prefill step, then decodes
+            plan = engine.scheduler.schedule()
+            first = runner.execute(plan)
+            assert len(first) == len(plan.sampling_seqs())
+            assert runner.execute(plan) == first
+            alone = [runner.execute(StepPlan(plan.step_id, prefills=[op])) for op in plan.prefills
+                     if op.samples]
+            alone += [runner.execute(StepPlan(plan.step_id, decodes=[op])) for op in plan.decodes]
+            assert [t for ids in alone for t in ids] == first
+            engine.scheduler.commit(plan)
+            for seq, tok in zip(plan.sampling_seqs(), first, strict=True):
+                seq.append_token(tok)
+        engine.shutdown()
 
     def test_generate_matches_cpu(self, platform: Platform, tiny_model: Path) -> None:
         """Greedy generation on this backend equals the built-in CPU backend's, token for token.

@@ -1,0 +1,36 @@
+"""The model-runner half of the backend contract, in one public module.
+
+A backend that wants more than kernels (CUDA graphs, say) subclasses :class:`ModelRunner` and
+returns it from ``Platform.make_model_runner(ctx)``; everything such a runner needs is here:
+
+* :class:`RunnerContext` - what the runner is built from;
+* :class:`ModelRunner` - core's runner and its hooks: ``prepare`` (plan -> :class:`ModelInput`),
+  ``forward_context``, ``forward``, ``compute_logits``, ``sample`` (with
+  ``suppress_early_stop``), ``fetch_ids`` and ``execute``, the one method the engine calls;
+* :class:`StepPlan`, :class:`PrefillOp`, :class:`DecodeOp` - the step the scheduler planned;
+* :class:`SequenceState` - one request as the plan refers to it (tokens, block table, params);
+* :class:`ForwardContext` - what the model's attention layers receive.
+
+These names are covered by ``sagellm.protocols.CONTRACT_VERSION``; anything else under
+``sagellm.engine`` may change without notice.
+"""
+
+from __future__ import annotations
+
+from sagellm.engine.model_runner import ModelInput, ModelRunner, StepRunner
+from sagellm.engine.plan import DecodeOp, PrefillOp, StepPlan
+from sagellm.engine.runner_context import RunnerContext
+from sagellm.engine.sequence import SequenceState
+from sagellm.layers.attention import ForwardContext
+
+__all__ = [
+    "DecodeOp",
+    "ForwardContext",
+    "ModelInput",
+    "ModelRunner",
+    "PrefillOp",
+    "RunnerContext",
+    "SequenceState",
+    "StepPlan",
+    "StepRunner",
+]
