@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +15,7 @@ from sagellm.engine.model_runner import ModelRunner
 from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.sequence import Sequence, SequenceStatus
+from sagellm.engine.stats import EngineStats
 from sagellm.layers.parallel import SINGLE, TPGroup
 from sagellm.loader import load_model
 from sagellm.models.llama import head_dim_of
@@ -25,20 +25,6 @@ from sagellm.protocols import KVCacheSpec, Platform
 from sagellm.sampling_params import SamplingParams
 
 logger = logging.getLogger("sagellm.engine")
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_kv_blocks: int
-    num_free_kv_blocks: int
-    kv_fragmentation: float
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    num_preemptions: int
-    num_steps: int
 
 
 class LLMEngine:
