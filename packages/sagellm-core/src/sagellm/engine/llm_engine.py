@@ -21,6 +21,7 @@ from sagellm.loader import load_model
 from sagellm.models.llama import head_dim_of
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.plugins import Registry, get_registry
+from sagellm.prompt_validation import validate_prompt
 from sagellm.protocols import KVCacheSpec, Platform
 from sagellm.sampling_params import SamplingParams
 
@@ -178,14 +179,7 @@ class LLMEngine:
         return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]
 
     def validate_prompt(self, token_ids: Seq[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in token_ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens; the model's context is "
-                             f"{self.max_model_len}")
+        validate_prompt(token_ids, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
