@@ -10,19 +10,13 @@ import pytest
 
 # The root config uses --import-mode=importlib, which does not put test directories on sys.path.
 sys.path.insert(0, str(Path(__file__).parent))
-from server_harness import Server, descendants, start_server, stop_server, wait_gone  # noqa: E402
+from server_harness import Server, serving, start_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("server"), "--max-num-seqs", "32",
-                       "--max-queued-requests", "4")
-    try:
+    # SIGTERM at the end: a graceful drain, then exit status 0 and no orphans.
+    with serving(start_server(tmp_path_factory.mktemp("server"), "--max-num-seqs", "32",
+                              "--max-queued-requests", "4")) as srv:
         yield srv
-    finally:
-        below = descendants(srv.proc.pid)  # the engine process (and multiprocessing's helpers)
-        stop_server(srv)
-        # SIGTERM: a graceful drain, then exit status 0.
-        assert srv.proc.returncode == 0, srv.log_text()[-3000:]
-        assert "Application shutdown complete" in srv.log_text()
-        wait_gone(below, 10)  # no orphans
+    assert "Application shutdown complete" in srv.log_text()

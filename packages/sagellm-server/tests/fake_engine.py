@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sagellm.config import EngineConfig
+from sagellm.engine.stats import EngineStats
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.sampling_params import SamplingParams
 
@@ -23,19 +24,6 @@ SLOW_STEP_S = 0.02
 CRAWL, CRAWL_STEP_S = 778, 0.1
 BIG_TEXT_CHARS = 300_000
 FAIL_ONE_MESSAGE = "the fake engine failed this request"
-
-
-@dataclass
-class _Stats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_kv_blocks: int
-    num_free_kv_blocks: int
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    num_preemptions: int
-    num_steps: int
 
 
 class FakeEngine:
@@ -111,9 +99,10 @@ class FakeEngine:
             outs.append(o)
         return outs
 
-    def get_stats(self) -> _Stats:
+    def get_stats(self) -> EngineStats:
         n = len(self.reqs)
-        return _Stats(n, 0, n / 10, 10, 10 - n, 0, 0, 0, self.steps)
+        return EngineStats(num_running=n, kv_usage=n / 10, num_kv_blocks=10, num_free_kv_blocks=10 - n,
+                           num_steps=self.steps)
 
 
 class FakeTokenizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,3 +167,18 @@ def stop_server(server: Server) -> None:
     except subprocess.TimeoutExpired:
         server.proc.kill()
         server.proc.wait(5)
+
+
+@contextlib.contextmanager
+def serving(server: Server, returncodes: Collection[int] | None = (0,)) -> Iterator[Server]:
+    """``server`` for the block; then stopped (SIGTERM) and, unless the block raised, checked: it
+    exited with one of ``returncodes`` (None: not checked, for tests that watch it exit) and left
+    none of its processes (the engine, multiprocessing's helpers) behind."""
+    try:
+        yield server
+    finally:
+        below = descendants(server.proc.pid)
+        stop_server(server)
+    if returncodes is not None:
+        assert server.proc.returncode in returncodes, server.log_text()[-3000:]
+    wait_gone(below, 10)

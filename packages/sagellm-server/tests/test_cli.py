@@ -32,3 +32,17 @@ def test_safe_defaults() -> None:
 def test_bad_engine_config_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--max-num-seqs", "0"]) == 2
     assert "max_num_seqs" in capsys.readouterr().err
+
+
+def test_every_engine_config_field_is_a_flag() -> None:
+    from sagellm.config import EngineConfig
+    from sagellm_server.cli import ENGINE_FLAGS
+
+    args = build_parser().parse_args(["--block-size", "32", "--no-enable-prefix-caching",
+                                      "--enforce-eager", "--max-prefill-tokens", "64", "--seed", "3"])
+    kwargs = ENGINE_FLAGS.config_kwargs(args)
+    assert set(kwargs) == set(EngineConfig.model_fields)
+    config = EngineConfig(**kwargs)
+    assert (config.block_size, config.enable_prefix_caching, config.enforce_eager,
+            config.max_prefill_tokens, config.seed) == (32, False, True, 64, 3)
+    assert EngineConfig(**ENGINE_FLAGS.config_kwargs(build_parser().parse_args([]))) == EngineConfig()

@@ -349,3 +349,37 @@ def test_outputs_larger_than_the_pipe_arrive_whole(new_loop: Any) -> None:
     for i, (ids, chars) in enumerate(results):
         assert ids == list(range(i + 1, i + 1 + num_tokens))
         assert chars == num_tokens * BIG_TEXT_CHARS
+
+
+class _Sent:
+    """The child's output end of the pipe, recording what is sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def send_bytes(self, data: bytes) -> None:
+        self.messages.append(json.loads(data))
+
+
+def test_stats_cross_the_wire_by_field_name_and_keep_counters_over_restarts() -> None:
+    from fake_engine import FakeEngine
+
+    from sagellm.engine.stats import EngineStats
+    from sagellm_server.engine_core import EngineCore
+    from sagellm_server.engine_process import _snapshot
+
+    engine = FakeEngine()
+    engine.steps = 4
+    sent = _Sent()
+    core = EngineCore(engine, None, sent)  # type: ignore[arg-type]
+    core.send_stats_if_changed()
+    core.send_stats_if_changed()  # unchanged: not sent again
+    assert len(sent.messages) == 1
+    op, wire = sent.messages[0]
+    assert op == "stats" and wire == engine.get_stats().to_wire() and wire["num_steps"] == 4
+    snap = _snapshot(wire)
+    assert snap.alive and EngineStats.from_wire(snap.to_wire()) == engine.get_stats()
+    # The first engine dies; its counters carry into the next one's snapshots, its load does not.
+    carried = snap.down()
+    assert (carried.alive, carried.num_steps, carried.num_kv_blocks) == (False, 4, 0)
+    assert _snapshot({"num_steps": 1, "num_kv_blocks": 10}).plus_counters(carried).num_steps == 5

@@ -16,22 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_harness import API_KEY, Server, descendants, start_server, stop_server, wait_gone
+from server_harness import API_KEY, Server, serving, start_server
 
 from sagellm.bench import main as bench_main
 
 
 @pytest.fixture(scope="module")
 def soak_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("soak"), "--max-num-seqs", "16",
-                       "--max-model-len", "2048")
-    try:
+    with serving(start_server(tmp_path_factory.mktemp("soak"), "--max-num-seqs", "16",
+                              "--max-model-len", "2048"), returncodes=(0, -signal.SIGTERM)) as srv:
         yield srv
-    finally:
-        below = descendants(srv.proc.pid)
-        stop_server(srv)
-        assert srv.proc.returncode in (0, -signal.SIGTERM), srv.log_text()[-3000:]
-        wait_gone(below, 10)
 
 
 @pytest.mark.slow

@@ -11,12 +11,11 @@ from pathlib import Path
 import httpx
 from fake_engine import CRAWL, HANG
 from fake_server import non_empty, pid_exists, sse_error, sse_tokens, start_fake_server, wait_health
-from server_harness import MODEL_NAME, descendants, engine_pid, stop_server, wait_gone
+from server_harness import MODEL_NAME, descendants, engine_pid, serving
 
 
 def test_killed_engine_fails_its_requests_and_is_restarted(tmp_path: Path) -> None:
-    srv = start_fake_server(tmp_path, "--engine-restart-backoff", "0.1")
-    try:
+    with serving(start_fake_server(tmp_path, "--engine-restart-backoff", "0.1")) as srv:
         pid = engine_pid(srv)
         body = {"prompt": [1, CRAWL], "max_tokens": 40, "stream": True, "return_token_ids": True}
         with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, headers=srv.headers,
@@ -38,25 +37,17 @@ def test_killed_engine_fails_its_requests_and_is_restarted(tmp_path: Path) -> No
         assert f'sagellm:engine_restarts_total{{model_name="{MODEL_NAME}"}} 1.0' in m
         assert f'sagellm:engine_alive{{model_name="{MODEL_NAME}"}} 1.0' in m
         assert "the engine process exited (killed by signal SIGKILL)" in srv.log_text()
-    finally:
-        below = descendants(srv.proc.pid)
-        stop_server(srv)
-    assert srv.proc.returncode == 0, srv.log_text()[-3000:]
-    wait_gone(below, 10)
 
 
 def test_on_engine_death_exit_makes_the_server_exit_nonzero(tmp_path: Path) -> None:
-    srv = start_fake_server(tmp_path, "--on-engine-death", "exit")
-    try:
+    with serving(start_fake_server(tmp_path, "--on-engine-death", "exit"), returncodes=None) as srv:
         os.kill(engine_pid(srv), signal.SIGKILL)
         assert srv.proc.wait(30) == 1, srv.log_text()[-3000:]
-    finally:
-        stop_server(srv)
 
 
 def test_exhausted_restarts_make_the_server_exit_nonzero(tmp_path: Path) -> None:
     srv = start_fake_server(tmp_path, "--engine-restarts", "1", "--engine-restart-backoff", "0.1")
-    try:
+    with serving(srv, returncodes=None):
         first = engine_pid(srv)
         os.kill(first, signal.SIGKILL)
         wait_health(srv, 200)
@@ -66,13 +57,11 @@ def test_exhausted_restarts_make_the_server_exit_nonzero(tmp_path: Path) -> None
         assert srv.proc.wait(30) == 1, srv.log_text()[-3000:]
         assert "giving up" in srv.log_text()
         assert not pid_exists(second)
-    finally:
-        stop_server(srv)
 
 
 def test_hung_engine_is_killed_and_replaced_but_a_slow_one_is_not(tmp_path: Path) -> None:
     srv = start_fake_server(tmp_path, "--engine-hang-timeout", "1", "--engine-restart-backoff", "0.1")
-    try:
+    with serving(srv):
         pid = engine_pid(srv)
         # 30 steps of 0.1 s: far longer than the timeout in all, but progressing all along.
         body = {"prompt": [1, CRAWL], "max_tokens": 30, "stream": True, "return_token_ids": True}
@@ -91,6 +80,3 @@ def test_hung_engine_is_killed_and_replaced_but_a_slow_one_is_not(tmp_path: Path
         r3 = httpx.post(f"{srv.url}/v1/completions", headers=srv.headers, timeout=30,
                         json={"prompt": [1], "max_tokens": 2})
         assert r3.status_code == 200, r3.text
-    finally:
-        stop_server(srv)
-    assert srv.proc.returncode == 0, srv.log_text()[-3000:]

@@ -13,14 +13,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from sagellm.engine_flags import EngineFlags
+
+#: Generated from EngineConfig (no pydantic import: see sagellm.engine_flags). ``--seed`` is the
+#: sampling seed here (``SamplingParams.seed``), as it was before the engine's flags were
+#: generated, so the engine's own seed is ``--engine-seed``.
+ENGINE_FLAGS = EngineFlags(rename={"seed": "--engine-seed"})
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="auto", help="backend name, or auto (default)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "safetensors", "gguf", "dummy"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    ENGINE_FLAGS.add_to(p.add_argument_group("engine"))
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (torch.set_num_threads; default: torch's choice, "
                         "usually one per core)")
@@ -45,11 +47,7 @@ def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         torch.set_num_threads(args.threads)
     from sagellm.llm import LLM
 
-    kwargs = {"dtype": args.dtype, "load_format": args.load_format,
-              "tensor_parallel_size": args.tensor_parallel_size}
-    if args.max_model_len:
-        kwargs["max_model_len"] = args.max_model_len
-    return LLM(model=args.model, backend=args.backend, **kwargs)
+    return LLM(**ENGINE_FLAGS.config_kwargs(args))
 
 
 def _params(args: argparse.Namespace):  # type: ignore[no-untyped-def]

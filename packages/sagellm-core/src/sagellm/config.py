@@ -14,35 +14,52 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str | None = Field(None, description="HF directory, GGUF file, or None for the embedded default")
-    tokenizer: str | None = None
-    backend: str = "auto"
-    dtype: str = "auto"
-    load_format: LoadFormat = "auto"
-    seed: int = 0
-    max_model_len: int | None = None
-    block_size: int = Field(16, ge=1)
-    #: Fraction of device memory the engine may use in total (weights, activations, KV).
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
-    #: Fixed KV pool size in blocks (overrides profiling); mainly for tests and small devices.
-    num_kv_blocks: int | None = Field(None, ge=1)
-    #: KV pool size in bytes for the CPU backend (which does not profile).
-    cpu_kv_cache_bytes: int = Field(1 << 30, ge=1 << 20)
-    max_num_seqs: int = Field(256, ge=1)
-    #: Token budget of one step, prefill and decode tokens together.
-    max_num_batched_tokens: int = Field(8192, ge=16)
-    #: Prefill token budget of one step; longer prompts are prefilled in chunks of at most this.
+    model: str | None = Field(
+        None, description="HF model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    tokenizer: str | None = Field(None, description="tokenizer directory, if not the model's own")
+    backend: str = Field(
+        "auto", description="hardware backend by name (see `sagellm backends`); auto picks the single "
+                            "available accelerator, else the CPU")
+    dtype: str = Field(
+        "auto", description="weights and activations: auto (the backend's default), float32, "
+                            "bfloat16 or float16")
+    load_format: LoadFormat = Field(
+        "auto", description="how to read the weights (dummy: random weights, for load tests)")
+    seed: int = Field(0, description="engine random seed (also the random weights of load_format dummy)")
+    max_model_len: int | None = Field(
+        None, description="context length (prompt + completion); default: the model's own")
+    block_size: int = Field(16, ge=1, description="tokens per KV cache block")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0,
+        description="fraction of device memory the engine may use (weights, activations, KV cache)")
+    # Mainly for tests and small devices.
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="fixed KV pool size in blocks, instead of sizing it from memory")
+    cpu_kv_cache_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="KV pool size in bytes for the CPU backend (which does not "
+                                          "profile memory)")
+    max_num_seqs: int = Field(
+        256, ge=1, description="most requests decoded together in one step (the running batch)")
+    max_num_batched_tokens: int = Field(
+        8192, ge=16, description="token budget of one engine step (prefill chunks plus decodes)")
     #: ``None``: the backend's default (``Capabilities.prefill_chunk_tokens``), else
     #: ``max_num_batched_tokens``; the engine fills in the value it uses.
-    max_prefill_tokens: int | None = Field(None, ge=16)
-    #: Reuse the KV blocks of identical prompt prefixes across requests.
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    tensor_parallel_size: int = Field(1, ge=1)
-    #: Prefill on a second worker (device ``device_index + 1``) and hand the prompts' KV
-    #: blocks to this one, which decodes (``sagellm.distributed.disagg``).
-    disaggregate_prefill: bool = False
-    device_index: int = 0
+    max_prefill_tokens: int | None = Field(
+        None, ge=16, description="prefill token budget of one step; longer prompts are prefilled in "
+                                 "chunks of at most this; default: the backend's chunk size")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of identical prompt prefixes across requests")
+    enforce_eager: bool = Field(
+        False, description="run every step eagerly, never through captured graphs (CUDA graphs "
+                           "on the CUDA backend)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="split the model over this many devices (device_index .. +N-1), one "
+                             "worker process each")
+    # ``sagellm.distributed.disagg``.
+    disaggregate_prefill: bool = Field(
+        False, description="prefill on a second device (device_index + 1) and hand the KV blocks to "
+                           "this one, which decodes")
+    device_index: int = Field(0, description="the device this engine (its first rank) runs on")
 
     @model_validator(mode="after")
     def _budgets(self) -> EngineConfig:

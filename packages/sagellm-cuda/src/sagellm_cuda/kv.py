@@ -13,20 +13,17 @@ from collections.abc import Sequence
 import torch
 
 from sagellm.backends.torch_kv import TorchKVBackend
-from sagellm.protocols import KVBackend, KVCacheSpec
 
 
 class CudaKVBackend(TorchKVBackend):
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
-        # Skip TorchKVBackend's per-layer allocation; keep its free list and checks.
-        KVBackend.__init__(self, spec, num_blocks, device)
-        shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.pool = torch.zeros(shape, dtype=spec.dtype, device=device)
-        self._caches = [(self.pool[i, 0], self.pool[i, 1]) for i in range(spec.num_layers)]
-        from collections import deque
+    pool: torch.Tensor
 
-        self._free = deque(range(num_blocks))
-        self._allocated = bytearray(num_blocks)
+    def allocate_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        spec = self.spec
+        shape = (spec.num_layers, 2, self.num_blocks, spec.block_size, spec.num_kv_heads,
+                 spec.head_dim)
+        self.pool = torch.zeros(shape, dtype=spec.dtype, device=self.device)
+        return [(self.pool[i, 0], self.pool[i, 1]) for i in range(spec.num_layers)]
 
     def copy_blocks(self, src_to_dst: Sequence[tuple[int, int]]) -> None:
         if not src_to_dst:

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import sagellm
 from sagellm.chat_template import ChatTemplateError, apply_chat_template
 from sagellm.outputs import RequestOutput
+from sagellm.prompt_validation import PromptError, validate_prompt
 from sagellm.sampling_params import SamplingParams
 from sagellm_server import __version__
 from sagellm_server.async_engine import (
@@ -353,19 +354,11 @@ class _Server:
             raise ApiError(400, str(exc), param=param, code="invalid_chat_template") from None
 
     def check_prompt(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param=param, code="invalid_value")
-        # The length first: it is O(1), and a megabyte prompt's ids are not worth a loop here.
-        limit = self.config.max_model_len
-        if len(ids) >= limit:
-            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the "
-                           f"prompt has {len(ids)} tokens, leaving no room for a completion",
-                           param=param, code="context_length_exceeded")
-        vocab = self.config.vocab_size
-        for t in ids:
-            if not 0 <= t < vocab:
-                raise ApiError(400, f"token id {t} is outside the vocabulary (0..{vocab - 1})",
-                               param=param, code="invalid_value")
+        try:
+            validate_prompt(ids, vocab_size=self.config.vocab_size,
+                            max_model_len=self.config.max_model_len)
+        except PromptError as exc:
+            raise ApiError(400, str(exc), param=param, code=exc.code) from None
 
     def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int,
                         requested: int | None, default: int | None) -> SamplingParams:

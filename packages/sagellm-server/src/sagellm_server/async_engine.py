@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sagellm.engine.stats import EngineStats
 from sagellm.outputs import RequestOutput
 from sagellm.sampling_params import SamplingParams
 from sagellm_server.metrics import ServerMetrics
@@ -41,7 +42,7 @@ class EngineLike(Protocol):
     def abort_request(self, request_id: str) -> bool: ...
     def step(self) -> list[RequestOutput]: ...
     def has_unfinished_requests(self) -> bool: ...
-    def get_stats(self) -> Any: ...
+    def get_stats(self) -> EngineStats: ...
 
 
 class EngineError(RuntimeError):
@@ -71,34 +72,22 @@ class QueueFullError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class EngineSnapshot:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_kv_blocks: int = 0
-    num_free_kv_blocks: int = 0
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
+class EngineSnapshot(EngineStats):
+    """The engine's latest stats as the server holds them, with whether that engine still runs
+    and when they were taken (``time.monotonic()`` of this process)."""
+
     alive: bool = True
     time: float = field(default_factory=time.monotonic)
 
     def down(self) -> EngineSnapshot:
         """What to report once this engine is gone: no load (its gauges are not live any more),
         and its counters kept, so they stay monotonic across a restart."""
-        return EngineSnapshot(num_prompt_tokens=self.num_prompt_tokens,
-                              num_generation_tokens=self.num_generation_tokens,
-                              num_preemptions=self.num_preemptions, num_steps=self.num_steps,
-                              alive=False)
+        return EngineSnapshot(**{name: getattr(self, name) for name in self.COUNTERS}, alive=False)
 
     def plus_counters(self, base: EngineSnapshot) -> EngineSnapshot:
         """This snapshot with ``base``'s counters added (those of the engines before a restart)."""
         return dataclasses.replace(
-            self, num_prompt_tokens=self.num_prompt_tokens + base.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens + base.num_generation_tokens,
-            num_preemptions=self.num_preemptions + base.num_preemptions,
-            num_steps=self.num_steps + base.num_steps)
+            self, **{name: getattr(self, name) + getattr(base, name) for name in self.COUNTERS})
 
 
 class RequestHandle:
@@ -411,10 +400,8 @@ class AsyncEngine(EngineClient):
     # -- the engine loop (its own thread) --------------------------------------------------
 
     def _take_snapshot(self) -> EngineSnapshot:
-        s = self.engine.get_stats()
-        return EngineSnapshot(s.num_running, s.num_waiting, s.kv_usage, s.num_kv_blocks,
-                              s.num_free_kv_blocks, s.num_prompt_tokens, s.num_generation_tokens,
-                              s.num_preemptions, s.num_steps, alive=self._thread is None or self.error is None)
+        return EngineSnapshot.from_wire(self.engine.get_stats().to_wire(),
+                                        alive=self._thread is None or self.error is None)
 
     def _apply(self, cmd: tuple[Any, ...]) -> None:
         if cmd[0] == "add":

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sagellm.engine_flags import EngineFlags
 from sagellm_server import http_limits
 
 if TYPE_CHECKING:
@@ -25,6 +26,9 @@ API_KEY_ENV = "SAGELLM_API_KEY"
 
 logger = logging.getLogger("sagellm.server")
 
+#: The engine's flags, generated from EngineConfig with its defaults (none differs here).
+ENGINE_FLAGS = EngineFlags()
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -34,37 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "All clients share one engine, so their requests are batched together.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=None,
-                   help="HF model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
-    m.add_argument("--tokenizer", default=None, help="tokenizer directory, if not the model's own")
     m.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists; default: the model "
                         "directory or file name")
-    m.add_argument("--dtype", default="auto", help="weights and activations: auto, float32, bfloat16, float16")
-    m.add_argument("--load-format", default="auto", choices=["auto", "hf", "safetensors", "gguf", "dummy"],
-                   help="how to read the weights (dummy: random weights, for load tests)")
-    m.add_argument("--max-model-len", type=int, default=None,
-                   help="context length (prompt + completion); default: the model's own")
-    m.add_argument("--seed", type=int, default=0, help="engine random seed")
-    e = p.add_argument_group("engine")
-    e.add_argument("--backend", default="auto",
-                   help="hardware backend by name (see GET /v1/backends or `sagellm backends`); "
-                        "auto picks the single available accelerator, else the CPU")
-    e.add_argument("--max-num-seqs", type=int, default=256,
-                   help="most requests decoded together in one step (the running batch)")
+    e = p.add_argument_group("engine", "every EngineConfig field, as its --flag")
+    ENGINE_FLAGS.add_to(e)
     e.add_argument("--max-queued-requests", type=int, default=1024,
                    help="most requests waiting beyond the running batch; more get HTTP 503")
-    e.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                   help="token budget of one engine step (prefill chunks plus decodes)")
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.85,
-                   help="fraction of device memory the engine may use (weights, activations, KV cache)")
-    e.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="fixed KV pool size in blocks, instead of sizing it from memory")
-    e.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="split the model over this many devices (device_index .. +N-1), one "
-                        "worker process each")
-    e.add_argument("--disaggregate-prefill", action="store_true",
-                   help="prefill on a second device and hand the KV blocks to this one, which decodes")
     e.add_argument("--engine-in-process", action=argparse.BooleanOptionalAction, default=False,
                    help="run the engine in a thread of the server process instead of a process of "
                         "its own (simpler, but HTTP work then competes with it for the GIL)")
@@ -143,14 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = _served_name(args)
     metrics = ServerMetrics(name)
     try:
-        config = EngineConfig(model=args.model, tokenizer=args.tokenizer, backend=args.backend,
-                              dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens,
-                              gpu_memory_utilization=args.gpu_memory_utilization,
-                              num_kv_blocks=args.num_kv_blocks,
-                              tensor_parallel_size=args.tensor_parallel_size,
-                              disaggregate_prefill=args.disaggregate_prefill)
+        config = EngineConfig(**ENGINE_FLAGS.config_kwargs(args))
         registry = get_registry()
         if args.engine_in_process:
             async_engine, info, tokenizer = _engine_in_process(config, registry, args, metrics)

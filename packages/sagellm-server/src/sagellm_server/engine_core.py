@@ -37,8 +37,9 @@ Child to parent::
                        text, token_ids, num_prompt_tokens,
                        [arrival, first_scheduled, first_token, last_token, finished_time] | null,
                        num_preemptions]
-    stats: [num_running, num_waiting, kv_usage, num_kv_blocks, num_free_kv_blocks,
-            num_prompt_tokens, num_generation_tokens, num_preemptions, num_steps]
+    stats: {"num_running": n, "num_waiting": n, "kv_usage": x, ...}: every field of
+           sagellm.engine.stats.EngineStats by name (EngineStats.to_wire); the parent ignores
+           names it does not know and gives missing ones their defaults (EngineStats.from_wire)
 
 Times are ``time.monotonic()`` of the child: CLOCK_MONOTONIC is one clock for the whole machine on
 Linux, so the parent compares them with its own arrival times. ``LLMEngine`` stamps every output
@@ -139,10 +140,8 @@ class EngineStartupError(RuntimeError):
 
 
 
-def _stats(engine: EngineLike) -> list[Any]:
-    s = engine.get_stats()
-    return [s.num_running, s.num_waiting, s.kv_usage, s.num_kv_blocks, s.num_free_kv_blocks,
-            s.num_prompt_tokens, s.num_generation_tokens, s.num_preemptions, s.num_steps]
+def _stats(engine: EngineLike) -> dict[str, Any]:
+    return engine.get_stats().to_wire()
 
 
 class EngineCore:
@@ -154,7 +153,7 @@ class EngineCore:
         self.outputs = outputs
         self.keys: dict[str, int] = {}  # request id -> key
         self.ids: dict[int, str] = {}  # key -> request id
-        self.last_stats: list[Any] | None = None
+        self.last_stats: dict[str, Any] | None = None
         self.last_stats_time = 0.0
 
     def send(self, msg: list[Any]) -> None:

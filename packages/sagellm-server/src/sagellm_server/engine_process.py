@@ -85,8 +85,8 @@ class WireOutput:
             self.num_preemptions = 0
 
 
-def _snapshot(s: list[Any]) -> EngineSnapshot:
-    return EngineSnapshot(*s)
+def _snapshot(stats: dict[str, Any]) -> EngineSnapshot:
+    return EngineSnapshot.from_wire(stats)
 
 
 class _Child:

@@ -1,17 +1,19 @@
 """A KV pool made of plain torch tensors: the base of every backend shipped with sageLLM.
 
-A device backend subclasses :class:`TorchKVBackend` and, at most, overrides ``copy_blocks`` with a
-faster kernel; the free list, the checks and the memory report are shared.
+A device backend subclasses :class:`TorchKVBackend` and, at most, overrides
+:meth:`~TorchKVBackend.allocate_caches` (another storage layout), :meth:`~TorchKVBackend.block_storage`
+(what ``copy_blocks`` copies) or ``copy_blocks`` itself (a faster kernel); the free list
+(:class:`~sagellm.backends.free_list.BlockFreeList`), the checks and the memory report are shared.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 
 import torch
 
-from sagellm.protocols import KVBackend, KVCacheSpec, KVMemoryUsage, KVPoolExhausted
+from sagellm.backends.free_list import BlockFreeList
+from sagellm.protocols import KVBackend, KVCacheSpec, KVMemoryUsage
 
 
 class TorchKVBackend(KVBackend):
@@ -19,44 +21,47 @@ class TorchKVBackend(KVBackend):
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
         super().__init__(spec, num_blocks, device)
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self._caches = [
+        self._caches = self.allocate_caches()
+        self._free_list = BlockFreeList(num_blocks)
+
+    def allocate_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Allocate the pool; per layer ``(key, value)`` in the contract's layout.
+
+        Called once, from ``__init__`` (``spec``, ``num_blocks`` and ``device`` are set). A backend
+        that stores the pool differently allocates its own tensors here and returns views of them.
+        """
+        spec = self.spec
+        shape = (self.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        return [
             (
-                torch.zeros(shape, dtype=spec.dtype, device=device),
-                torch.zeros(shape, dtype=spec.dtype, device=device),
+                torch.zeros(shape, dtype=spec.dtype, device=self.device),
+                torch.zeros(shape, dtype=spec.dtype, device=self.device),
             )
             for _ in range(spec.num_layers)
         ]
-        self._free: deque[int] = deque(range(num_blocks))
-        self._allocated = bytearray(num_blocks)
+
+    def block_storage(self) -> list[torch.Tensor]:
+        """The tensors that hold the blocks along dimension 0, which ``copy_blocks`` copies."""
+        return [t for kv in self._caches for t in kv]
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._free_list.num_free
 
     def allocate_blocks(self, num_blocks: int) -> list[int]:
-        if num_blocks > len(self._free):
-            raise KVPoolExhausted(f"asked for {num_blocks} KV blocks, {len(self._free)} are free")
-        ids = [self._free.popleft() for _ in range(num_blocks)]
-        for i in ids:
-            self._allocated[i] = 1
-        return ids
+        return self._free_list.allocate(num_blocks)
 
     def free_blocks(self, block_ids: Sequence[int]) -> None:
-        for i in block_ids:
-            if not 0 <= i < self.num_blocks or not self._allocated[i]:
-                raise ValueError(f"KV block {i} is not allocated")
-            self._allocated[i] = 0
-            self._free.append(i)
+        self._free_list.free(block_ids)
 
     def copy_blocks(self, src_to_dst: Sequence[tuple[int, int]]) -> None:
         if not src_to_dst:
             return
-        src = torch.tensor([s for s, _ in src_to_dst], device=self.device)
-        dst = torch.tensor([d for _, d in src_to_dst], device=self.device)
-        for k, v in self._caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+        # One index_select and one index_copy_ per tensor: single device ops, not an index_put.
+        src = torch.tensor([s for s, _ in src_to_dst], dtype=torch.long, device=self.device)
+        dst = torch.tensor([d for _, d in src_to_dst], dtype=torch.long, device=self.device)
+        for t in self.block_storage():
+            t.index_copy_(0, dst, t.index_select(0, src))
 
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self._caches
@@ -64,7 +69,7 @@ class TorchKVBackend(KVBackend):
     def get_memory_usage(self) -> KVMemoryUsage:
         return KVMemoryUsage(
             num_blocks=self.num_blocks,
-            num_free_blocks=len(self._free),
+            num_free_blocks=self._free_list.num_free,
             block_size=self.spec.block_size,
             bytes_total=self.num_blocks * self.spec.bytes_per_block,
         )

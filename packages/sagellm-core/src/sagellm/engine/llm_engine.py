@@ -6,7 +6,6 @@ import logging
 import time
 import weakref
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 
@@ -16,26 +15,14 @@ from sagellm.engine.detokenizer import IncrementalDetokenizer
 from sagellm.engine.layout import Layout
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.sequence import SequenceState, SequenceStatus
+from sagellm.engine.stats import EngineStats
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.plugins import Registry, get_registry
+from sagellm.prompt_validation import validate_prompt
 from sagellm.protocols import Platform
 from sagellm.sampling_params import SamplingParams
 
 logger = logging.getLogger("sagellm.engine")
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_kv_blocks: int
-    num_free_kv_blocks: int
-    kv_fragmentation: float
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    num_preemptions: int
-    num_steps: int
 
 
 class LLMEngine:
@@ -118,14 +105,7 @@ class LLMEngine:
         return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]
 
     def validate_prompt(self, token_ids: Seq[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in token_ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens; the model's context is "
-                             f"{self.max_model_len}")
+        validate_prompt(token_ids, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
