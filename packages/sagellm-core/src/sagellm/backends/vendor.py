@@ -1,7 +1,7 @@
 """A vendor's torch extension (torch_npu, torch_mlu, ...) as a platform: how to find it, and the
 platform built on it.
 
-Vendor packages whose extension mirrors ``torch.cuda`` differ only in facts: the module's name,
+Vendor packages whose extension mirrors the CUDA device module of torch differ only in facts: the module's name,
 what to install, what a failed import means, how to list visible devices, which fused-op module
 to load, the collective backend. They state those facts in a :class:`VendorLibrary` and a
 :class:`VendorPlatform` subclass; the probing, the emulation switch and the wiring live here.
