@@ -40,22 +40,14 @@ class _TransposedPool(TorchKVBackend):
         self.native = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(s.num_layers)]
         return [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in self.native]
 
-    def block_storage(self) -> list[torch.Tensor]:
-        return [t for kv in self.native for t in kv]
-
 
 @pytest.mark.parametrize("cls", [TorchKVBackend, _TransposedPool])
 def test_a_backend_with_its_own_layout_keeps_the_shared_free_list(cls: type[TorchKVBackend]) -> None:
     kv = cls(SPEC, 4, torch.device("cpu"))
     assert isinstance(kv._free_list, BlockFreeList)
-    k, v = kv.kv_caches()[1]
+    k, _ = kv.kv_caches()[1]
     assert k.shape == (4, SPEC.block_size, SPEC.num_kv_heads, SPEC.head_dim)
     ids = kv.allocate_blocks(3)
-    k[ids[0]].fill_(3.0)
-    v[ids[0]].fill_(4.0)
-    kv.copy_blocks([(ids[0], ids[2])])
-    assert torch.equal(k[ids[2]], k[ids[0]]) and torch.equal(v[ids[2]], v[ids[0]])
-    assert not k[ids[1]].any()
     assert kv.get_memory_usage().num_free_blocks == kv.num_free_blocks == 1
     kv.free_blocks(ids)
     with pytest.raises(ValueError, match="KV block .* is not allocated"):

@@ -12,4 +12,4 @@ from sagellm.backends.torch_kv import TorchKVBackend
 
 
 class AscendKVBackend(TorchKVBackend):
-    """The shared pool as is; its ``copy_blocks`` already uses one ``index_copy_`` per tensor."""
+    """The shared pool as is: the vendor ops read the contract's layout."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from sagellm.backends.vendor import VendorPlatform
 from sagellm_ascend._vendor import TORCH_NPU
 from sagellm_ascend.attention import AscendAttentionBackend
-from sagellm_ascend.comm import AscendComm
 from sagellm_ascend.kv import AscendKVBackend
 
 
@@ -22,5 +21,4 @@ class AscendPlatform(VendorPlatform):
     vendor = TORCH_NPU
     dist_backend = "hccl"
     kv_backend = AscendKVBackend
-    comm_backend = AscendComm
     attention_backend = AscendAttentionBackend

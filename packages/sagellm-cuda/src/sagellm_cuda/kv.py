@@ -1,14 +1,12 @@
 """The paged KV pool in device memory: one allocation for every layer, keys and values.
 
-A single tensor ``[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]`` backs all layers, so
-copying blocks (copy-on-write, defragmentation) is one indexed copy over every layer at once
+A single tensor ``[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]`` backs all layers,
+so a future block copy (copy-on-write, defragmentation) can be one indexed copy over every layer
 instead of two per layer. The per-layer views handed to attention never change address, as CUDA
 graphs require.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
@@ -24,12 +22,6 @@ class CudaKVBackend(TorchKVBackend):
                  spec.head_dim)
         self.pool = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         return [(self.pool[i, 0], self.pool[i, 1]) for i in range(spec.num_layers)]
-
-    def copy_blocks(self, src_to_dst: Sequence[tuple[int, int]]) -> None:
-        if not src_to_dst:
-            return
-        idx = torch.tensor(src_to_dst, dtype=torch.long).to(self.device, non_blocking=True)
-        self.pool[:, :, idx[:, 1]] = self.pool[:, :, idx[:, 0]]
 
     @property
     def bytes_total(self) -> int:

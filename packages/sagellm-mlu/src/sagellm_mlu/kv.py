@@ -31,7 +31,3 @@ class MluKVBackend(TorchKVBackend):
     def native_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer ``(key, value)`` in the vendor layout ``[blocks, kv_heads, block_size, dim]``."""
         return self._native
-
-    def block_storage(self) -> list[torch.Tensor]:
-        # The contiguous vendor tensors, not the transposed views.
-        return [t for kv in self._native for t in kv]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from sagellm.backends.vendor import VendorPlatform
 from sagellm_mlu._vendor import TORCH_MLU
 from sagellm_mlu.attention import MluAttentionBackend
-from sagellm_mlu.comm import MluComm
 from sagellm_mlu.kv import MluKVBackend
 
 
@@ -23,5 +22,4 @@ class MluPlatform(VendorPlatform):
     vendor = TORCH_MLU
     dist_backend = "cncl"
     kv_backend = MluKVBackend
-    comm_backend = MluComm
     attention_backend = MluAttentionBackend

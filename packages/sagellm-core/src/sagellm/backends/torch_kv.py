@@ -1,8 +1,7 @@
 """A KV pool made of plain torch tensors: the base of every backend shipped with sageLLM.
 
 A device backend subclasses :class:`TorchKVBackend` and, at most, overrides
-:meth:`~TorchKVBackend.allocate_caches` (another storage layout), :meth:`~TorchKVBackend.block_storage`
-(what ``copy_blocks`` copies) or ``copy_blocks`` itself (a faster kernel); the free list
+:meth:`~TorchKVBackend.allocate_caches` (another storage layout); the free list
 (:class:`~sagellm.backends.free_list.BlockFreeList`), the checks and the memory report are shared.
 """
 
@@ -40,10 +39,6 @@ class TorchKVBackend(KVBackend):
             for _ in range(spec.num_layers)
         ]
 
-    def block_storage(self) -> list[torch.Tensor]:
-        """The tensors that hold the blocks along dimension 0, which ``copy_blocks`` copies."""
-        return [t for kv in self._caches for t in kv]
-
     @property
     def num_free_blocks(self) -> int:
         return self._free_list.num_free
@@ -53,15 +48,6 @@ class TorchKVBackend(KVBackend):
 
     def free_blocks(self, block_ids: Sequence[int]) -> None:
         self._free_list.free(block_ids)
-
-    def copy_blocks(self, src_to_dst: Sequence[tuple[int, int]]) -> None:
-        if not src_to_dst:
-            return
-        # One index_select and one index_copy_ per tensor: single device ops, not an index_put.
-        src = torch.tensor([s for s, _ in src_to_dst], dtype=torch.long, device=self.device)
-        dst = torch.tensor([d for _, d in src_to_dst], dtype=torch.long, device=self.device)
-        for t in self.block_storage():
-            t.index_copy_(0, dst, t.index_select(0, src))
 
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self._caches

@@ -120,7 +120,6 @@ class VendorPlatform(TorchAcceleratorPlatform):
     #: The ``torch.distributed`` backend the extension registers ("hccl").
     dist_backend: ClassVar[str]
     kv_backend: ClassVar[type[TorchKVBackend]] = TorchKVBackend
-    comm_backend: ClassVar[type[TorchDistributedComm]] = TorchDistributedComm
     #: Built with the fused-op module of :meth:`VendorLibrary.load_ops` (None: reference only).
     attention_backend: ClassVar[Callable[[ModuleType | None], AttentionBackend]]
 
@@ -149,4 +148,6 @@ class VendorPlatform(TorchAcceleratorPlatform):
         return self.attention_backend(self.vendor.load_ops())
 
     def make_comm_backend(self, rank: int, world_size: int) -> TorchDistributedComm:
-        return self.comm_backend(self.device)
+        # The vendor's collectives are torch.distributed's; only the device wait for exact
+        # timings (``sync=True``) is the platform's own.
+        return TorchDistributedComm(self.device, synchronize=self.synchronize)

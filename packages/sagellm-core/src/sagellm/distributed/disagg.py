@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
+from sagellm.backends.free_list import BlockFreeList
 from sagellm.distributed.launcher import CMD_PREFILL, CMD_SHUTDOWN, CMD_STATS, WorkerGroup
 from sagellm.distributed.wire import Channel, register_wire_type
 from sagellm.engine.block_manager import BlockManager
@@ -44,7 +44,6 @@ from sagellm.protocols import (
     KVBackend,
     KVCacheSpec,
     KVMemoryUsage,
-    KVPoolExhausted,
 )
 
 logger = logging.getLogger("sagellm.disagg")
@@ -67,29 +66,23 @@ class RemoteBlockPool(KVBackend):
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int) -> None:
         super().__init__(spec, num_blocks, torch.device("meta"))
-        self._free: deque[int] = deque(range(num_blocks))
-        self._allocated = bytearray(num_blocks)
+        self._free_list = BlockFreeList(num_blocks, what="prefill KV block")
         self._events: list[int] = []
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._free_list.num_free
 
     def allocate_blocks(self, num_blocks: int) -> list[int]:
-        if num_blocks > len(self._free):
-            raise KVPoolExhausted(f"asked for {num_blocks} prefill KV blocks, {len(self._free)} are free")
-        ids = [self._free.popleft() for _ in range(num_blocks)]
-        for i in ids:
-            self._allocated[i] = 1
+        ids = self._free_list.allocate(num_blocks)
         self._events.extend(ids)
         return ids
 
     def free_blocks(self, block_ids: Seq[int]) -> None:
+        # One id at a time, so that if a bad id raises, the ids freed before it are still logged
+        # and rank 1 replays exactly the frees that happened here.
         for i in block_ids:
-            if not 0 <= i < self.num_blocks or not self._allocated[i]:
-                raise ValueError(f"prefill KV block {i} is not allocated")
-            self._allocated[i] = 0
-            self._free.append(i)
+            self._free_list.free((i,))
             self._events.append(-i - 1)
 
     def take_events(self) -> list[int]:
@@ -100,7 +93,7 @@ class RemoteBlockPool(KVBackend):
         raise NotImplementedError("the prefill pool lives on the prefill worker")
 
     def get_memory_usage(self) -> KVMemoryUsage:
-        return KVMemoryUsage(self.num_blocks, len(self._free), self.spec.block_size,
+        return KVMemoryUsage(self.num_blocks, self._free_list.num_free, self.spec.block_size,
                              self.num_blocks * self.spec.bytes_per_block)
 
 
