@@ -9,20 +9,32 @@
 # $OUT/soak.json (the bench JSON, soak under "soak"), $OUT/soak.log (the table) and
 # $OUT/soak_server.log; exits 1 if a level failed, 2 if the server did not come up.
 #
-# Time: server start-up (~15-60 s) + warm-up (SOAK_WARMUP, 30 s) + per level SECONDS + the drain
-# of the last requests (a few s) + the idle wait. The three default levels take about 10 min with
-# start-up, at the limit of one 10-minute device call, so split them over two calls:
-#     gpu_soak.sh .benchmodel/qwen2.5-1.5b-arch 64,128      (~7 min)
-#     gpu_soak.sh .benchmodel/qwen2.5-1.5b-arch 256         (~4.5 min)
-# (the second writes $OUT/soak.json again; fetch the first call's files before it), or shorten
-# the levels: gpu_soak.sh MODEL 64,128,256 150.
+# Warm-up: at the highest concurrency, not judged, in 30 s slices until the server's and the
+# engine's RSS grew < 0.2% over the last slice (the prefix cache fills the KV pool with indexed
+# blocks over the first ~7-10k requests, and the engine's RSS climbs until it is full): at least
+# SOAK_WARMUP (30 s), at most SOAK_WARMUP_MAX (240 s); the table's [warm] row says which
+# ("steady after 90 s" / "cap reached"). If the cap is reached, the first judged level may still
+# fail rss_growth on the fill-up: raise SOAK_WARMUP_MAX (or SOAK_WARMUP) rather than read it as
+# a leak. A fixed warm-up: SOAK_WARMUP_MAX=$SOAK_WARMUP.
+#
+# Time: server start-up (~15-60 s) + warm-up (SOAK_WARMUP to SOAK_WARMUP_MAX, plus a few s of
+# drain per slice) + per level SECONDS + the drain of the last requests (a few s) + the idle wait.
+# One 10-minute device call fits start-up, the worst-case 240 s warm-up and at most
+# ~300 s of levels, so give each call one level (every call starts a fresh server, so each warms
+# up again, at that call's highest concurrency, so a 64-client call fills the cache slower):
+#     gpu_soak.sh .benchmodel/qwen2.5-1.5b-arch 64          (~4.5-8 min)
+#     gpu_soak.sh .benchmodel/qwen2.5-1.5b-arch 128
+#     gpu_soak.sh .benchmodel/qwen2.5-1.5b-arch 256
+# (each writes $OUT/soak.json again; fetch a call's files before the next), or shorten the
+# levels: gpu_soak.sh MODEL 64,128 120 (~5.5-9 min).
 #
 # Device call (packages/sagellm-cuda/README.md): carry ".whl" (shared/device/wheels.sh) and the
 # model folder, e.g. ".benchmodel", with timeout_s 600:
-#     bash packages/sagellm-core/benchmarks/gpu_soak.sh .benchmodel/qwen2.5-1.5b-arch 64,128
-# Environment: OUT (default bench-results), PORT (8765), SOAK_WARMUP (30), SOAK_ARGS (more
-# sagellm bench options, e.g. "--soak-bad-kinds invalid_json,chat_bad_role"), SERVER_ARGS (more
-# sagellm-server options), STARTUP_TIMEOUT (400 s), BACKEND (cuda).
+#     bash packages/sagellm-core/benchmarks/gpu_soak.sh .benchmodel/qwen2.5-1.5b-arch 64
+# Environment: OUT (default bench-results), PORT (8765), SOAK_WARMUP (30 s: the warm-up's
+# minimum), SOAK_WARMUP_MAX (240 s: its cap), SOAK_ARGS (more sagellm bench options, e.g.
+# "--soak-bad-kinds invalid_json,chat_bad_role" or "--soak-warmup-steady 0.001"), SERVER_ARGS
+# (more sagellm-server options), STARTUP_TIMEOUT (400 s), BACKEND (cuda).
 set -u
 MODEL=${1:?usage: gpu_soak.sh MODEL_DIR [CLIENTS] [SECONDS]}
 CLIENTS=${2:-64,128,256}
@@ -66,6 +78,8 @@ echo "server up after $(( $(date +%s) - T0 )) s; levels $CLIENTS x ${LEVEL_S} s"
 
 SAGELLM_API_KEY=$KEY python3 -m sagellm.bench --workloads soak --serve-url "http://127.0.0.1:$PORT" \
   --soak-clients "$CLIENTS" --soak-seconds "$LEVEL_S" --soak-warmup-seconds "${SOAK_WARMUP:-30}" \
+  --soak-warmup-max-seconds "${SOAK_WARMUP_MAX:-240}" --soak-warmup-slice-seconds 30 \
+  --soak-warmup-steady 0.002 \
   --soak-disconnect 0.3 --out "$OUT/soak.json" ${SOAK_ARGS:-} 2>&1 | tee "$OUT/soak.log"
 RC=${PIPESTATUS[0]}
 stop_server

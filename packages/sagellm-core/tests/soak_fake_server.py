@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 
@@ -33,6 +34,11 @@ class FakeState:
     leak_blocks: int = 0
     rss_step: int = 0
     restarts_step: float = 0.0
+    #: Engine RSS growth per second for the first ``engine_rss_grow_s`` seconds after the first
+    #: stream, then flat: the prefix cache filling the KV pool, for the warm-up's steady check.
+    engine_rss_per_s: int = 0
+    engine_rss_grow_s: float = 0.0
+    first_stream_t: float | None = None
     export_optional: bool = True
     streams: int = 0
     bad: int = 0
@@ -49,10 +55,12 @@ class FakeState:
                  'sagellm:engine_alive{model_name="fake"} 1.0',
                  'sagellm:request_success_total{finished_reason="length",model_name="fake"} 3.0',
                  'sagellm:request_success_total{finished_reason="abort",model_name="fake"} 2.0']
+        grown = 0.0 if self.first_stream_t is None else \
+            self.engine_rss_per_s * min(self.engine_rss_grow_s, time.monotonic() - self.first_stream_t)
         if self.export_optional:
             lines += [f'sagellm:engine_restarts_total{{model_name="fake"}} {self.restarts_step * self.streams}',
                       f"sagellm:server_rss_bytes {100_000_000 + self.rss_step * self.streams}",
-                      'sagellm:engine_rss_bytes{model_name="fake",rank="0"} 200000000']
+                      f'sagellm:engine_rss_bytes{{model_name="fake",rank="0"}} {200_000_000 + grown:.0f}']
         return "\n".join(lines) + "\n"
 
 
@@ -109,6 +117,8 @@ async def _stream(state: FakeState, req: dict, w: asyncio.StreamWriter) -> None:
     with state.lock:
         state.streams += 1
         k = state.streams
+        if state.first_stream_t is None:
+            state.first_stream_t = time.monotonic()
     w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
     n = req["max_tokens"] - (1 if state.short_every and k % state.short_every == 0 else 0)
     for i in range(n):
@@ -138,6 +148,9 @@ class FakeServer:
         self.loop = asyncio.new_event_loop()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
+        # Listen now, so that requests sent before the thread's loop has started queue instead of
+        # being refused (which made the first /metrics and /v1/models of a soak come back empty).
+        sock.listen(1024)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._sock = sock

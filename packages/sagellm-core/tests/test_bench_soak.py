@@ -168,6 +168,7 @@ def _run(tmp_path: Path, url: str, *extra: str) -> tuple[int, dict[str, object]]
     out = tmp_path / "soak.json"
     rc = bench_main.main(["--workloads", "soak", "--serve-url", url, "--out", str(out),
                           "--soak-clients", "2,4", "--soak-seconds", "1", "--soak-warmup-seconds", "0.5",
+                          "--soak-warmup-slice-seconds", "0.5", "--soak-warmup-max-seconds", "0.5",
                           "--soak-prompt-len", "4-16", "--soak-max-tokens", "2-6",
                           "--soak-idle-timeout", "3", *extra])
     return rc, json.loads(out.read_text())["soak"]
@@ -212,3 +213,38 @@ def test_absent_metrics_are_unknown_and_other_targets_refused(tmp_path: Path) ->
     assert cr["engine_deaths"]["pass"] is None and cr["rss_growth"]["pass"] is None
     with pytest.raises(ValueError, match="loopback"):
         _run(tmp_path, "http://10.1.2.3:8000")
+
+
+def _warm_only(tmp_path: Path, state: FakeState, *extra: str) -> tuple[dict[str, object], str]:
+    """A soak of one short level whose warm-up runs 0.5 s slices until steady (or the cap)."""
+    rc, result = _run(tmp_path, FakeServer(state).url, "--soak-clients", "2", "--soak-bad", "0",
+                      "--soak-seconds", "0.3", "--soak-warmup-steady", "0.002",
+                      "--soak-warmup-max-seconds", "10", *extra)
+    return result["warmup"], json.dumps(result["warmup"]["slices"])  # type: ignore[index]
+
+
+def test_warmup_runs_until_rss_is_steady(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Engine RSS +5%/s for the first 1.2 s of streaming: slices 1-3 grow, then it is flat.
+    warm, why = _warm_only(tmp_path, FakeState(engine_rss_per_s=10_000_000, engine_rss_grow_s=1.2))
+    slices = warm["slices"]
+    assert warm["stop"] == "steady" and warm["steady"] is True, why
+    assert 2 <= warm["slices_run"] == len(slices) < 20, why  # not the 10 s cap
+    assert slices[0]["growth"]["engine"] > 0.002 and slices[-1]["growth"]["engine"] < 0.002, why
+    assert warm["total_s"] == pytest.approx(0.5 * len(slices))
+    assert slices[-1]["rss_bytes"]["engine"] > 200_000_000
+    assert f"steady after {warm['total_s']:g} s" in capsys.readouterr().out
+
+
+def test_warmup_honours_the_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    warm, why = _warm_only(tmp_path, FakeState(engine_rss_per_s=10_000_000, engine_rss_grow_s=1e9),
+                           "--soak-warmup-max-seconds", "1.2")
+    assert warm["stop"] == "cap" and warm["steady"] is False, why
+    # 0.5 + 0.5 + the 0.2 s left of the cap.
+    assert [s["seconds"] for s in warm["slices"]] == pytest.approx([0.5, 0.5, 0.2]), why
+    assert warm["total_s"] == pytest.approx(1.2)
+    assert "cap reached (1.2 s)" in capsys.readouterr().out
+
+
+def test_warmup_without_rss_gauges_is_fixed(tmp_path: Path) -> None:
+    warm, why = _warm_only(tmp_path, FakeState(export_optional=False))
+    assert warm["stop"] == "fixed" and warm["slices_run"] == 1 and "not exported" in warm["note"], why

@@ -1,7 +1,7 @@
 """``sagellm bench --workloads soak --serve-url URL``: does the server survive its users?
 
-A warm-up level at the highest concurrency (not judged: the allocators grow to their working
-size), then one level per ``--soak-clients`` entry, each ``--soak-seconds`` long, of streaming
+A warm-up at the highest concurrency (not judged: the allocators and the prefix cache grow to
+their working size; see :func:`warm_up`), then one level per ``--soak-clients`` entry, each ``--soak-seconds`` long, of streaming
 clients of which some hang up mid-stream and some send hostile requests (``soak_requests.py``).
 After each level the soak waits until the server is idle and reads ``/metrics``.
 
@@ -37,6 +37,8 @@ from sagellm.bench.soak_probe import Target, growth, kv_leak, restarts
 from sagellm.bench.soak_requests import Mix, bad_requests
 
 RSS_LIMIT = 0.01
+#: Why the warm-up stopped (``warmup["stop"]``).
+STEADY, CAP, FIXED, NOT_IDLE = "steady", "cap", "fixed", "not_idle"
 RSS_GAUGES = {"server": "sagellm:server_rss_bytes", "engine": "sagellm:engine_rss_bytes"}
 
 
@@ -54,7 +56,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="concurrent streaming clients per level, levels run in this order")
     g.add_argument("--soak-seconds", type=float, default=180.0, help="duration of each level")
     g.add_argument("--soak-warmup-seconds", type=float, default=30.0,
-                   help="unjudged warm-up level at the highest concurrency (0: none)")
+                   help="first (minimum) slice of the unjudged warm-up at the highest concurrency "
+                        "(0: no warm-up)")
+    g.add_argument("--soak-warmup-slice-seconds", type=float, default=30.0,
+                   help="length of each further warm-up slice, run until RSS is steady")
+    g.add_argument("--soak-warmup-steady", type=float, default=0.002,
+                   help="the warm-up ends once server and engine RSS grew less than this fraction "
+                        "over the last slice")
+    g.add_argument("--soak-warmup-max-seconds", type=float, default=600.0,
+                   help="cap on the whole warm-up (at most --soak-warmup-seconds: a fixed warm-up)")
     g.add_argument("--soak-disconnect", type=float, default=0.3,
                    help="fraction of good requests that hang up at a random point mid-stream")
     g.add_argument("--soak-bad", type=float, default=0.05,
@@ -148,6 +158,7 @@ def soak_level(target: Target, mix: Mix, args: argparse.Namespace, clients: int,
     t_idle = time.monotonic()
     after, idle = target.wait_idle(args.soak_idle_timeout)
     load["idle_wait_s"] = time.monotonic() - t_idle
+    load["idle"] = idle
     load["metrics_before"] = {k: v for k, v in before.items() if _kept(k)}
     load["metrics_after"] = {k: v for k, v in after.items() if _kept(k)}
     load["criteria"] = judge(load, before, after, idle)
@@ -157,6 +168,59 @@ def soak_level(target: Target, mix: Mix, args: argparse.Namespace, clients: int,
 
 def _kept(name: str) -> bool:
     return not name.endswith(("_bucket", "_created"))
+
+
+def warm_up(target: Target, mix: Mix, args: argparse.Namespace, clients: int,
+            first: tuple[int, int]) -> dict[str, Any]:
+    """The unjudged warm-up: slices until the server's and engine's RSS are steady.
+
+    A fixed time is the wrong criterion: the prefix cache keeps finished requests' blocks indexed
+    until the KV pool is full, so the engine's RSS climbs for the first several thousand requests
+    (on an H200, ~7-10k) and only then stays flat; a judged level that spans that fill-up fails
+    ``rss_growth`` without any leak. So after a first slice of ``--soak-warmup-seconds`` (the
+    minimum) run slices of ``--soak-warmup-slice-seconds`` until both RSS gauges grew less than
+    ``--soak-warmup-steady`` over the last slice, or ``--soak-warmup-max-seconds`` is reached.
+    RSS is read on the idle server after each slice, as for the judged levels, so the figures are
+    comparable. Without RSS gauges there is nothing to wait for: the first slice only (fixed).
+
+    Returns the last slice's level dict (its criteria show the last slice's RSS growth) plus
+    ``slices`` (per slice: seconds, completed, RSS at its end, growth), ``slices_run``,
+    ``total_s`` (warm-up seconds asked for, without drains and idle waits), ``wall_total_s``,
+    ``stop`` (steady / cap / fixed / not_idle), ``steady`` and ``note``.
+    """
+    t0 = time.monotonic()
+    cap = max(args.soak_warmup_max_seconds, args.soak_warmup_seconds)
+    slices: list[dict[str, Any]] = []
+    total, seconds = 0.0, args.soak_warmup_seconds
+    while True:
+        level = soak_level(target, mix, args, clients, seconds, first)
+        first = level["next_index"], level["next_bad"]
+        total += seconds
+        before, after = level["metrics_before"], level["metrics_after"]
+        g = {p: growth(before.get(k), after.get(k)) for p, k in RSS_GAUGES.items()}
+        slices.append({"seconds": seconds, "completed": level["completed"],
+                       "rss_bytes": {p: after.get(k) for p, k in RSS_GAUGES.items()}, "growth": g})
+        exported = [p for p, k in RSS_GAUGES.items() if k in after]
+        if not level["idle"]:
+            # A dead or stuck engine does not become steady; the judged levels report it.
+            stop, note = NOT_IDLE, "the server did not go idle after a slice"
+            break
+        if not exported:
+            stop, note = FIXED, (f"RSS gauges not exported ({', '.join(RSS_GAUGES.values())}): "
+                                 f"fixed warm-up of {total:g} s")
+            break
+        # A gauge exported now but unread before the slice (/metrics did not answer) is not
+        # known to be steady: one more slice.
+        if all(g[p] is not None and g[p] < args.soak_warmup_steady for p in exported):
+            stop, note = STEADY, ""
+            break
+        seconds = min(args.soak_warmup_slice_seconds, cap - total)
+        if seconds <= 1e-9 or args.soak_warmup_slice_seconds <= 0:
+            stop, note = CAP, f"RSS still grew over the last slice: {g}"
+            break
+    level.update(slices=slices, slices_run=len(slices), total_s=total,
+                 wall_total_s=time.monotonic() - t0, stop=stop, steady=stop == STEADY, note=note)
+    return level
 
 
 def run_soak(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,7 +241,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
                            "levels": []}
     index = (0, 0)
     if args.soak_warmup_seconds > 0 and levels:
-        warm = soak_level(target, mix, args, max(levels), args.soak_warmup_seconds, index)
+        warm = warm_up(target, mix, args, max(levels), index)
         index = warm["next_index"], warm["next_bad"]
         out["warmup"] = warm
     for clients in levels:
@@ -205,7 +269,7 @@ def format_table(soak: dict[str, Any]) -> str:
         cr, bad = lv["criteria"], lv["bad_requests"]
         ok = {True: "yes", False: "NO", None: "unknown"}[lv["pass"]]
         if name == "[warm]":
-            ok = "(not judged)"
+            ok = f"(not judged) {_warm_stop(lv)}"
         failed = [k for k, c in cr.items() if c["pass"] is False]
         unknown = [k for k, c in cr.items() if c["pass"] is None]
         ok += f" {','.join(failed)}" if failed else ""
@@ -216,3 +280,15 @@ def format_table(soak: dict[str, Any]) -> str:
             f"{num(cr['kv_blocks_leaked']['value']):>8}{pct(cr['rss_growth']['value']['server']):>10}"
             f"{pct(cr['rss_growth']['value']['engine']):>10}{lv['client']['cpu_fraction_max']:>6.2f}  {ok}")
     return "\n".join(lines)
+
+
+def _warm_stop(warm: dict[str, Any]) -> str:
+    """How the warm-up ended, for its row: ``steady after 150 s``, ``cap reached (600 s)``, ..."""
+    stop, total = warm.get("stop"), warm.get("total_s", 0.0)
+    if stop == STEADY:
+        return f"steady after {total:g} s"
+    if stop == CAP:
+        return f"cap reached ({total:g} s), RSS not steady"
+    if stop == FIXED:
+        return f"fixed {total:g} s (no RSS gauges)"
+    return f"stopped after {total:g} s: server not idle"
