@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from sagellm.backends.cpu import CpuPlatform
+from sagellm.config import EngineConfig
+from sagellm.engine.layout import Layout
 from sagellm.engine.llm_engine import LLMEngine
 from sagellm.engine.plan import StepPlan
 from sagellm.outputs import RequestOutput
@@ -51,6 +53,11 @@ def test_cpu_engines_chunk_prefill_by_default(model_dir: Path) -> None:
                      max_prefill_tokens=512).scheduler.max_prefill_tokens == 512
     assert LLMEngine(model=str(model_dir), num_kv_blocks=8,
                      max_num_batched_tokens=64).scheduler.max_prefill_tokens == 64
+    # A layout passed in with an unresolved config gets the backend's default too.
+    config = EngineConfig(model=str(model_dir), num_kv_blocks=8)
+    assert config.max_prefill_tokens is None
+    eng = LLMEngine(config, layout=Layout(config))
+    assert eng.config.max_prefill_tokens == eng.scheduler.max_prefill_tokens == CHUNK
 
 
 def test_a_long_prompt_interleaves_with_running_decodes(model_dir: Path) -> None:

@@ -148,10 +148,11 @@ def assemble(config: EngineConfig, platform: Platform, layout: Layout | None = N
     disaggregated layout of ``sagellm.distributed``.
     """
     platform.set_device()
-    # Before the workers start, so every rank sees the prefill budget this engine uses.
-    config = config.with_prefill_budget(platform.capabilities().prefill_chunk_tokens)
-    layout = layout or layout_for(config, platform)
-    parts = build_parts(layout.config, platform, layout.tp)
+    # Before the workers start, so every rank sees the prefill budget this engine uses; a
+    # layout passed in gets the backend's default chunk too (a no-op where its config set one).
+    chunk = platform.capabilities().prefill_chunk_tokens
+    layout = layout or layout_for(config.with_prefill_budget(chunk), platform)
+    parts = build_parts(layout.config.with_prefill_budget(chunk), platform, layout.tp)
     scheduler = layout.make_scheduler(parts)
     return EngineAssembly(parts, layout, scheduler, layout.make_runner(parts, scheduler))
 
