@@ -196,8 +196,8 @@ def warm_up(target: Target, mix: Mix, args: argparse.Namespace, clients: int,
         level = soak_level(target, mix, args, clients, seconds, first)
         first = level["next_index"], level["next_bad"]
         total += seconds
-        before, after = level["metrics_before"], level["metrics_after"]
-        g = {p: growth(before.get(k), after.get(k)) for p, k in RSS_GAUGES.items()}
+        after = level["metrics_after"]
+        g = level["criteria"]["rss_growth"]["value"]  # judge's per-process RSS growth
         slices.append({"seconds": seconds, "completed": level["completed"],
                        "rss_bytes": {p: after.get(k) for p, k in RSS_GAUGES.items()}, "growth": g})
         exported = [p for p, k in RSS_GAUGES.items() if k in after]

@@ -22,9 +22,6 @@ import torch
 
 from sagellm.loader import model_cache
 from sagellm.loader.gguf_header import read_layout
-from sagellm.loader.model_cache import cache_root
-
-__all__ = ["cache_root", "gguf_to_hf_dir", "hf_name", "iter_gguf_tensors"]
 
 logger = logging.getLogger(__name__)
 
