@@ -389,8 +389,6 @@ class AsyncEngine(EngineClient):
     def kill(self, reason: str) -> None:
         # A thread cannot be stopped: the stuck step keeps its thread, but nothing waits on it any
         # more, and the supervisor's policy decides what becomes of the server.
-        if self.error is None:
-            self.error = EngineDeadError(reason)
         self._mark_dead(reason)
 
     def _on_loop_death(self, exc: BaseException) -> None:

@@ -138,8 +138,6 @@ class EngineStartupError(RuntimeError):
         self.exitcode = exitcode
 
 
-
-
 def _stats(engine: EngineLike) -> dict[str, Any]:
     return engine.get_stats().to_wire()
 
@@ -270,7 +268,7 @@ def _serve(core: EngineCore, result: list[int]) -> None:
         result.append(1)
         with contextlib.suppress(OSError):
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            core.outputs.send_bytes(_dumps(["dead", type(exc).__name__, detail]).encode())
+            core.send(["dead", type(exc).__name__, detail])
 
 
 def build_engine(config_json: str, factory: str | None) -> EngineLike:

@@ -52,8 +52,6 @@ __all__ = ["EngineInfo", "EngineProcess", "EngineStartupError", "build_engine", 
 logger = logging.getLogger("sagellm.server")
 
 
-
-
 class WireOutput:
     """One output as the parent receives it: the parts of ``RequestOutput`` the server reads.
 
