@@ -16,28 +16,13 @@ import gc
 import random
 import sys
 
-from sagellm.backends.free_list import BlockFreeList
+import torch
+
+from sagellm.backends.torch_kv import TorchKVBackend
 from sagellm.engine.block_manager import BlockManager
 from sagellm.engine.sequence import SequenceState
+from sagellm.protocols import KVCacheSpec
 from sagellm.sampling_params import SamplingParams
-
-
-class _Pool:
-    """The KV backend's bookkeeping without device memory: the index is what is measured."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.free_list = BlockFreeList(num_blocks)
-        self.num_blocks = num_blocks
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.free_list.num_free
-
-    def allocate_blocks(self, n: int) -> list[int]:
-        return self.free_list.allocate(n)
-
-    def free_blocks(self, ids: list[int]) -> None:
-        self.free_list.free(ids)
 
 
 def _rss() -> int:
@@ -46,7 +31,10 @@ def _rss() -> int:
 
 
 def main(num_blocks: int = 268_017, num_requests: int = 16_000) -> None:
-    bm = BlockManager(_Pool(num_blocks), 16, enable_caching=True)  # type: ignore[arg-type]
+    # The KV backend's bookkeeping without device memory (no layers): the index is what is measured.
+    pool = TorchKVBackend(KVCacheSpec(num_layers=0, num_kv_heads=1, head_dim=1, block_size=16,
+                                      dtype=torch.float16), num_blocks, torch.device("cpu"))
+    bm = BlockManager(pool, 16, enable_caching=True)
     rng = random.Random(0)
     base = _rss()
     for i in range(1, num_requests + 1):
