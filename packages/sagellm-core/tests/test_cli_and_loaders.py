@@ -102,7 +102,7 @@ def test_dummy_load_format_needs_only_config(tmp_path: Path, tiny_qwen2_dir: Pat
 
 
 def test_missing_model_and_bad_dtype_errors(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match="Hugging Face Hub repo id"):
         LLM(model=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="dtype 'int3'"):
         LLM(model=str(tiny_llama_dir), dtype="int3")

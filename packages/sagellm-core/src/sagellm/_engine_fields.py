@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 FIELDS: tuple[dict[str, Any], ...] = (
-    {'name': 'model', 'kind': 'str', 'default': None, 'help': 'HF model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct', 'choices': None},
+    {'name': 'model', 'kind': 'str', 'default': None, 'help': "HF model directory, .gguf file or Hugging Face Hub repo id (owner/name, fetched into the Hub's cache; HF_HUB_OFFLINE=1 reads the cache only); default: the embedded SmolLM2-135M-Instruct", 'choices': None},
+    {'name': 'revision', 'kind': 'str', 'default': None, 'help': 'Hub revision of a repo-id model (branch, tag or commit); default: main', 'choices': None},
     {'name': 'tokenizer', 'kind': 'str', 'default': None, 'help': "tokenizer directory, if not the model's own", 'choices': None},
     {'name': 'backend', 'kind': 'str', 'default': 'auto', 'help': 'hardware backend by name (see `sagellm backends`); auto picks the single available accelerator, else the CPU', 'choices': None},
     {'name': 'dtype', 'kind': 'str', 'default': 'auto', 'help': "weights and activations: auto (the backend's default), float32, bfloat16 or float16", 'choices': None},

@@ -15,7 +15,11 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str | None = Field(
-        None, description="HF model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+        None, description="HF model directory, .gguf file or Hugging Face Hub repo id (owner/name, "
+                          "fetched into the Hub's cache; HF_HUB_OFFLINE=1 reads the cache only); "
+                          "default: the embedded SmolLM2-135M-Instruct")
+    revision: str | None = Field(
+        None, description="Hub revision of a repo-id model (branch, tag or commit); default: main")
     tokenizer: str | None = Field(None, description="tokenizer directory, if not the model's own")
     backend: str = Field(
         "auto", description="hardware backend by name (see `sagellm backends`); auto picks the single "

@@ -97,7 +97,10 @@ def _served_name(args: argparse.Namespace) -> str:
     if args.served_model_name:
         return str(args.served_model_name)
     if args.model:
-        return Path(args.model).name or str(args.model)
+        from sagellm.loader.hub import is_repo_id
+
+        # A Hub repo id is served under its own name (``Qwen/Qwen3-0.6B``), as clients expect.
+        return str(args.model) if is_repo_id(args.model) else (Path(args.model).name or str(args.model))
     return DEFAULT_MODEL_NAME
 
 

@@ -37,12 +37,21 @@ class LoadedModel:
     load_seconds: float
 
 
-def resolve_model_path(model: str | None) -> Path:
-    path = Path(model).expanduser() if model else default_model_path()
-    if not path.exists():
-        raise FileNotFoundError(f"model {model!r} not found: give a local HF directory or a .gguf "
-                                f"file (nothing is downloaded at run time)")
-    return path
+def resolve_model_path(model: str | None, revision: str | None = None,
+                       load_format: str = "auto") -> Path:
+    """A local directory or .gguf file for ``model``: a path as given, a Hugging Face Hub repo id
+    through the Hub's cache (:mod:`sagellm.loader.hub`), or the embedded default when ``None``."""
+    if not model:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    from sagellm.loader import hub
+
+    if hub.is_repo_id(model):
+        return hub.download_model(model, revision, load_format)
+    raise FileNotFoundError(f"model {model!r} not found: give a local HF directory, a .gguf file "
+                            f"or a Hugging Face Hub repo id (owner/name)")
 
 
 def resolve_dtype(name: str, default: torch.dtype, hf_config: object | None = None) -> torch.dtype:
@@ -53,17 +62,45 @@ def resolve_dtype(name: str, default: torch.dtype, hf_config: object | None = No
     return DTYPES[name]
 
 
-def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight in ``model_dir``: ``*.safetensors``, else PyTorch ``*.bin``."""
+    files = sorted(glob.glob(str(model_dir / "*.safetensors")))
+    if files:
+        return iter_safetensors(files)
+    bins = sorted(glob.glob(str(model_dir / "*.bin")))
+    if bins:
+        return iter_torch_bin(bins)
+    raise FileNotFoundError(f"no *.safetensors or *.bin weights in {model_dir} (use "
+                            f"load_format='dummy' for random weights)")
+
+
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(glob.glob(str(model_dir / "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir} (use load_format='dummy' "
-                                f"for random weights)")
     for f in files:
         with safe_open(f, framework="pt", device="cpu") as fh:
             for name in fh.keys():
                 yield name, fh.get_tensor(name)
+
+
+def iter_torch_bin(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """PyTorch pickles, read with ``weights_only=True``: tensors and plain containers only, so a
+    checkpoint cannot run code on load; anything else is refused with the file named."""
+    import pickle
+
+    for f in files:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError) as exc:
+            raise ValueError(
+                f"{f} is not a plain PyTorch state dict (torch.load with weights_only=True "
+                f"refused it: {str(exc).splitlines()[0]}); sageLLM does not unpickle arbitrary "
+                f"objects. Convert the checkpoint to safetensors.") from exc
+        if not isinstance(state, dict):
+            raise ValueError(f"{f} holds a {type(state).__name__}, not a state dict")
+        for name, tensor in state.items():
+            if isinstance(tensor, torch.Tensor):
+                yield name, tensor
 
 
 @torch.no_grad()
@@ -94,7 +131,7 @@ def load_model(config: EngineConfig, device: torch.device, default_dtype: torch.
     from transformers import AutoConfig, AutoTokenizer
 
     t0 = time.perf_counter()
-    path = resolve_model_path(config.model)
+    path = resolve_model_path(config.model, config.revision, config.load_format)
     fmt = config.load_format
     source = str(path)
     if path.is_file():
@@ -117,7 +154,7 @@ def load_model(config: EngineConfig, device: torch.device, default_dtype: torch.
     if fmt == "dummy":
         init_dummy_weights(model, config.seed)
     else:
-        loaded = model.load_weights(iter_safetensors(model_dir))  # type: ignore[operator]
+        loaded = model.load_weights(iter_checkpoint(model_dir))  # type: ignore[operator]
         missing = {n for n, _ in model.named_parameters()} - loaded
         if getattr(model, "tie_word_embeddings", False):
             missing.discard("lm_head.weight")
