@@ -6,12 +6,15 @@ from torch import nn
 
 from sagellm.models.llama import LlamaForCausalLM
 from sagellm.models.qwen2 import Qwen2ForCausalLM
+from sagellm.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 
 
 def resolve_model_class(config) -> type[nn.Module]:  # type: ignore[no-untyped-def]
