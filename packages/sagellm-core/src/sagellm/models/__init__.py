@@ -28,6 +28,11 @@ MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "phi3": "Phi3ForCausalLM"}
 
 
+def model_types_of(arch: str) -> list[str]:
+    """The HF ``model_type`` names that resolve to ``arch``."""
+    return [t for t, a in MODEL_TYPES.items() if a == arch]
+
+
 def resolve_model_class(config) -> type[nn.Module]:  # type: ignore[no-untyped-def]
     archs = list(getattr(config, "architectures", None) or [])
     if getattr(config, "model_type", None) in MODEL_TYPES:

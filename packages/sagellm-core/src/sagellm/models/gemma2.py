@@ -49,6 +49,7 @@ class GemmaDecoderLayer(nn.Module):
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
     norm_cls = GemmaRMSNorm
+    attention_features = frozenset({"sliding_window", "logits_soft_cap"})
 
     def __init__(self, config, tp=None):  # type: ignore[no-untyped-def]
         from sagellm.layers.parallel import SINGLE

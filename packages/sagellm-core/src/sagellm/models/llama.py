@@ -137,6 +137,9 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
+    #: What a checkpoint of this family may ask of the attention backend (``sliding_window``,
+    #: ``logits_soft_cap``), depending on its config; listed by ``sagellm models``.
+    attention_features: frozenset[str] = frozenset()
     #: The final norm's class (the layers' norms are the decoder layer's business).
     norm_cls: type[RMSNorm] = RMSNorm
     #: checkpoint name fragment -> (our parameter fragment, shard id)

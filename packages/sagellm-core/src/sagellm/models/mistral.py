@@ -8,3 +8,5 @@ from sagellm.models.llama import LlamaForCausalLM
 
 class MistralForCausalLM(LlamaForCausalLM):
     """Nothing to add: :func:`~sagellm.models.llama.sliding_window_of` reads the window."""
+
+    attention_features = frozenset({"sliding_window"})

@@ -12,6 +12,8 @@ from sagellm.models.llama import LlamaForCausalLM, head_dim_of
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
+    attention_features = frozenset({"sliding_window"})
+
     def checkpoint_parts(self, name: str, tensor: torch.Tensor
                          ) -> Iterable[tuple[str, torch.Tensor, object]]:
         """Split the fused checkpoint tensors into the parts our tensor-parallel loaders take
