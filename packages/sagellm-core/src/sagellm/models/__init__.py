@@ -5,13 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from sagellm.models.llama import LlamaForCausalLM
+from sagellm.models.mixtral import MixtralForCausalLM
 from sagellm.models.qwen2 import Qwen2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
 }
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "mixtral": "MixtralForCausalLM"}
 
 
 def resolve_model_class(config) -> type[nn.Module]:  # type: ignore[no-untyped-def]

@@ -1,0 +1,236 @@
+"""Mixture-of-experts: routing and expert math against independent references, Mixtral and
+Qwen3-MoE against transformers (fp32, same weights), and configs the layer cannot run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sagellm import LLM, SamplingParams
+from sagellm.layers.moe import MoEExperts, SparseMoEBlock, expert_target, select_experts
+
+TINY = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+            tie_word_embeddings=False, eos_token_id=1, bos_token_id=0)
+
+
+def _save(path: Path, arch: str, **overrides: object) -> Path:
+    import transformers
+
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(**{**TINY, "intermediate_size": 96,
+                                            "num_local_experts": 8, "num_experts_per_tok": 2,
+                                            **overrides})
+        model = transformers.MixtralForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen3MoeConfig(**{**TINY, "intermediate_size": 128,
+                                             "moe_intermediate_size": 48, "num_experts": 8,
+                                             "num_experts_per_tok": 2, "head_dim": 16,
+                                             **overrides})
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    torch.manual_seed(4321)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                # Router weights larger than the rest: clear top-k choices, no near-ties.
+                p.normal_(0, 0.5 if name.endswith("gate.weight") else 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral")
+
+
+def _hf_greedy(model_dir: Path, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits)
+
+
+def _ours_greedy(model_dir: Path, prompts: list[list[int]], n: int
+                 ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    llm = LLM(model=str(model_dir))
+    runner = llm.engine.runner
+    seen: list[torch.Tensor] = []
+    inner = runner.compute_logits
+
+    def recording(hidden: torch.Tensor) -> torch.Tensor:
+        logits = inner(hidden)
+        seen.append(logits.clone())
+        return logits
+
+    runner.compute_logits = recording  # type: ignore[method-assign]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                        use_tqdm=False)
+    return [o.token_ids for o in outs], seen
+
+
+def check_matches_transformers(model_dir: Path, prompts: list[list[int]], n: int = 16) -> None:
+    want = [_hf_greedy(model_dir, p, n) for p in prompts]
+    got, _ = _ours_greedy(model_dir, prompts, n)
+    assert got == [w[0] for w in want]
+    # One prompt alone: one logits row per step, in order, to compare with transformers'.
+    _, rows = _ours_greedy(model_dir, prompts[:1], n)
+    torch.testing.assert_close(torch.cat(rows), want[0][1], atol=2e-4, rtol=2e-4)
+
+
+def test_mixtral_matches_transformers(mixtral_dir: Path, prompts) -> None:  # type: ignore[no-untyped-def]
+    check_matches_transformers(mixtral_dir, prompts(4, 320, seed=11))
+
+
+def test_mixtral_stacks_expert_weights(mixtral_dir: Path) -> None:
+    from safetensors import safe_open
+
+    llm = LLM(model=str(mixtral_dir))
+    experts = llm.engine.model.layers[1].mlp.experts
+    assert isinstance(experts, MoEExperts)
+    assert tuple(experts.w13.shape) == (8, 2 * 96, 64) and tuple(experts.w2.shape) == (8, 64, 96)
+    with safe_open(str(mixtral_dir / "model.safetensors"), "pt") as f:
+        pre = "model.layers.1.block_sparse_moe.experts.5."
+        assert torch.equal(experts.w13[5, :96], f.get_tensor(pre + "w1.weight"))
+        assert torch.equal(experts.w13[5, 96:], f.get_tensor(pre + "w3.weight"))
+        assert torch.equal(experts.w2[5], f.get_tensor(pre + "w2.weight"))
+
+
+# -- routing and expert math -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,norm_topk", [("mixtral", True), ("qwen3_moe", True),
+                                            ("qwen3_moe", False)])
+def test_router_choice_matches_transformers(arch: str, norm_topk: bool) -> None:
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    if arch == "mixtral":  # always renormalises the chosen weights
+        router = MixtralTopKRouter(transformers.MixtralConfig(
+            hidden_size=32, num_local_experts=8, num_experts_per_tok=2))
+    else:
+        router = Qwen3MoeTopKRouter(transformers.Qwen3MoeConfig(
+            hidden_size=32, num_experts=8, num_experts_per_tok=3, norm_topk_prob=norm_topk))
+    g = torch.Generator().manual_seed(3)
+    router.weight.data = torch.randn(8, 32, generator=g)
+    x = torch.randn(50, 32, generator=g)
+    with torch.no_grad():
+        _, want_w, want_ids = router(x)
+    got_w, got_ids = select_experts(F.linear(x, router.weight), router.top_k, norm_topk)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w.float())
+
+
+def _per_token(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+               ids: torch.Tensor) -> torch.Tensor:
+    """Token by token, choice by choice, float64: the definition, slowly."""
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].tolist(), ids[t].tolist(), strict=True):
+            h = w13[e].double() @ x[t].double()
+            out[t] += w * (w2[e].double() @ (F.silu(h[:inter]) * h[inter:]))
+    return out
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(1, 4, 1), (13, 8, 2), (9, 6, 6)])
+def test_experts_match_definition(tokens: int, experts: int, top_k: int) -> None:
+    g = torch.Generator().manual_seed(tokens)
+    moe = MoEExperts(experts, top_k, hidden=24, intermediate=20, renormalize=False)
+    moe.w13.data = torch.randn(experts, 40, 24, generator=g) * 0.2
+    moe.w2.data = torch.randn(experts, 24, 20, generator=g) * 0.2
+    x, logits = torch.randn(tokens, 24, generator=g), torch.randn(tokens, experts, generator=g)
+    weights, ids = select_experts(logits, top_k, False)
+    want = _per_token(x, moe.w13.data, moe.w2.data, weights, ids)
+    torch.testing.assert_close(moe(x, logits).double(), want, atol=1e-5, rtol=1e-5)
+    assert moe(x[:0], logits[:0]).shape == (0, 24)
+
+
+def test_expert_names_map_to_stacked_parameters() -> None:
+    assert expert_target("layers.2.mlp.experts.7.w3.weight") == ("layers.2.mlp.experts.w13", ("up", 7))
+    assert expert_target("layers.0.mlp.experts.11.down_proj.weight") == (
+        "layers.0.mlp.experts.w2", ("down", 11))
+    assert expert_target("layers.0.mlp.experts.gate_up_proj") == (
+        "layers.0.mlp.experts.w13", ("gate_up", None))
+    assert expert_target("layers.0.mlp.gate_proj.weight") is None
+    assert expert_target("layers.0.mlp.experts.3.w9.weight") is None
+
+
+def test_stacked_checkpoint_tensors_load_like_per_expert_ones() -> None:
+    """transformers' in-memory layout (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I])
+    loads to the same parameters as one tensor per expert."""
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = (torch.randn(4, 6, 8, generator=g), torch.randn(4, 6, 8, generator=g),
+                      torch.randn(4, 8, 6, generator=g))
+    a, b = MoEExperts(4, 2, 8, 6, True), MoEExperts(4, 2, 8, 6, True)
+    for e in range(4):
+        a._load(a.w13, gate[e], ("gate", e))
+        a._load(a.w13, up[e], ("up", e))
+        assert a.missing_weights()[0] == f"expert {e} down"
+        a._load(a.w2, down[e], ("down", e))
+    b._load(b.w13, torch.cat([gate, up], 1), ("gate_up", None))
+    b._load(b.w2, down, ("down", None))
+    assert a.missing_weights() == [] == b.missing_weights()
+    assert torch.equal(a.w13, b.w13) and torch.equal(a.w2, b.w2)
+    with pytest.raises(ValueError, match="expert 4, but the config has 4"):
+        a._load(a.w2, down[0], ("down", 4))
+    with pytest.raises(ValueError, match=r"shape \(6, 6\)"):
+        a._load(a.w13, torch.zeros(6, 6), ("gate", 0))
+
+
+def test_sparse_block_is_router_then_experts() -> None:
+    block = SparseMoEBlock(hidden=16, intermediate=8, num_experts=4, top_k=2, renormalize=True)
+    for p in block.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(5, 16)
+    want = block.experts(x, F.linear(x, block.gate.weight))
+    assert torch.equal(block(x), want)
+
+
+# -- configs the layer cannot run --------------------------------------------------------------
+
+
+def _hostile(path: Path, arch: str, **fields: object) -> Path:
+    d = _save(path, arch)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(fields)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"num_experts_per_tok": 9}, r"num_experts_per_tok \(9\) must be between 1 and the number "
+                                 r"of experts \(8\)"),
+    ({"num_experts_per_tok": 0}, r"num_experts_per_tok \(0\)"),
+    ({"num_local_experts": 0}, r"number of experts \(0\) must be at least 1"),
+    ({"hidden_act": "gelu"}, "activation 'gelu' is not supported"),
+    ({"sliding_window": 64}, r"sliding_window=64"),
+])
+def test_hostile_mixtral_config_refused_at_load(tmp_path: Path, fields: dict[str, object],
+                                                match: str) -> None:
+    d = _hostile(tmp_path / "m", "mixtral", **fields)
+    with pytest.raises(ValueError, match=match):
+        LLM(model=str(d))
+
+
+def test_checkpoint_missing_an_expert_is_refused(tmp_path: Path, mixtral_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text((mixtral_dir / "config.json").read_text())
+    weights = load_file(str(mixtral_dir / "model.safetensors"))
+    del weights["model.layers.0.block_sparse_moe.experts.6.w3.weight"]
+    save_file(weights, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"lacks 1 expert tensors of layers.0.mlp.experts, "
+                                         r"e.g. \['expert 6 up'\]"):
+        LLM(model=str(d))
