@@ -78,12 +78,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, tp: TPGroup, qkv_bias: bool,  # type: ignore[no-untyped-def]
-                 mlp: nn.Module | None = None) -> None:
+    def __init__(self, config, layer_idx: int, tp: TPGroup, qkv_bias: bool) -> None:  # type: ignore[no-untyped-def]
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx, tp, qkv_bias)
-        # A family with another MLP (mixture-of-experts, say) passes its own.
-        self.mlp = mlp if mlp is not None else LlamaMLP(config, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -116,16 +114,12 @@ class LlamaForCausalLM(nn.Module):
         self.tp = tp
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            self.make_layer(config, i, tp) for i in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config, i, tp, self.qkv_bias) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-
-    def make_layer(self, config, layer_idx: int, tp: TPGroup) -> nn.Module:  # type: ignore[no-untyped-def]
-        """Decoder layer ``layer_idx``; a family whose layers differ overrides this."""
-        return LlamaDecoderLayer(config, layer_idx, tp, self.qkv_bias)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
                 ) -> torch.Tensor:
