@@ -10,34 +10,49 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sagellm import LLM, SamplingParams
+from sagellm import LLM
+from sagellm.backends.cpu import CpuPlatform
 from sagellm.layers.moe import MoEExperts, SparseMoEBlock, expert_target, select_experts
+from sagellm.testing.families import (
+    PARITY_PROMPT_LEN,
+    TINY_COMMON,
+    TINY_WINDOW,
+    engine_greedy,
+    hf_greedy,
+)
 
-TINY = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-            tie_word_embeddings=False, eos_token_id=1, bos_token_id=0)
+NEW_TOKENS = 16
 
 
-def _save(path: Path, arch: str, **overrides: object) -> Path:
+TINY_MOE = {
+    # A window shorter than the prompts, so the windowed attention reads a cached prefix too.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        intermediate_size=96, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+        sliding_window=TINY_WINDOW)),
+    # Layer 0 dense (mlp_only_layers), layer 1 sparse; top-3 of 6, not renormalised.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        intermediate_size=128, moe_intermediate_size=48, num_experts=6, num_experts_per_tok=3,
+        head_dim=16, mlp_only_layers=[0], norm_topk_prob=False)),
+    "qwen3_moe-renorm": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        intermediate_size=128, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        head_dim=16, decoder_sparse_step=1, norm_topk_prob=True)),
+}
+
+
+def _save(path: Path, name: str, **overrides: object) -> Path:
     import transformers
 
-    if arch == "mixtral":
-        cfg = transformers.MixtralConfig(**{**TINY, "intermediate_size": 96,
-                                            "num_local_experts": 8, "num_experts_per_tok": 2,
-                                            **overrides})
-        model = transformers.MixtralForCausalLM(cfg)
-    else:
-        cfg = transformers.Qwen3MoeConfig(**{**TINY, "intermediate_size": 128,
-                                             "moe_intermediate_size": 48, "num_experts": 8,
-                                             "num_experts_per_tok": 2, "head_dim": 16,
-                                             **overrides})
-        model = transformers.Qwen3MoeForCausalLM(cfg)
+    config_cls, model_cls, fields = TINY_MOE[name]
+    config = getattr(transformers, config_cls)(**{**TINY_COMMON, **fields, **overrides})
     torch.manual_seed(4321)
+    model = getattr(transformers, model_cls)(config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
                 # Router weights larger than the rest: clear top-k choices, no near-ties.
-                p.normal_(0, 0.5 if name.endswith("gate.weight") else 0.08)
+                p.normal_(0, 0.5 if pname.endswith("gate.weight") else 0.08)
     model.save_pretrained(path, safe_serialization=True)
     return path
 
@@ -47,47 +62,33 @@ def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral")
 
 
-def _hf_greedy(model_dir: Path, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0,
-                             output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits)
+def parity_prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    lens = [PARITY_PROMPT_LEN, PARITY_PROMPT_LEN + 6, 5]
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lens]
 
 
-def _ours_greedy(model_dir: Path, prompts: list[list[int]], n: int
-                 ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    llm = LLM(model=str(model_dir))
-    runner = llm.engine.runner
-    seen: list[torch.Tensor] = []
-    inner = runner.compute_logits
-
-    def recording(hidden: torch.Tensor) -> torch.Tensor:
-        logits = inner(hidden)
-        seen.append(logits.clone())
-        return logits
-
-    runner.compute_logits = recording  # type: ignore[method-assign]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
-                        use_tqdm=False)
-    return [o.token_ids for o in outs], seen
+@pytest.mark.parametrize("name", list(TINY_MOE))
+def test_moe_family_matches_transformers(name: str, mixtral_dir: Path, tmp_path: Path) -> None:
+    model_dir = mixtral_dir if name == "mixtral" else _save(tmp_path / name, name)
+    prompts = parity_prompts(TINY_COMMON["vocab_size"])
+    want_tokens, want_logits = hf_greedy(model_dir, prompts, NEW_TOKENS)
+    got_tokens, got_logits = engine_greedy(CpuPlatform(), model_dir, prompts, NEW_TOKENS)
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def check_matches_transformers(model_dir: Path, prompts: list[list[int]], n: int = 16) -> None:
-    want = [_hf_greedy(model_dir, p, n) for p in prompts]
-    got, _ = _ours_greedy(model_dir, prompts, n)
-    assert got == [w[0] for w in want]
-    # One prompt alone: one logits row per step, in order, to compare with transformers'.
-    _, rows = _ours_greedy(model_dir, prompts[:1], n)
-    torch.testing.assert_close(torch.cat(rows), want[0][1], atol=2e-4, rtol=2e-4)
+def test_qwen3_moe_layers_sparse_or_dense(tmp_path: Path) -> None:
+    from sagellm.models.llama import LlamaMLP
 
-
-def test_mixtral_matches_transformers(mixtral_dir: Path, prompts) -> None:  # type: ignore[no-untyped-def]
-    check_matches_transformers(mixtral_dir, prompts(4, 320, seed=11))
+    d = _save(tmp_path / "q", "qwen3_moe", num_hidden_layers=4, mlp_only_layers=[3],
+              decoder_sparse_step=2)
+    llm = LLM(model=str(d))
+    kinds = [type(layer.mlp) for layer in llm.engine.model.layers]
+    # Sparse where (i + 1) % 2 == 0 (layers 1 and 3), except the listed dense layer 3.
+    assert kinds == [LlamaMLP, SparseMoEBlock, LlamaMLP, LlamaMLP]
+    assert llm.engine.model.layers[1].mlp.experts.renormalize is False
 
 
 def test_mixtral_stacks_expert_weights(mixtral_dir: Path) -> None:
@@ -213,12 +214,18 @@ def _hostile(path: Path, arch: str, **fields: object) -> Path:
     ({"num_experts_per_tok": 0}, r"num_experts_per_tok \(0\)"),
     ({"num_local_experts": 0}, r"number of experts \(0\) must be at least 1"),
     ({"hidden_act": "gelu"}, "activation 'gelu' is not supported"),
-    ({"sliding_window": 64}, r"sliding_window=64"),
 ])
 def test_hostile_mixtral_config_refused_at_load(tmp_path: Path, fields: dict[str, object],
                                                 match: str) -> None:
     d = _hostile(tmp_path / "m", "mixtral", **fields)
     with pytest.raises(ValueError, match=match):
+        LLM(model=str(d))
+
+
+def test_hostile_qwen3_moe_config_refused_at_load(tmp_path: Path) -> None:
+    d = _hostile(tmp_path / "q", "qwen3_moe", num_experts_per_tok=7)
+    with pytest.raises(ValueError, match=r"num_experts_per_tok \(7\) must be between 1 and the "
+                                         r"number of experts \(6\)"):
         LLM(model=str(d))
 
 

@@ -175,6 +175,37 @@ class DecodeMetadata:
     max_seq_len: int
 
 
+@dataclass(frozen=True)
+class AttentionLayerSpec:
+    """How one attention layer departs from plain causal attention (fixed when the model is built).
+
+    ``sliding_window``: a query at position ``p`` sees only keys at positions ``> p - window``
+    (``window`` keys, itself included); ``None``: every earlier key. ``logits_soft_cap``: scores
+    (after the scale) become ``cap * tanh(score / cap)`` before the mask and softmax; ``None``:
+    unchanged. Core passes a spec to :meth:`AttentionBackend.prefill` and ``decode`` only when
+    it is not :data:`FULL_ATTENTION`, and only to a platform whose :class:`Capabilities` says it
+    supports what the spec asks for; the engine refuses the model otherwise.
+    """
+
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if self.logits_soft_cap is not None and not self.logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be positive, got {self.logits_soft_cap!r}")
+
+    @property
+    def is_full(self) -> bool:
+        return self.sliding_window is None and self.logits_soft_cap is None
+
+
+#: Plain causal attention over every earlier key, scores unchanged.
+FULL_ATTENTION = AttentionLayerSpec()
+
+
 @dataclass
 class AttentionMetadata:
     """Everything attention needs for one forward, built by the model runner from the step plan.
@@ -227,8 +258,13 @@ class AttentionBackend(abc.ABC):
         value_cache: torch.Tensor,
         meta: PrefillMetadata,
         scale: float,
+        layer: AttentionLayerSpec = FULL_ATTENTION,
     ) -> torch.Tensor:
         """Causal attention of the new tokens over their cached prefix and themselves.
+
+        ``layer`` (passed only when it is not :data:`FULL_ATTENTION`, so a backend without
+        sliding-window or soft-cap support may leave it out of its signature) narrows the keys
+        each query sees and caps the scores; see :class:`AttentionLayerSpec`.
 
         ``key``/``value`` are the new tokens' own keys and values (already written to the cache),
         so a backend may skip reading the cache when ``meta.has_prefix`` is false. Returns
@@ -243,8 +279,10 @@ class AttentionBackend(abc.ABC):
         value_cache: torch.Tensor,
         meta: DecodeMetadata,
         scale: float,
+        layer: AttentionLayerSpec = FULL_ATTENTION,
     ) -> torch.Tensor:
-        """Attention of one new token per sequence over its whole cached context."""
+        """Attention of one new token per sequence over its cached context (all of it, or the
+        last ``layer.sliding_window`` tokens); ``layer`` as in :meth:`prefill`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,6 +404,12 @@ class Capabilities:
     #: by ``max_num_batched_tokens``); ``None``: the whole step budget,
     #: ``max_num_batched_tokens``. Pick it so that one chunk's step stays around a second.
     prefill_chunk_tokens: int | None = None
+    #: Whether the attention backend honours :attr:`AttentionLayerSpec.sliding_window` and
+    #: :attr:`AttentionLayerSpec.logits_soft_cap`. Read by the engine when it loads a model: a
+    #: model with a layer that needs a feature the platform lacks is refused with a message
+    #: (never run as full attention).
+    supports_sliding_window: bool = False
+    supports_logits_soft_cap: bool = False
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ class CpuPlatform(Platform):
             supports_graphs=False,
             dist_backend="gloo",
             priority=0,
+            supports_sliding_window=True,
+            supports_logits_soft_cap=True,
             prefill_chunk_tokens=PREFILL_CHUNK_TOKENS,
         )
 

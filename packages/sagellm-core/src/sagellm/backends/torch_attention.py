@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sagellm.protocols import AttentionBackend, DecodeMetadata, PrefillMetadata
+from sagellm.protocols import (
+    FULL_ATTENTION,
+    AttentionBackend,
+    AttentionLayerSpec,
+    DecodeMetadata,
+    PrefillMetadata,
+)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -20,17 +26,40 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return blocks.reshape(-1, *cache.shape[2:])[:length]
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            causal: bool, scale: float, soft_cap: float | None) -> torch.Tensor:
+    """``q`` [..., H, Lq, D] over ``k``/``v`` [..., H, Lk, D]; ``mask`` True where a key is seen."""
+    if soft_cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              is_causal=causal and mask is None, scale=scale)
+    # SDPA has no soft-cap: the scores are materialised (fine for the reference path).
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / soft_cap) * soft_cap
+    if mask is None and causal:
+        lq, lk = scores.shape[-2], scores.shape[-1]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[Lq, Lk] True where key ``k_pos`` is causal for ``q_pos`` and inside the window."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-          causal: bool, scale: float) -> torch.Tensor:
+          causal: bool, scale: float, soft_cap: float | None = None) -> torch.Tensor:
     # q: [Lq, H, D], k/v: [Lk, Hkv, D] -> [Lq, H, D]
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=mask, is_causal=causal and mask is None, scale=scale,
-    )
+    out = _attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, causal, scale,
+                  soft_cap)
     return out.transpose(0, 1)
 
 
@@ -44,8 +73,10 @@ class TorchAttentionBackend(AttentionBackend):
         key_cache.view(-1, *key_cache.shape[2:])[slot_mapping.long()] = key.to(key_cache.dtype)
         value_cache.view(-1, *value_cache.shape[2:])[slot_mapping.long()] = value.to(value_cache.dtype)
 
-    def prefill(self, query, key, value, key_cache, value_cache, meta: PrefillMetadata, scale):  # type: ignore[override]
+    def prefill(self, query, key, value, key_cache, value_cache, meta: PrefillMetadata, scale,  # type: ignore[override]
+                layer: AttentionLayerSpec = FULL_ATTENTION):
         out = torch.empty_like(query)
+        window, cap = layer.sliding_window, layer.logits_soft_cap
         cu = meta.cu_seqlens_q.tolist()
         seq_lens = meta.seq_lens_list or meta.seq_lens.tolist()
         ctx_lens = meta.context_lens_list or meta.context_lens.tolist()
@@ -53,17 +84,21 @@ class TorchAttentionBackend(AttentionBackend):
             s, e = cu[i], cu[i + 1]
             q = query[s:e]
             if ctx_lens[i] == 0:
-                out[s:e] = _sdpa(q, key[s:e], value[s:e], None, True, scale)
+                mask = None
+                if window is not None and e - s > window:
+                    pos = torch.arange(e - s, device=q.device)
+                    mask = _window_mask(pos, pos, window)
+                out[s:e] = _sdpa(q, key[s:e], value[s:e], mask, True, scale, cap)
                 continue
             k = gather_kv(key_cache, meta.block_tables[i], seq_lens[i]).to(q.dtype)
             v = gather_kv(value_cache, meta.block_tables[i], seq_lens[i]).to(q.dtype)
             q_pos = torch.arange(ctx_lens[i], seq_lens[i], device=q.device)
             k_pos = torch.arange(seq_lens[i], device=q.device)
-            mask = k_pos[None, :] <= q_pos[:, None]
-            out[s:e] = _sdpa(q, k, v, mask, False, scale)
+            out[s:e] = _sdpa(q, k, v, _window_mask(q_pos, k_pos, window), False, scale, cap)
         return out
 
-    def decode(self, query, key_cache, value_cache, meta: DecodeMetadata, scale):  # type: ignore[override]
+    def decode(self, query, key_cache, value_cache, meta: DecodeMetadata, scale,  # type: ignore[override]
+               layer: AttentionLayerSpec = FULL_ATTENTION):
         # Batched: gather every sequence's blocks into a padded [B, L, Hkv, D] and mask the tail.
         bsz = query.shape[0]
         block_size = key_cache.shape[1]
@@ -77,12 +112,11 @@ class TorchAttentionBackend(AttentionBackend):
             k = k.repeat_interleave(groups, dim=2)
             v = v.repeat_interleave(groups, dim=2)
         pos = torch.arange(max_blocks * block_size, device=query.device)
-        mask = pos[None, :] < meta.seq_lens[:, None].to(query.device)  # [B, L]
-        out = F.scaled_dot_product_attention(
-            query.unsqueeze(2),  # [B, H, 1, D]
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
-            scale=scale,
-        )
+        seq_lens = meta.seq_lens[:, None].to(query.device)
+        mask = pos[None, :] < seq_lens  # [B, L]
+        if layer.sliding_window is not None:
+            mask &= pos[None, :] >= seq_lens - layer.sliding_window
+        out = _attend(query.unsqueeze(2),  # [B, H, 1, D]
+                      k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :], False, scale,
+                      layer.logits_soft_cap)
         return out.squeeze(2)

@@ -25,6 +25,7 @@ from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.sequence import SequenceState
+from sagellm.layers.attention import unsupported_attention
 from sagellm.layers.parallel import SINGLE, TPGroup
 from sagellm.layers.registry import layer_overrides, swap_layers
 from sagellm.loader import load_model
@@ -99,6 +100,12 @@ def build_parts(config: EngineConfig, platform: Platform, tp: TPGroup = SINGLE) 
     torch.manual_seed(config.seed)
     loaded = load_model(config, device, caps.default_dtype, tp)
     model = loaded.model
+    lacking = unsupported_attention(model, caps)
+    if lacking:
+        raise ValueError(f"backend {platform.name!r} cannot run {loaded.source}: the model uses "
+                         f"{' and '.join(lacking)}, which this backend does not support (it "
+                         f"would compute full attention instead); use a backend that lists it "
+                         f"in `sagellm models`, e.g. --backend cpu")
     swapped = swap_layers(model, layer_overrides(platform))
     if swapped:
         logger.debug("%s replaced %d layers", platform.name, swapped)

@@ -25,28 +25,61 @@ def head_dim_of(config) -> int:  # type: ignore[no-untyped-def]
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def sliding_window_of(config, layer_idx: int) -> int | None:  # type: ignore[no-untyped-def]
+    """The sliding window of layer ``layer_idx``, or ``None`` for full attention.
+
+    Configs with ``layer_types`` (Qwen2/3, Gemma 2/3) name each layer ``sliding_attention`` or
+    ``full_attention``; older ones (Mistral, Phi-3) give one ``sliding_window`` for all layers.
+    """
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2/3 keep a window they don't use
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if types[layer_idx] == "sliding_attention" else None
+    return window
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, tp: TPGroup, qkv_bias: bool) -> None:  # type: ignore[no-untyped-def]
+    """Self-attention: fused QKV projection, rotary embedding, paged attention, output projection.
+
+    Families change it through the constructor (``scale``, ``logits_soft_cap``, ``rotary``) or
+    by overriding :meth:`project` (Qwen3's per-head query/key norms); the sliding window comes
+    from the config (:func:`sliding_window_of`).
+    """
+
+    def __init__(self, config, layer_idx: int, tp: TPGroup, qkv_bias: bool,  # type: ignore[no-untyped-def]
+                 scale: float | None = None, logits_soft_cap: float | None = None,
+                 rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         d = head_dim_of(config)
+        attention_bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, d, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=qkv_bias, tp=tp)
+                                          config.num_key_value_heads,
+                                          bias=qkv_bias or attention_bias, tp=tp)
         self.num_heads, self.num_kv_heads, self.head_dim = (
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d)
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size,
-                                        bias=getattr(config, "attention_bias", False) and not qkv_bias,
-                                        tp=tp)
-        base, scaling = rope_settings(config)
-        self.rotary = RotaryEmbedding(d, config.max_position_embeddings, base, scaling)
-        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, d)
+                                        bias=attention_bias and not qkv_bias, tp=tp)
+        if rotary is None:
+            base, scaling = rope_settings(config)
+            rotary = RotaryEmbedding(d, config.max_position_embeddings, base, scaling)
+        self.rotary = rotary
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, d, scale=scale,
+                              sliding_window=sliding_window_of(config, layer_idx),
+                              logits_soft_cap=logits_soft_cap)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` [T, hidden] -> ``q`` [T, H, D], ``k`` and ``v`` [T, Hkv, D], before rotation."""
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        return (q.view(-1, self.num_heads, self.head_dim),
+                k.view(-1, self.num_kv_heads, self.head_dim),
+                v.view(-1, self.num_kv_heads, self.head_dim))
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.project(x)
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, ctx))
 
@@ -78,10 +111,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, tp: TPGroup, qkv_bias: bool) -> None:  # type: ignore[no-untyped-def]
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``, with the residual add
+    fused into the norms."""
+
+    def __init__(self, config, attention: nn.Module, mlp: nn.Module) -> None:  # type: ignore[no-untyped-def]
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, tp, qkv_bias)
-        self.mlp = LlamaMLP(config, tp)
+        self.self_attn = attention
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -113,13 +149,37 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.tp = tp
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, tp, self.qkv_bias) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_layer(config, i, tp)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    # -- what a family changes -------------------------------------------------------------
+
+    def make_attention(self, config, layer_idx: int, tp: TPGroup) -> nn.Module:  # type: ignore[no-untyped-def]
+        return LlamaAttention(config, layer_idx, tp, self.qkv_bias)
+
+    def make_mlp(self, config, layer_idx: int, tp: TPGroup) -> nn.Module:  # type: ignore[no-untyped-def]
+        return LlamaMLP(config, tp)
+
+    def make_layer(self, config, layer_idx: int, tp: TPGroup) -> nn.Module:  # type: ignore[no-untyped-def]
+        """Decoder layer ``layer_idx``; called once per layer by ``__init__``."""
+        return LlamaDecoderLayer(config, self.make_attention(config, layer_idx, tp),
+                                 self.make_mlp(config, layer_idx, tp))
+
+    def checkpoint_parts(self, name: str, tensor: torch.Tensor
+                         ) -> Iterable[tuple[str, torch.Tensor, object]]:
+        """A checkpoint tensor (``model.`` prefix removed) as ``(our name, tensor, shard id)``
+        parts; packs separate projections into our fused ones (see :attr:`packed`)."""
+        for src, (dst, sid) in self.packed.items():
+            if f".{src}." in name:
+                return [(name.replace(f".{src}.", f".{dst}."), tensor, sid)]
+        return [(name, tensor, None)]
+
+    # -- running -----------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
                 ) -> torch.Tensor:
@@ -143,18 +203,15 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
-            shard: object = None
-            for src, (dst, sid) in self.packed.items():
-                if f".{src}." in name:
-                    name, shard = name.replace(f".{src}.", f".{dst}."), sid
-                    break
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            loader = getattr(param, "weight_loader", None)
-            if loader is None:
-                param.data.copy_(tensor)
-            else:
-                loader(param, tensor.to(param.dtype), shard)
-            loaded.add(name)
+            for part, t, shard in self.checkpoint_parts(name, tensor):
+                param = params.get(part)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {part!r} has no place in "
+                                     f"{type(self).__name__}")
+                loader = getattr(param, "weight_loader", None)
+                if loader is None:
+                    param.data.copy_(t)
+                else:
+                    loader(param, t.to(param.dtype), shard)
+                loaded.add(part)
         return loaded

@@ -7,10 +7,3 @@ from sagellm.models.llama import LlamaForCausalLM
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
-
-    def __init__(self, config, tp=None):  # type: ignore[no-untyped-def]
-        if getattr(config, "use_sliding_window", False):
-            raise ValueError("Qwen2 sliding-window attention is not supported")
-        from sagellm.layers.parallel import SINGLE
-
-        super().__init__(config, tp or SINGLE)

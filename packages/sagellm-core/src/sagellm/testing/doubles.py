@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm.protocols import AttentionBackend, DecodeMetadata, PrefillMetadata
+from sagellm.protocols import (
+    FULL_ATTENTION,
+    AttentionBackend,
+    AttentionLayerSpec,
+    DecodeMetadata,
+    PrefillMetadata,
+)
 
 
 @dataclass
@@ -14,6 +20,7 @@ class AttentionCall:
     kind: str  # "write_kv", "prefill" or "decode"
     num_tokens: int
     has_prefix: bool = False
+    layer: AttentionLayerSpec = FULL_ATTENTION
 
 
 class RecordingAttentionBackend(AttentionBackend):
@@ -33,14 +40,17 @@ class RecordingAttentionBackend(AttentionBackend):
 
     def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, meta: PrefillMetadata,
-                scale: float) -> torch.Tensor:
-        self.calls.append(AttentionCall("prefill", query.shape[0], meta.has_prefix))
-        return self.inner.prefill(query, key, value, key_cache, value_cache, meta, scale)
+                scale: float, layer: AttentionLayerSpec = FULL_ATTENTION) -> torch.Tensor:
+        self.calls.append(AttentionCall("prefill", query.shape[0], meta.has_prefix, layer))
+        extra = {} if layer.is_full else {"layer": layer}
+        return self.inner.prefill(query, key, value, key_cache, value_cache, meta, scale, **extra)
 
     def decode(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-               meta: DecodeMetadata, scale: float) -> torch.Tensor:
-        self.calls.append(AttentionCall("decode", query.shape[0]))
-        return self.inner.decode(query, key_cache, value_cache, meta, scale)
+               meta: DecodeMetadata, scale: float, layer: AttentionLayerSpec = FULL_ATTENTION
+               ) -> torch.Tensor:
+        self.calls.append(AttentionCall("decode", query.shape[0], layer=layer))
+        extra = {} if layer.is_full else {"layer": layer}
+        return self.inner.decode(query, key_cache, value_cache, meta, scale, **extra)
 
     def kinds(self) -> list[str]:
         return [c.kind for c in self.calls]
