@@ -27,7 +27,7 @@ NEW_TOKENS = 16
 TINY_MOE = {
     # A window shorter than the prompts, so the windowed attention reads a cached prefix too.
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
-        intermediate_size=96, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+        intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
         sliding_window=TINY_WINDOW)),
     # Layer 0 dense (mlp_only_layers), layer 1 sparse; top-3 of 6, not renormalised.
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
@@ -97,11 +97,11 @@ def test_mixtral_stacks_expert_weights(mixtral_dir: Path) -> None:
     llm = LLM(model=str(mixtral_dir))
     experts = llm.engine.model.layers[1].mlp.experts
     assert isinstance(experts, MoEExperts)
-    assert tuple(experts.w13.shape) == (8, 2 * 96, 64) and tuple(experts.w2.shape) == (8, 64, 96)
+    assert tuple(experts.w13.shape) == (8, 2 * 48, 64) and tuple(experts.w2.shape) == (8, 64, 48)
     with safe_open(str(mixtral_dir / "model.safetensors"), "pt") as f:
         pre = "model.layers.1.block_sparse_moe.experts.5."
-        assert torch.equal(experts.w13[5, :96], f.get_tensor(pre + "w1.weight"))
-        assert torch.equal(experts.w13[5, 96:], f.get_tensor(pre + "w3.weight"))
+        assert torch.equal(experts.w13[5, :48], f.get_tensor(pre + "w1.weight"))
+        assert torch.equal(experts.w13[5, 48:], f.get_tensor(pre + "w3.weight"))
         assert torch.equal(experts.w2[5], f.get_tensor(pre + "w2.weight"))
 
 
@@ -241,3 +241,27 @@ def test_checkpoint_missing_an_expert_is_refused(tmp_path: Path, mixtral_dir: Pa
     with pytest.raises(ValueError, match=r"lacks 1 expert tensors of layers.0.mlp.experts, "
                                          r"e.g. \['expert 6 up'\]"):
         LLM(model=str(d))
+
+
+# -- tensor parallel ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_tp2_matches_tp1(name: str, mixtral_dir: Path, tmp_path: Path) -> None:
+    """Two gloo ranks, each with every expert's half of the intermediate dimension, give the
+    tokens of one rank."""
+    from sagellm import SamplingParams
+
+    model_dir = str(mixtral_dir if name == "mixtral" else _save(tmp_path / name, name))
+    engine = dict(num_kv_blocks=128, max_num_batched_tokens=64, max_prefill_tokens=32)
+    prompts = parity_prompts(TINY_COMMON["vocab_size"])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = [o.token_ids for o in LLM(model=model_dir, **engine).generate(prompts, params,
+                                                                        use_tqdm=False)]
+    llm = LLM(model=model_dir, tensor_parallel_size=2, **engine)
+    try:
+        experts = llm.engine.model.layers[1].mlp.experts
+        assert experts.intermediate_per_rank == experts.w2.shape[2] == 48 // 2
+        assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    finally:
+        llm.engine.shutdown()
