@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 from sagellm import LLM
 from sagellm.backends.cpu import CpuPlatform
-from sagellm.layers.moe import MoEExperts, SparseMoEBlock, expert_target, select_experts
+from sagellm.layers.moe import (
+    MoEExperts,
+    SparseMoEBlock,
+    expert_target,
+    experts_reference,
+    select_experts,
+)
 from sagellm.testing.families import (
     PARITY_PROMPT_LEN,
     TINY_COMMON,
@@ -265,3 +271,32 @@ def test_tp2_matches_tp1(name: str, mixtral_dir: Path, tmp_path: Path) -> None:
         assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
     finally:
         llm.engine.shutdown()
+
+
+class GatherMoEExperts(MoEExperts):
+    """Another way to the same numbers: each pair gathers its expert's weights (no sorting)."""
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        w13, w2 = self.w13[ids], self.w2[ids]  # [T, k, 2I, H], [T, k, H, I]
+        h = torch.einsum("th,tkih->tki", x, w13)
+        gate, up = h.chunk(2, -1)
+        y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, w2)
+        return (y * weights[..., None].to(y.dtype)).sum(1)
+
+
+def test_moe_layer_case_accepts_a_correct_replacement_and_catches_a_wrong_one() -> None:
+    from sagellm.layers.registry import LayerKind
+    from sagellm.testing.layers import check_layer_replacement
+
+    check_layer_replacement(LayerKind.MOE_EXPERTS, GatherMoEExperts, torch.device("cpu"),
+                            torch.float32, 2e-4)
+
+    class IgnoresRenormalize(MoEExperts):
+        def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+            weights, ids = select_experts(router_logits, self.top_k, True)
+            return experts_reference(x, self.w13, self.w2, weights, ids)
+
+    with pytest.raises(AssertionError, match="IgnoresRenormalize"):
+        check_layer_replacement(LayerKind.MOE_EXPERTS, IgnoresRenormalize, torch.device("cpu"),
+                                torch.float32, 2e-4)
