@@ -7,26 +7,9 @@ import torch
 
 
 def _save_tiny(path: Path, arch: str, **overrides: object) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from sagellm.testing.families import save_tiny_family
 
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=1, bos_token_id=0)
-    common.update(overrides)
-    torch.manual_seed(1234)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    # Larger-than-default weights so logits are far from ties and greedy paths are stable.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.08)
-            if name.endswith("bias"):
-                p.normal_(0, 0.2)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    return save_tiny_family(path, arch, **{"vocab_size": 320, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,7 @@ def test_gguf_names_and_rotary_unpermute() -> None:
     assert hf_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
     assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
     assert hf_name("output_norm.weight") == "model.norm.weight"
+    assert hf_name("blk.1.attn_k_norm.weight") == "model.layers.1.self_attn.k_norm.weight"
     with pytest.raises(ValueError):
         hf_name("blk.0.mystery.weight")
     # llama.cpp's converter interleaves each head's rotary halves; undoing it restores the rows.

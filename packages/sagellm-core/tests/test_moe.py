@@ -19,53 +19,15 @@ from sagellm.layers.moe import (
     experts_reference,
     select_experts,
 )
-from sagellm.testing.families import (
-    PARITY_PROMPT_LEN,
-    TINY_COMMON,
-    TINY_WINDOW,
-    engine_greedy,
-    hf_greedy,
-)
+from sagellm.testing.families import PARITY_PROMPT_LEN, TINY_COMMON, engine_greedy, hf_greedy
+from sagellm.testing.tiny_moe import TINY_MOE, save_tiny_moe
 
 NEW_TOKENS = 16
 
 
-TINY_MOE = {
-    # A window shorter than the prompts, so the windowed attention reads a cached prefix too.
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
-        intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-        sliding_window=TINY_WINDOW)),
-    # Layer 0 dense (mlp_only_layers), layer 1 sparse; top-3 of 6, not renormalised.
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        intermediate_size=128, moe_intermediate_size=48, num_experts=6, num_experts_per_tok=3,
-        head_dim=16, mlp_only_layers=[0], norm_topk_prob=False)),
-    "qwen3_moe-renorm": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        intermediate_size=128, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
-        head_dim=16, decoder_sparse_step=1, norm_topk_prob=True)),
-}
-
-
-def _save(path: Path, name: str, **overrides: object) -> Path:
-    import transformers
-
-    config_cls, model_cls, fields = TINY_MOE[name]
-    config = getattr(transformers, config_cls)(**{**TINY_COMMON, **fields, **overrides})
-    torch.manual_seed(4321)
-    model = getattr(transformers, model_cls)(config)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.add_(torch.randn_like(p) * 0.1)
-            else:
-                # Router weights larger than the rest: clear top-k choices, no near-ties.
-                p.normal_(0, 0.5 if pname.endswith("gate.weight") else 0.08)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral")
+    return save_tiny_moe(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral")
 
 
 def parity_prompts(vocab: int) -> list[list[int]]:
@@ -76,7 +38,7 @@ def parity_prompts(vocab: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("name", list(TINY_MOE))
 def test_moe_family_matches_transformers(name: str, mixtral_dir: Path, tmp_path: Path) -> None:
-    model_dir = mixtral_dir if name == "mixtral" else _save(tmp_path / name, name)
+    model_dir = mixtral_dir if name == "mixtral" else save_tiny_moe(tmp_path / name, name)
     prompts = parity_prompts(TINY_COMMON["vocab_size"])
     want_tokens, want_logits = hf_greedy(model_dir, prompts, NEW_TOKENS)
     got_tokens, got_logits = engine_greedy(CpuPlatform(), model_dir, prompts, NEW_TOKENS)
@@ -88,7 +50,7 @@ def test_moe_family_matches_transformers(name: str, mixtral_dir: Path, tmp_path:
 def test_qwen3_moe_layers_sparse_or_dense(tmp_path: Path) -> None:
     from sagellm.models.llama import LlamaMLP
 
-    d = _save(tmp_path / "q", "qwen3_moe", num_hidden_layers=4, mlp_only_layers=[3],
+    d = save_tiny_moe(tmp_path / "q", "qwen3_moe", num_hidden_layers=4, mlp_only_layers=[3],
               decoder_sparse_step=2)
     llm = LLM(model=str(d))
     kinds = [type(layer.mlp) for layer in llm.engine.model.layers]
@@ -207,7 +169,7 @@ def test_sparse_block_is_router_then_experts() -> None:
 
 
 def _hostile(path: Path, arch: str, **fields: object) -> Path:
-    d = _save(path, arch)
+    d = save_tiny_moe(path, arch)
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(fields)
     (d / "config.json").write_text(json.dumps(cfg))
@@ -258,7 +220,7 @@ def test_tp2_matches_tp1(name: str, mixtral_dir: Path, tmp_path: Path) -> None:
     tokens of one rank."""
     from sagellm import SamplingParams
 
-    model_dir = str(mixtral_dir if name == "mixtral" else _save(tmp_path / name, name))
+    model_dir = str(mixtral_dir if name == "mixtral" else save_tiny_moe(tmp_path / name, name))
     engine = dict(num_kv_blocks=128, max_num_batched_tokens=64, max_prefill_tokens=32)
     prompts = parity_prompts(TINY_COMMON["vocab_size"])
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from sagellm import LLM, SamplingParams
 
@@ -20,18 +19,9 @@ SMOL_PROMPTS = [
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
+    from sagellm.testing.families import hf_greedy as greedy_with_logits
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    outs = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
-        outs.append(out[0, len(p):].tolist())
-    return outs
+    return greedy_with_logits(model_dir, prompts, max_new_tokens)[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

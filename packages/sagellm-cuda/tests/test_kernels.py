@@ -14,7 +14,7 @@ from sagellm.backends.torch_attention import TorchAttentionBackend, gather_kv
 from sagellm.layers.activation import SiluAndMul
 from sagellm.layers.norm import RMSNorm
 from sagellm.layers.rotary import RotaryEmbedding
-from sagellm.protocols import DecodeMetadata, PrefillMetadata
+from sagellm.protocols import FULL_ATTENTION, AttentionLayerSpec, DecodeMetadata, PrefillMetadata
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.gpu if HAS_CUDA else pytest.mark.interpreted
@@ -91,7 +91,8 @@ DECODE_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", DECODE_CASES)
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_paged_decode(dtype: torch.dtype, case: tuple, num_splits: int | None) -> None:  # type: ignore[type-arg]
+def test_paged_decode(dtype: torch.dtype, case: tuple, num_splits: int | None,  # type: ignore[type-arg]
+                      layer: AttentionLayerSpec = FULL_ATTENTION) -> None:
     from sagellm_cuda.attention import paged_decode
 
     heads, kv_heads, head_dim, bs, lens = case
@@ -101,9 +102,9 @@ def test_paged_decode(dtype: torch.dtype, case: tuple, num_splits: int | None) -
     q = torch.randn(len(lens), heads, head_dim, device=DEV).to(dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     scale = head_dim ** -0.5
-    out = paged_decode(q, kc, vc, table, seq_lens, max(lens), scale, num_splits)
+    out = paged_decode(q, kc, vc, table, seq_lens, max(lens), scale, num_splits, layer)
     meta = DecodeMetadata(seq_lens=seq_lens, block_tables=table, max_seq_len=max(lens))
-    ref = REF.decode(q.float(), kc.float(), vc.float(), meta, scale)
+    ref = REF.decode(q.float(), kc.float(), vc.float(), meta, scale, layer)
     assert rel_err(out, ref) < tol(dtype)
 
 
@@ -125,7 +126,8 @@ INTERPRETED_CASES = [DECODE_CASES[2], DECODE_CASES[4], PREFILL_CASES[3], PREFILL
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", PREFILL_CASES)
-def test_paged_prefill(dtype: torch.dtype, case: tuple) -> None:  # type: ignore[type-arg]
+def test_paged_prefill(dtype: torch.dtype, case: tuple,  # type: ignore[type-arg]
+                       layer: AttentionLayerSpec = FULL_ATTENTION) -> None:
     from sagellm_cuda.attention import paged_prefill
 
     heads, kv_heads, head_dim, bs, ctx, qlens = case
@@ -140,15 +142,48 @@ def test_paged_prefill(dtype: torch.dtype, case: tuple) -> None:  # type: ignore
     scale = head_dim ** -0.5
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
     ctx_t = torch.tensor(ctx, dtype=torch.int32, device=DEV)
-    out = paged_prefill(q, kc, vc, table, cu_t, ctx_t, max(qlens), scale)
+    out = paged_prefill(q, kc, vc, table, cu_t, ctx_t, max(qlens), scale, layer)
     meta = PrefillMetadata(cu_seqlens_q=cu_t, seq_lens=torch.tensor(total, device=DEV),
                            context_lens=ctx_t, block_tables=table, max_seqlen_q=max(qlens),
                            max_seqlen_k=max(total), has_prefix=any(ctx), seq_lens_list=total,
                            context_lens_list=ctx)
     k_new = torch.cat([gather_kv(kc, table[i], total[i])[ctx[i]:] for i in range(len(ctx))])
     v_new = torch.cat([gather_kv(vc, table[i], total[i])[ctx[i]:] for i in range(len(ctx))])
-    ref = REF.prefill(q.float(), k_new.float(), v_new.float(), kc.float(), vc.float(), meta, scale)
+    ref = REF.prefill(q.float(), k_new.float(), v_new.float(), kc.float(), vc.float(), meta, scale,
+                      layer)
     assert rel_err(out, ref) < tol(dtype)
+
+
+#: Sliding windows shorter than the context, longer than a tile, one token; a soft-cap tight
+#: enough to change the softmax (the random scores reach about +-4 here).
+LAYER_SPECS = [AttentionLayerSpec(sliding_window=20), AttentionLayerSpec(sliding_window=70),
+               AttentionLayerSpec(sliding_window=1), AttentionLayerSpec(logits_soft_cap=1.5),
+               AttentionLayerSpec(sliding_window=20, logits_soft_cap=1.5)]
+
+
+def _interpreter_runs_some_specs(layer: AttentionLayerSpec) -> None:
+    # A window over several tiles, and a short one with a soft-cap: the rest run on the GPU.
+    if not HAS_CUDA and layer not in (LAYER_SPECS[1], LAYER_SPECS[4]):
+        pytest.skip("too slow for the interpreter; this window/cap runs on the GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layer", LAYER_SPECS, ids=repr)
+@pytest.mark.parametrize("case", [DECODE_CASES[4], DECODE_CASES[1]])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_paged_decode_window_and_soft_cap(dtype: torch.dtype, case: tuple, num_splits: int | None,  # type: ignore[type-arg]
+                                          layer: AttentionLayerSpec) -> None:
+    _interpreter_runs_some_specs(layer)
+    test_paged_decode(dtype, case, num_splits, layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layer", LAYER_SPECS, ids=repr)
+@pytest.mark.parametrize("case", [PREFILL_CASES[4], PREFILL_CASES[2]])
+def test_paged_prefill_window_and_soft_cap(dtype: torch.dtype, case: tuple,  # type: ignore[type-arg]
+                                           layer: AttentionLayerSpec) -> None:
+    _interpreter_runs_some_specs(layer)
+    test_paged_prefill(dtype, case, layer)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

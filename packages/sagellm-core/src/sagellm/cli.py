@@ -1,4 +1,4 @@
-"""The ``sagellm`` command: ``backends``, ``generate``, ``chat``, ``cache``, ``bench``.
+"""The ``sagellm`` command: ``backends``, ``models``, ``generate``, ``chat``, ``cache``, ``bench``.
 
 Nothing heavy is imported at module level or while parsing: ``sagellm --help`` and ``sagellm
 cache`` must answer in a fraction of a second, so torch and transformers load only inside the
@@ -75,6 +75,12 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from sagellm.cli_models import run_models
+
+    return run_models(args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     llm = _make_llm(args)
     prompts = args.prompt or [sys.stdin.read()]
@@ -121,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("backends", help="list discovered backends and which one auto picks")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_backends)
+    m = sub.add_parser("models", help="list the supported model architectures and which "
+                       "backends run their sliding-window and soft-capped attention")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
     g = sub.add_parser("generate", help="generate for one or more prompts")
     g.add_argument("prompt", nargs="*", help="prompt text (default: read stdin)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,

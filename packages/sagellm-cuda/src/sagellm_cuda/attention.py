@@ -20,7 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sagellm.protocols import AttentionBackend, DecodeMetadata, PrefillMetadata
+from sagellm.protocols import (
+    FULL_ATTENTION,
+    AttentionBackend,
+    AttentionLayerSpec,
+    DecodeMetadata,
+    PrefillMetadata,
+)
 
 #: Programs to aim for per decode launch (a few per SM keeps the memory system busy).
 _TARGET_PROGRAMS = 2 * 132
@@ -29,6 +35,19 @@ _TARGET_PROGRAMS = 2 * 132
 def _tl_precision(dtype: torch.dtype) -> str:
     # fp32 models are test references: keep their dots exact instead of tf32.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _scores(qk, scale_log2, soft_cap, HAS_CAP: tl.constexpr):
+    """Raw dot products -> scores in the log2 domain, soft-capped (``cap * tanh(s / cap)`` on
+    the natural-scale score ``s``) when ``HAS_CAP``."""
+    if HAS_CAP:
+        s = qk * (scale_log2 * 0.6931471805599453)
+        # tanh through exp: exact at both tails (exp overflowing to inf gives 1).
+        t = 1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0)
+        return t * (soft_cap * 1.4426950408889634)
+    else:
+        return qk * scale_log2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,19 +102,25 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
 
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, out_ptr, part_o_ptr,
-                         part_lse_ptr, scale_log2,
+                         part_lse_ptr, scale_log2, soft_cap, window,
                          q_stride_b, q_stride_h, o_stride_b, o_stride_h, bt_stride,
                          c_stride_blk, c_stride_tok, c_stride_h, num_splits,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DIRECT: tl.constexpr, PRECISION: tl.constexpr):
+                         DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+                         HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seqlen_ptr + b)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_start = split * tiles_per_split
+    # With a window the splits share only the tiles from the window's first key on.
+    first_key = seq_len * 0
+    if HAS_WINDOW:
+        first_key = tl.maximum(seq_len - window, 0)
+    first_tile = first_key // BLOCK_N
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    tile_start = first_tile + split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
 
     g = tl.arange(0, GROUP_PAD)
@@ -113,11 +138,12 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, out_ptr, par
     bt_row = bt_ptr + b64 * bt_stride
     for tile in range(tile_start, tile_end):
         tok = tile * BLOCK_N + n
-        valid = tok < seq_len
+        valid = (tok < seq_len) & (tok >= first_key)
         blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         off = blk * c_stride_blk + (tok % BLOCK_SIZE) * c_stride_tok + kvh * c_stride_h
         k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2
+        qk = _scores(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION), scale_log2,
+                     soft_cap, HAS_CAP)
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -165,8 +191,11 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: 
 
 def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
-                 scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """``query`` [B, H, D] -> [B, H, D] over each sequence's first ``seq_lens[b]`` cached tokens."""
+                 scale: float, num_splits: int | None = None,
+                 layer: AttentionLayerSpec = FULL_ATTENTION) -> torch.Tensor:
+    """``query`` [B, H, D] -> [B, H, D] over each sequence's first ``seq_lens[b]`` cached tokens
+    (the last ``layer.sliding_window`` of them when set; scores soft-capped by
+    ``layer.logits_soft_cap`` when set)."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     block_size = key_cache.shape[1]
@@ -175,8 +204,10 @@ def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     if batch == 0:
         return out
     block_n = 64 if head_dim <= 128 else 32
+    window = layer.sliding_window or 0
     if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, max_seq_len, block_n)
+        span = min(max_seq_len, window + block_n) if window else max_seq_len
+        num_splits = decode_num_splits(batch, num_kv_heads, span, block_n)
     direct = num_splits == 1
     if direct:
         part_o = part_lse = out  # unused
@@ -187,12 +218,13 @@ def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
                                device=query.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens, out, part_o, part_lse,
-        scale * 1.4426950408889634,
+        scale * 1.4426950408889634, layer.logits_soft_cap or 1.0, window,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), num_splits,
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT=direct,
-        PRECISION=_tl_precision(query.dtype), num_warps=4, num_stages=2,
+        PRECISION=_tl_precision(query.dtype), HAS_CAP=layer.logits_soft_cap is not None,
+        HAS_WINDOW=window > 0, num_warps=4, num_stages=2,
     )
     if not direct:
         _decode_merge_kernel[(batch, num_heads)](
@@ -210,10 +242,12 @@ def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
 
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, out_ptr, scale_log2,
+                    soft_cap, window,
                     q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride,
                     c_stride_blk, c_stride_tok, c_stride_h,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                    HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
     mt = tl.program_id(0)
     s = tl.program_id(1)
     h = tl.program_id(2)
@@ -234,18 +268,24 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, out_ptr, s
     # Tiles entirely below the diagonal of every query row need no causal mask.
     full_end = tl.where(mt * BLOCK_M < q_len, ctx + mt * BLOCK_M, 0)
     full_end = (full_end // BLOCK_N) * BLOCK_N
+    # With a window every tile is masked, from the tile of the first query's first key on.
+    lo = full_end * 0
+    if HAS_WINDOW:
+        lo = (tl.maximum(ctx + mt * BLOCK_M - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_end = lo
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + s.to(tl.int64) * bt_stride
-    for start in range(0, full_end, BLOCK_N):
+    for start in range(lo, full_end, BLOCK_N):
         tok = start + n
         blk = tl.load(bt_row + tok // BLOCK_SIZE).to(tl.int64)
         off = blk * c_stride_blk + (tok % BLOCK_SIZE) * c_stride_tok + kvh * c_stride_h
         k = tl.load(kc_ptr + off[:, None] + d[None, :])
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2
+        qk = _scores(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION), scale_log2,
+                     soft_cap, HAS_CAP)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -259,8 +299,11 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, out_ptr, s
         blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         off = blk * c_stride_blk + (tok % BLOCK_SIZE) * c_stride_tok + kvh * c_stride_h
         k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2
+        qk = _scores(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION), scale_log2,
+                     soft_cap, HAS_CAP)
         causal = (tok[None, :] <= q_pos[:, None]) & valid[None, :]
+        if HAS_WINDOW:
+            causal &= tok[None, :] > q_pos[:, None] - window
         qk = tl.where(causal, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # Rows past the sequence see no key at all: keep them finite.
@@ -278,8 +321,10 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, out_ptr, s
 
 def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                   block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                  context_lens: torch.Tensor, max_seqlen_q: int, scale: float) -> torch.Tensor:
-    """``query`` [T, H, D] (sequences back to back) -> [T, H, D]; keys come from the pool."""
+                  context_lens: torch.Tensor, max_seqlen_q: int, scale: float,
+                  layer: AttentionLayerSpec = FULL_ATTENTION) -> torch.Tensor:
+    """``query`` [T, H, D] (sequences back to back) -> [T, H, D]; keys come from the pool
+    (a query at ``p`` sees ``p - layer.sliding_window < key <= p`` when the window is set)."""
     num_tokens, num_heads, head_dim = query.shape
     out = torch.empty_like(query)
     if num_tokens == 0:
@@ -292,11 +337,12 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         query, key_cache, value_cache, block_tables, cu_seqlens_q, context_lens, out,
-        scale * 1.4426950408889634,
+        scale * 1.4426950408889634, layer.logits_soft_cap or 1.0, layer.sliding_window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_tl_precision(query.dtype),
+        HAS_CAP=layer.logits_soft_cap is not None, HAS_WINDOW=layer.sliding_window is not None,
         num_warps=8 if block_m == 128 else 4, num_stages=2,
     )
     return out
@@ -308,17 +354,20 @@ def paged_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Paged attention with this package's Triton kernels (CUDA-graph safe decode)."""
+    """Paged attention with this package's Triton kernels (CUDA-graph safe decode), sliding
+    windows and score soft-capping included."""
 
     name = "triton"
 
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping):  # type: ignore[override]
         write_kv(key, value, key_cache, value_cache, slot_mapping)
 
-    def prefill(self, query, key, value, key_cache, value_cache, meta: PrefillMetadata, scale):  # type: ignore[override]
+    def prefill(self, query, key, value, key_cache, value_cache, meta: PrefillMetadata, scale,  # type: ignore[override]
+                layer: AttentionLayerSpec = FULL_ATTENTION):
         return paged_prefill(query, key_cache, value_cache, meta.block_tables, meta.cu_seqlens_q,
-                             meta.context_lens, meta.max_seqlen_q, scale)
+                             meta.context_lens, meta.max_seqlen_q, scale, layer)
 
-    def decode(self, query, key_cache, value_cache, meta: DecodeMetadata, scale):  # type: ignore[override]
+    def decode(self, query, key_cache, value_cache, meta: DecodeMetadata, scale,  # type: ignore[override]
+               layer: AttentionLayerSpec = FULL_ATTENTION):
         return paged_decode(query, key_cache, value_cache, meta.block_tables, meta.seq_lens,
-                            meta.max_seq_len, scale)
+                            meta.max_seq_len, scale, layer=layer)

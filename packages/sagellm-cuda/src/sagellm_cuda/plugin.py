@@ -81,6 +81,8 @@ class CudaPlatform(TorchAcceleratorPlatform):
             supports_graphs=True,
             dist_backend="nccl",
             priority=100,
+            supports_sliding_window=True,
+            supports_logits_soft_cap=True,
         )
 
     def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> CudaKVBackend:

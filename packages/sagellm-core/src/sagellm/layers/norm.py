@@ -24,3 +24,19 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: ``norm(x) * (1 + weight)`` in float32 (checkpoints store the scale minus
+    one, so the weight starts at zero). A subclass, so a backend's RMSNorm kernel (swapped by
+    exact type) never runs it with the wrong formula."""
+
+    def __init__(self, hidden: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden, eps)
+        self.weight.data.zero_()
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * (1.0 + self.weight.float())).to(dtype)

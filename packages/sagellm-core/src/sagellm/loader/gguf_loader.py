@@ -35,7 +35,15 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
+#: GGUF ``general.architecture`` (as transformers names the model type) -> our architecture.
+#: Gemma 2/3 and Phi-3 GGUF files are not mapped yet: llama.cpp stores Gemma's norms as
+#: ``1 + w`` and Phi-3's fused projections in its own layout, which need checking against
+#: real files first.
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "qwen3": "Qwen3ForCausalLM"}
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -124,7 +132,7 @@ def _convert(path: Path, tmp: Path, num_tensors: int) -> None:
         model_type = cfg.pop("model_type")
         cfg.pop("_model_name_or_path", None)
         hf_cfg = AutoConfig.for_model(model_type, **cfg)
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(model_type)
+        arch = GGUF_ARCHITECTURES.get(model_type)
         if arch is None:
             raise ValueError(f"GGUF architecture {model_type!r} is not supported")
         hf_cfg.architectures = [arch]

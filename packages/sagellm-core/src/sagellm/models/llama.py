@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from sagellm.layers.activation import SiluAndMul
+from sagellm.layers.activation import gated_activation
 from sagellm.layers.attention import Attention, ForwardContext
 from sagellm.layers.linear import (
     MergedColumnParallelLinear,
@@ -18,11 +18,17 @@ from sagellm.layers.linear import (
 )
 from sagellm.layers.norm import RMSNorm
 from sagellm.layers.parallel import SINGLE, TPGroup
-from sagellm.layers.rotary import RotaryEmbedding, rope_settings
+from sagellm.layers.rotary import RotaryEmbedding, make_rotary
 
 
 def head_dim_of(config) -> int:  # type: ignore[no-untyped-def]
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_type_of(config, layer_idx: int) -> str | None:  # type: ignore[no-untyped-def]
+    """``full_attention`` / ``sliding_attention`` from the config's ``layer_types``, if any."""
+    types = getattr(config, "layer_types", None)
+    return None if types is None else str(types[layer_idx])
 
 
 def sliding_window_of(config, layer_idx: int) -> int | None:  # type: ignore[no-untyped-def]
@@ -61,10 +67,7 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d)
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size,
                                         bias=attention_bias and not qkv_bias, tp=tp)
-        if rotary is None:
-            base, scaling = rope_settings(config)
-            rotary = RotaryEmbedding(d, config.max_position_embeddings, base, scaling)
-        self.rotary = rotary
+        self.rotary = rotary or make_rotary(config, d, layer_type_of(config, layer_idx))
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, d, scale=scale,
                               sliding_window=sliding_window_of(config, layer_idx),
                               logits_soft_cap=logits_soft_cap)
@@ -93,12 +96,11 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, config, tp: TPGroup) -> None:  # type: ignore[no-untyped-def]
         super().__init__()
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"activation {config.hidden_act!r} is not supported")
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [config.intermediate_size] * 2, tp=tp)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp=tp)
-        self.act = SiluAndMul()
+        self.act = gated_activation(getattr(config, "hidden_activation", None)
+                                    or getattr(config, "hidden_act", "silu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[0], self.chunk_tokens
@@ -135,6 +137,11 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
+    #: What a checkpoint of this family may ask of the attention backend (``sliding_window``,
+    #: ``logits_soft_cap``), depending on its config; listed by ``sagellm models``.
+    attention_features: frozenset[str] = frozenset()
+    #: The final norm's class (the layers' norms are the decoder layer's business).
+    norm_cls: type[RMSNorm] = RMSNorm
     #: checkpoint name fragment -> (our parameter fragment, shard id)
     packed = {
         "q_proj": ("qkv_proj", "q"),
@@ -151,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(self.make_layer(config, i, tp)
                                     for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
@@ -183,12 +190,15 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
                 ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, ctx)
         x, _ = self.norm(x, residual)
         return x
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)

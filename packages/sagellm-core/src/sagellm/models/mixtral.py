@@ -13,6 +13,7 @@ from sagellm.models.moe_loading import MoEWeightLoading
 
 class MixtralForCausalLM(MoEWeightLoading, LlamaForCausalLM):
     renames = {".block_sparse_moe.": ".mlp."}
+    attention_features = frozenset({"sliding_window"})
 
     def __init__(self, config, tp: TPGroup = SINGLE) -> None:  # type: ignore[no-untyped-def]
         # Before any layer is built: a refused config allocates nothing.

@@ -7,3 +7,4 @@ from sagellm.models.llama import LlamaForCausalLM
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
+    attention_features = frozenset({"sliding_window"})

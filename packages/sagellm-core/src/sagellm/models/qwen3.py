@@ -34,5 +34,7 @@ class Qwen3Attention(LlamaAttention):
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
+    attention_features = frozenset({"sliding_window"})
+
     def make_attention(self, config, layer_idx: int, tp: TPGroup) -> nn.Module:  # type: ignore[no-untyped-def]
         return Qwen3Attention(config, layer_idx, tp)

@@ -12,23 +12,29 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm.protocols import DecodeMetadata, PrefillMetadata
+from sagellm.protocols import FULL_ATTENTION, AttentionLayerSpec, DecodeMetadata, PrefillMetadata
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    q_offset: int) -> torch.Tensor:
+                    q_offset: int, layer: AttentionLayerSpec = FULL_ATTENTION) -> torch.Tensor:
     """Causal attention of ``q`` [Lq, H, D] over ``k``/``v`` [Lk, Hkv, D] in float64.
 
-    Query ``i`` sits at position ``q_offset + i`` and sees keys ``0 .. q_offset + i``.
+    Query ``i`` sits at position ``p = q_offset + i`` and sees keys ``0 .. p``, or only those
+    after ``p - layer.sliding_window``; scores are soft-capped by ``layer.logits_soft_cap``.
     """
     groups = q.shape[1] // k.shape[1]
     q64, k64, v64 = q.double(), k.double(), v.double()
     k64 = k64.repeat_interleave(groups, dim=1)
     v64 = v64.repeat_interleave(groups, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q64, k64) * scale
+    if layer.logits_soft_cap is not None:
+        scores = layer.logits_soft_cap * torch.tanh(scores / layer.logits_soft_cap)
     q_pos = torch.arange(q.shape[0])[:, None] + q_offset
     k_pos = torch.arange(k.shape[0])[None, :]
-    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    hidden = k_pos > q_pos
+    if layer.sliding_window is not None:
+        hidden |= k_pos <= q_pos - layer.sliding_window
+    scores = scores.masked_fill(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v64)
 
 
@@ -83,9 +89,9 @@ class PagedCase:
             max_seq_len=max(self.seq_lens),
         )
 
-    def expected(self, scale: float) -> torch.Tensor:
+    def expected(self, scale: float, layer: AttentionLayerSpec = FULL_ATTENTION) -> torch.Tensor:
         """Dense float64 reference for the new tokens of every sequence, concatenated."""
-        outs = [dense_attention(q, k, v, scale, c)
+        outs = [dense_attention(q, k, v, scale, c, layer)
                 for q, k, v, c in zip(self.queries, self.keys, self.values, self.context_lens, strict=True)]
         return torch.cat(outs)
 

@@ -15,6 +15,7 @@ attributes below adapt the suite to a device's limits (supported block sizes, he
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from sagellm.protocols import (
     CONTRACT_VERSION,
     OLDEST_CONTRACT_VERSION,
     AttentionBackend,
+    AttentionLayerSpec,
     Availability,
     Capabilities,
     CommBackend,
@@ -52,6 +54,12 @@ DECODE_CASES = [
     ("mha", [1, 6, 13], 4, 4),
     ("gqa-block-edges", [4, 8, 9], 8, 2),
     ("mqa", [3, 21], 4, 1),
+]
+#: (id, spec) of the sliding-window and soft-cap attention cases (run where capabilities say so).
+LAYER_SPEC_CASES = [
+    ("window-3", AttentionLayerSpec(sliding_window=3)),
+    ("soft-cap", AttentionLayerSpec(logits_soft_cap=1.0)),
+    ("window-5-soft-cap", AttentionLayerSpec(sliding_window=5, logits_soft_cap=1.0)),
 ]
 TOLERANCES = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -279,6 +287,43 @@ class BackendSuite:
         torch.testing.assert_close(out.double().cpu(), case.expected(scale), atol=tol, rtol=tol)
         self._check_pool(case, kc, vc, tol)
 
+    @staticmethod
+    def _require(platform: Platform, layer: AttentionLayerSpec) -> None:
+        caps = platform.capabilities()
+        if layer.sliding_window is not None and not caps.supports_sliding_window:
+            pytest.skip(f"{platform.name} does not support sliding windows (Capabilities)")
+        if layer.logits_soft_cap is not None and not caps.supports_logits_soft_cap:
+            pytest.skip(f"{platform.name} does not support soft-capping (Capabilities)")
+
+    @pytest.mark.parametrize("case_id,layer", LAYER_SPEC_CASES, ids=[c[0] for c in LAYER_SPEC_CASES])
+    def test_attention_layer_spec(self, platform: Platform, test_dtype: torch.dtype, case_id: str,
+                                  layer: AttentionLayerSpec) -> None:
+        """Prefill (with and without a cached prefix) and decode honour a layer's sliding
+        window and soft-cap, where the platform's capabilities claim them."""
+        self._require(platform, layer)
+        attn = platform.make_attention_backend()
+        scale = self.head_dim ** -0.5
+        tol = TOLERANCES.get(test_dtype, 6e-2)
+        for seq_lens, ctx in (([9, 4], [0, 0]), ([12, 7], [6, 2])):
+            case = self._case(seq_lens, ctx, 4, 2)
+            kc, vc = self._pool(platform, case, 2, test_dtype)
+            if any(ctx):
+                self._write(attn, case, kc, vc, [(0, c) for c in ctx])
+            key, value = self._write(attn, case, kc, vc, list(zip(ctx, seq_lens, strict=True)))
+            query = torch.cat(case.queries).to(kc.device, test_dtype)
+            out = attn.prefill(query, key, value, kc, vc, case.prefill_metadata(kc.device), scale,
+                               layer=layer)
+            torch.testing.assert_close(out.double().cpu(), case.expected(scale, layer),
+                                       atol=tol, rtol=tol)
+        seq_lens = [1, 6, 13]
+        case = self._case(seq_lens, [s - 1 for s in seq_lens], 4, 2)
+        kc, vc = self._pool(platform, case, 2, test_dtype)
+        self._write(attn, case, kc, vc, [(0, s) for s in seq_lens])
+        query = torch.cat(case.queries).to(kc.device, test_dtype)
+        out = attn.decode(query, kc, vc, case.decode_metadata(kc.device), scale, layer=layer)
+        torch.testing.assert_close(out.double().cpu(), case.expected(scale, layer),
+                                   atol=tol, rtol=tol)
+
     def test_write_kv_skips_negative_slots(self, platform: Platform, test_dtype: torch.dtype) -> None:
         attn = platform.make_attention_backend()
         kv = platform.make_kv_backend(self._spec(test_dtype, num_layers=1), 3)
@@ -333,6 +378,48 @@ class BackendSuite:
         from sagellm.testing.tiny_model import make_tiny_llama
 
         return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+    #: Families of :data:`sagellm.testing.families.TINY_FAMILIES` run end to end against the CPU
+    #: backend (or, where a family needs attention the platform lacks, refused by the engine).
+    e2e_families: ClassVar[tuple[str, ...]] = ("qwen3", "gemma2", "phi3")
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def family_models(cls, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+        from sagellm.testing.families import save_tiny_family
+
+        return {f: save_tiny_family(tmp_path_factory.mktemp(f), f) for f in cls.e2e_families}
+
+    def test_families_match_cpu(self, platform: Platform, family_models: dict[str, Path]) -> None:
+        """Each family in :attr:`e2e_families` generates on this backend what it generates on
+        the CPU backend (which the parity tests hold to transformers); a family whose sliding
+        window or soft-cap the platform's capabilities lack is refused, naming the feature."""
+        from sagellm.backends.cpu import CpuPlatform
+        from sagellm.config import EngineConfig
+        from sagellm.layers.attention import unsupported_attention
+        from sagellm.loader.loader import load_model
+        from sagellm.testing.families import PARITY_PROMPT_LEN
+        from sagellm.testing.tiny_model import greedy_generate
+
+        if type(platform) is CpuPlatform:
+            pytest.skip("the CPU backend is the reference (tests/test_families.py holds it to "
+                        "transformers)")
+        kwargs: dict[str, Any] = {}
+        if torch.float32 not in platform.capabilities().dtypes:
+            kwargs["dtype"] = "auto"
+        prompts = [list(range(3, 3 + PARITY_PROMPT_LEN)), [7, 8, 9]]
+        n = self.e2e_match_tokens
+        for family, model_dir in family_models.items():
+            model = load_model(EngineConfig(model=str(model_dir), load_format="dummy"),
+                               torch.device("cpu"), torch.float32, load_tokenizer=False).model
+            lacking = unsupported_attention(model, platform.capabilities())
+            if lacking:
+                with pytest.raises(ValueError, match=re.escape(lacking[0])):
+                    greedy_generate(platform, model_dir, prompts, max_tokens=8, **kwargs)
+                continue
+            got = greedy_generate(platform, model_dir, prompts, max_tokens=8, **kwargs)
+            want = greedy_generate(CpuPlatform(), model_dir, prompts, max_tokens=8, **kwargs)
+            assert [g[:n] for g in got] == [w[:n] for w in want], family
 
     E2E_PROMPTS: ClassVar[list[list[int]]] = [
         [5, 6, 7],
