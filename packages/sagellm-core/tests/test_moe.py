@@ -262,3 +262,38 @@ def test_moe_layer_case_accepts_a_correct_replacement_and_catches_a_wrong_one() 
     with pytest.raises(AssertionError, match="IgnoresRenormalize"):
         check_layer_replacement(LayerKind.MOE_EXPERTS, IgnoresRenormalize, torch.device("cpu"),
                                 torch.float32, 2e-4)
+
+
+def test_config_only_directory_runs_with_dummy_weights(tmp_path: Path, mixtral_dir: Path) -> None:
+    """As ``sagellm bench`` runs the Qwen3-30B-A3B architecture directory: no weights at all."""
+    import shutil
+
+    from sagellm import SamplingParams
+
+    d = tmp_path / "arch"
+    d.mkdir()
+    shutil.copy(mixtral_dir / "config.json", d / "config.json")
+    llm = LLM(model=str(d), load_format="dummy")
+    experts = llm.engine.model.layers[0].mlp.experts
+    assert experts.w13.std() > 0 and experts.w2.std() > 0
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].token_ids) == 4
+
+
+def test_bench_architecture_directory_is_qwen3_30b_a3b() -> None:
+    import torch.nn as nn
+    from transformers import AutoConfig
+
+    from sagellm.models import resolve_model_class
+
+    d = Path(__file__).parents[1] / "benchmarks" / "models" / "qwen3-30b-a3b-arch"
+    config = AutoConfig.from_pretrained(str(d))
+    with torch.device("meta"):
+        model = resolve_model_class(config)(config)
+    assert isinstance(model, nn.Module)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 1) == 30.5
+    experts = model.layers[47].mlp.experts
+    assert (experts.num_experts, experts.top_k, experts.renormalize) == (128, 8, True)
+    assert tuple(experts.w13.shape) == (128, 2 * 768, 2048)
+    assert (d / "tokenizer.json").exists()
