@@ -17,6 +17,7 @@ from sagellm.layers.norm import RMSNorm
 from sagellm.layers.registry import LayerKind
 from sagellm.layers.rotary import RotaryEmbedding
 from sagellm.protocols import LayerRegister
+from sagellm_cuda.moe import FusedMoEExperts
 
 
 @triton.jit
@@ -163,3 +164,4 @@ def register_fused_layers(register: LayerRegister) -> None:
     register(LayerKind.RMS_NORM, FusedRMSNorm)
     register(LayerKind.SILU_AND_MUL, FusedSiluAndMul)
     register(LayerKind.ROTARY_EMBEDDING, FusedRotaryEmbedding)
+    register(LayerKind.MOE_EXPERTS, FusedMoEExperts)

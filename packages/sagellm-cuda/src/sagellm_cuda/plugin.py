@@ -119,8 +119,8 @@ class CudaPlatform(TorchAcceleratorPlatform):
         return host.tolist()  # type: ignore[no-any-return]
 
     def register_layers(self, register: LayerRegister) -> None:
-        """This package's fused norm, activation and rotary kernels (before profiling, so the
-        KV pool is sized for the model that runs)."""
+        """This package's fused norm, activation, rotary and mixture-of-experts kernels (before
+        profiling, so the KV pool is sized for the model that runs)."""
         if os.environ.get(NO_FUSION_ENV) == "1":
             return
         from sagellm_cuda.fused import register_fused_layers

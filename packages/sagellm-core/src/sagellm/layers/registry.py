@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from sagellm.layers.activation import SiluAndMul
+from sagellm.layers.moe import MoEExperts
 from sagellm.layers.norm import RMSNorm
 from sagellm.layers.rotary import RotaryEmbedding
 from sagellm.protocols import Platform
@@ -25,6 +26,7 @@ class LayerKind(enum.Enum):
     RMS_NORM = "rms_norm"
     SILU_AND_MUL = "silu_and_mul"
     ROTARY_EMBEDDING = "rotary_embedding"
+    MOE_EXPERTS = "moe_experts"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,14 @@ SWAPPABLE_LAYERS: dict[LayerKind, SwappableLayer] = {
                        "forward(positions [T], q [T, H, D], k [T, Hkv, D]) -> (q, k) rotated in "
                        "the rotate-half layout with cos_sin [max_position, D] = [cos | sin]; "
                        "may rotate q and k in place"),
+        SwappableLayer(LayerKind.MOE_EXPERTS, MoEExperts,
+                       ("w13", "w2", "num_experts", "top_k", "renormalize"),
+                       "forward(x [T, H], router_logits [T, E]) -> [T, H] in x's dtype: "
+                       "sum over each token's top_k experts (softmax over router_logits, "
+                       "renormalised over the chosen when renormalize) of weight * "
+                       "(silu(x w13[e, :I]^T) * (x w13[e, I:]^T)) w2[e]^T, with "
+                       "w13 [E, 2I, H] and w2 [E, H, I] this rank's slice (not all-reduced); "
+                       "sagellm.layers.moe.select_experts is the routing to match"),
     )
 }
 

@@ -8,14 +8,18 @@ from sagellm.models.gemma2 import Gemma2ForCausalLM
 from sagellm.models.gemma3 import Gemma3ForCausalLM
 from sagellm.models.llama import LlamaForCausalLM
 from sagellm.models.mistral import MistralForCausalLM
+from sagellm.models.mixtral import MixtralForCausalLM
 from sagellm.models.phi3 import Phi3ForCausalLM
 from sagellm.models.qwen2 import Qwen2ForCausalLM
 from sagellm.models.qwen3 import Qwen3ForCausalLM
+from sagellm.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
@@ -25,7 +29,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-               "phi3": "Phi3ForCausalLM"}
+               "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
+               "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def model_types_of(arch: str) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sagellm.layers.activation import SiluAndMul
+from sagellm.layers.moe import MoEExperts
 from sagellm.layers.norm import RMSNorm
 from sagellm.layers.registry import LayerKind, check_replacement, swap_layers
 from sagellm.layers.rotary import RotaryEmbedding
@@ -37,6 +38,15 @@ def layer_cases(kind: LayerKind, device: torch.device, dtype: torch.dtype, seed:
         rope = RotaryEmbedding(head_dim=32, max_position=64, base=10000.0).to(device)
         positions = torch.randint(0, 64, (tokens,), generator=g).to(device)
         yield rope, (positions, rand(tokens, 4, 32), rand(tokens, 2, 32))
+    elif kind is LayerKind.MOE_EXPERTS:
+        # Mixtral-like (renormalised top-2 of 8) and Qwen3-MoE-like (top-3 of 4, not
+        # renormalised), one token and several; sizes not multiples of a kernel's block.
+        for experts, top_k, renorm, hidden, inter, n in ((8, 2, True, 64, 48, tokens),
+                                                         (4, 3, False, 40, 24, 1)):
+            moe = MoEExperts(experts, top_k, hidden, inter, renorm).to(device, dtype)
+            moe.w13.data = (rand(experts, 2 * inter, hidden) * hidden ** -0.5)
+            moe.w2.data = (rand(experts, hidden, inter) * inter ** -0.5)
+            yield moe, (rand(n, hidden), rand(n, experts))
     else:  # pragma: no cover - a new kind needs its case here
         raise NotImplementedError(f"no test case for {kind}")
 

@@ -421,6 +421,28 @@ class BackendSuite:
             want = greedy_generate(CpuPlatform(), model_dir, prompts, max_tokens=8, **kwargs)
             assert [g[:n] for g in got] == [w[:n] for w in want], family
 
+    def test_moe_matches_cpu(self, platform: Platform, tmp_path: Path) -> None:
+        """A tiny Qwen3-MoE (one dense layer, one of 6 experts top-3) generates on this backend
+        what it generates on the CPU backend, through whatever ``MOE_EXPERTS`` layer the
+        platform registers (core's torch path otherwise)."""
+        from sagellm.backends.cpu import CpuPlatform
+        from sagellm.testing.families import PARITY_PROMPT_LEN
+        from sagellm.testing.tiny_model import greedy_generate
+        from sagellm.testing.tiny_moe import save_tiny_moe
+
+        if type(platform) is CpuPlatform:
+            pytest.skip("the CPU backend is the reference (tests/test_moe.py holds it to "
+                        "transformers)")
+        kwargs: dict[str, Any] = {}
+        if torch.float32 not in platform.capabilities().dtypes:
+            kwargs["dtype"] = "auto"
+        model_dir = save_tiny_moe(tmp_path / "qwen3_moe", "qwen3_moe")
+        prompts = [list(range(3, 3 + PARITY_PROMPT_LEN)), [7, 8, 9]]
+        n = self.e2e_match_tokens
+        got = greedy_generate(platform, model_dir, prompts, max_tokens=8, **kwargs)
+        want = greedy_generate(CpuPlatform(), model_dir, prompts, max_tokens=8, **kwargs)
+        assert [g[:n] for g in got] == [w[:n] for w in want]
+
     E2E_PROMPTS: ClassVar[list[list[int]]] = [
         [5, 6, 7],
         [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29],
