@@ -80,8 +80,8 @@ class Router:
             if not isinstance(result, _Failure):
                 return result
             failure = result
-            logger.warning("engine %s failed a %s request before any output (%s: %s)%s", engine.id,
-                           path, failure.reason, failure.detail,
+            logger.warning("engine %s failed a %s request before any output (%s)%s", engine.id,
+                           path, failure.detail,
                            "; trying another engine" if attempt < self.max_retries else "")
         if failure is not None and failure.response is not None:
             status, content, headers = failure.response  # the engine's own error, passed on
@@ -116,7 +116,8 @@ class Router:
                 await upstream.aclose()
                 release()
                 if upstream.status_code >= 500:
-                    return _Failure(f"http_{upstream.status_code}", _error_message(content),
+                    return _Failure(f"http_{upstream.status_code}",
+                                    f"HTTP {upstream.status_code}: {_error_message(content)}",
                                     (upstream.status_code, content, headers))
                 return Response(content, status_code=upstream.status_code, headers=headers)
             chunks = upstream.aiter_raw()
@@ -130,7 +131,7 @@ class Router:
             if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
                                 httpx.ReadError)):
                 self.registry.mark_unreachable(engine.id)
-            return _Failure(type(exc).__name__, str(exc) or type(exc).__name__)
+            return _Failure(type(exc).__name__, f"{type(exc).__name__}: {exc}")
         except BaseException:
             if upstream is not None:
                 await upstream.aclose()
