@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import API_KEY, MODEL_NAME, descendants, free_port, is_running, wait_gone
+from server_harness import API_KEY, MODEL_NAME, descendants, free_port, wait_gone
 
 from sagellm.testing.tiny_model import make_tiny_llama
 
@@ -119,11 +119,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             except subprocess.TimeoutExpired:
                 p.proc.kill()
                 p.proc.wait(5)
-        for pid in below:  # the killed server's engine process too: it follows its lifeline
-            if is_running(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 0)
-        wait_gone(below, 15)
+        wait_gone(below, 15)  # nothing left behind, the killed server's helpers included
 
 
 def test_engines_are_listed_with_capacity_and_reachable_through_it(cluster: Cluster) -> None:
@@ -216,6 +212,7 @@ async def workload(cp_url: str, kill: Any) -> list[Outcome]:
         return await asyncio.gather(*(run(i) for i in range(NUM_REQUESTS)))
 
 
+@pytest.mark.slow
 def test_200_streams_with_affinity_survive_an_engine_killed_mid_run(cluster: Cluster) -> None:
     cp = cluster.cp
     ids = {e["url"]: e["id"] for e in engines_listed(cp)}
@@ -289,3 +286,18 @@ def test_200_streams_with_affinity_survive_an_engine_killed_mid_run(cluster: Clu
     labelled = {s.labels.get("engine") for fam in text_string_to_metric_families(page)
                 for s in fam.samples if s.name == "sagellm:generation_tokens_total"}
     assert labelled == {e["id"] for e in survivors}, labelled
+
+
+def test_a_gracefully_stopped_engine_deregisters_at_once(cluster: Cluster) -> None:
+    cp = cluster.cp
+    listed = engines_listed(cp)
+    assert listed, "no engine left"
+    leaving = next(p for p in cluster.engines if p.url == listed[0]["url"])
+    t0 = time.monotonic()
+    leaving.proc.send_signal(signal.SIGTERM)
+    wait_until("the stopped engine to leave the list",
+               lambda: listed[0]["id"] not in {e["id"] for e in engines_listed(cp)}, [cp], timeout=10)
+    # Well before the 3 s it would take to be dropped for silence.
+    assert time.monotonic() - t0 < 2.5
+    assert leaving.proc.wait(30) == 0
+    assert "deregistered from the control plane" in leaving.log_text()
