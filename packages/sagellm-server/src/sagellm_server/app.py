@@ -93,11 +93,15 @@ class GuardMiddleware:
     routing."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S) -> None:
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+                 public_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_body = max_body_bytes
         self.body_timeout = body_timeout
+        #: Paths below these need no API key (the control plane's registration routes, which
+        #: check a secret of their own).
+        self.public_prefixes = public_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,7 +109,8 @@ class GuardMiddleware:
             return
         receive = timed_receive(receive, self.body_timeout)
         headers = dict(scope["headers"])
-        if self.expected is not None and scope["path"] not in PUBLIC_PATHS:
+        if (self.expected is not None and scope["path"] not in PUBLIC_PATHS
+                and not (self.public_prefixes and scope["path"].startswith(self.public_prefixes))):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 what = "missing" if not given else "invalid"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm.engine_flags import EngineFlags
 from sagellm_server import http_limits
+from sagellm_server.control_plane import server_flags
 
 if TYPE_CHECKING:
     from sagellm.config import EngineConfig
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a chat_template in chat requests (rendered in a sandbox with time "
                         "and size limits); --no-request-chat-template refuses them with 400")
     http_limits.add_arguments(s)
+    server_flags.add_arguments(p)
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -110,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = server_flags.check_arguments(args)
+    if problem is not None:
+        print(f"sagellm-server: error: {problem}", file=sys.stderr)
+        return 2
     import uvicorn
     from pydantic import ValidationError
 
@@ -153,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             startup_timeout_s=args.engine_startup_timeout)
         supervisor = EngineSupervisor(async_engine, policy, exit_request, metrics)
         app = create_app(async_engine, server_config, tokenizer, metrics, supervisor)
+        heartbeat = server_flags.heartbeat(args, info, [name], async_engine)
+        if heartbeat is not None:
+            heartbeat.attach(app)
         logger.info("serving %s as %r on http://%s:%d (backend %s, context %d, engine %s, API key %s)",
                     info.model, name, args.host, args.port, info.backend, info.max_model_len,
                     "in process" if args.engine_in_process else f"process pid {info.pid}",
@@ -163,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                            access_log=args.access_log, log_level=args.log_level,
                            timeout_graceful_shutdown=5, **http_limits.uvicorn_kwargs(args)),
-            async_engine, exit_request, shutdown_timeout=args.shutdown_timeout)
+            async_engine, exit_request, shutdown_timeout=args.shutdown_timeout,
+            before_drain=heartbeat.stop if heartbeat is not None else None)
         server.run()
     finally:
         async_engine.shutdown()  # normally done on the app's shutdown already; idempotent

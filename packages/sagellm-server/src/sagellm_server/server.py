@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from types import FrameType
 
 import uvicorn
@@ -28,11 +29,14 @@ logger = logging.getLogger("sagellm.server")
 
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: EngineClient, exit_request: ExitRequest,
-                 shutdown_timeout: float = 30.0) -> None:
+                 shutdown_timeout: float = 30.0,
+                 before_drain: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(config)
         self.engine = engine
         self.exit_request = exit_request
         self.shutdown_timeout = shutdown_timeout
+        #: Awaited first on shutdown (the control plane deregistration: routers stop sending here).
+        self.before_drain = before_drain
 
     @property
     def exit_code(self) -> int:
@@ -54,6 +58,11 @@ class GracefulServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.before_drain is not None:
+            try:
+                await self.before_drain()
+            except Exception:  # never let it stop the drain
+                logger.exception("error before the drain")
         await self.drain()
         await super().shutdown(sockets)
 
