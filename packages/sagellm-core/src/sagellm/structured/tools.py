@@ -12,6 +12,11 @@ tool-call parser reads it like a spontaneous one:
 "strict"?}}``); each function's arguments are constrained by its own ``parameters`` schema, and
 ``strict`` (default false, as in OpenAI) decides whether keywords the grammar engine cannot
 enforce are refused or ignored for that function.
+
+Pass the model's ``tokenizer`` where it has the Hermes tags as single added tokens (Qwen2.5
+does): the grammar then lets the model emit those tokens, as it was trained to. Without it the
+tags must be spelled in ordinary tokens, and llguidance (1.9) may offer the single tag token as
+the only choice for forced text and then refuse it, which fails the request.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from sagellm.structured.params import StructuredOutputParams
 ToolCallStyle = Literal["llama3_json", "hermes"]
 #: The key holding a call's arguments, per style.
 ARGUMENTS_KEY: dict[str, str] = {"llama3_json": "parameters", "hermes": "arguments"}
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>\n", "\n</tool_call>"
+HERMES_OPEN_TAG, HERMES_CLOSE_TAG = "<tool_call>", "</tool_call>"
+HERMES_OPEN, HERMES_CLOSE = HERMES_OPEN_TAG + "\n", "\n" + HERMES_CLOSE_TAG
 LLAMA3_SEPARATOR = "; "
 #: The schema of a function that declares no ``parameters``: an empty argument list (OpenAI's
 #: reading of an omitted ``parameters``).
@@ -48,9 +54,11 @@ def schema_for_tool_call(tools: Sequence[Mapping[str, Any]], tool_choice: str | 
 
 
 def tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: str | Mapping[str, Any],
-                      style: ToolCallStyle, *, parallel: bool = False) -> StructuredOutputParams:
+                      style: ToolCallStyle, *, parallel: bool = False,
+                      tokenizer: object | None = None) -> StructuredOutputParams:
     """Structured-output params whose every sentence is a call (``parallel``: one or more calls)
-    to the chosen function(s), written in ``style``.
+    to the chosen function(s), written in ``style``; ``tokenizer`` (the model's, optional) lets
+    tags that are single tokens be emitted as such.
 
     Raises ``ValueError`` for malformed tools, an unknown style, ``"auto"``/``"none"`` (not
     enforced by a grammar) or a named function not among ``tools``; a grammar too large for
@@ -63,13 +71,28 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: str | Mapping[
     rules = [f"call_{i}: %json {_embedded(f, style)}" for i, f in enumerate(functions)]
     calls = " | ".join(f"call_{i}" for i in range(len(functions)))
     if style == "hermes":
-        one = f"{json.dumps(HERMES_OPEN)} call {json.dumps(HERMES_CLOSE)}"
+        one = 'open "\\n" call "\\n" close'
         sep = json.dumps("\n")
+        rules += [f"open: {_tag(HERMES_OPEN_TAG, tokenizer)}",
+                  f"close: {_tag(HERMES_CLOSE_TAG, tokenizer)}"]
     else:
         one, sep = "call", json.dumps(LLAMA3_SEPARATOR)
     start = f"start: one ({sep} one)*" if parallel else "start: one"
     lark = "\n".join([start, f"one: {one}", f"call: {calls}", *rules])
     return StructuredOutputParams(grammar=lark)
+
+
+def _tag(tag: str, tokenizer: object | None) -> str:
+    """A Lark expression for ``tag``: its text, or the one token that spells it, if any."""
+    text = json.dumps(tag)
+    if tokenizer is None:
+        return text
+    tid = tokenizer.convert_tokens_to_ids(tag)  # type: ignore[attr-defined]
+    if not isinstance(tid, int) or tid == getattr(tokenizer, "unk_token_id", None):
+        return text
+    if tokenizer.decode([tid]) != tag:  # type: ignore[attr-defined]
+        return text
+    return f"{text} | <[{tid}]>"
 
 
 def _embedded(function: Mapping[str, Any], style: ToolCallStyle) -> str:

@@ -15,10 +15,21 @@ from sagellm.structured.protocol import TokenConstraint
 LogitsFn = Callable[[Sequence[int]], torch.Tensor]
 
 
-def random_logits(vocab_size: int, seed: int = 0) -> LogitsFn:
-    """Fresh standard-normal logits every step, reproducible from ``seed``."""
+def random_logits(vocab_size: int, seed: int = 0, bias: torch.Tensor | None = None) -> LogitsFn:
+    """Fresh standard-normal logits every step (plus ``bias``), reproducible from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
-    return lambda _tokens: torch.randn(vocab_size, generator=gen)
+    if bias is None:
+        return lambda _tokens: torch.randn(vocab_size, generator=gen)
+    return lambda _tokens: torch.randn(vocab_size, generator=gen) + bias
+
+
+def whitespace_penalty(tokenizer: Any, vocab_size: int, penalty: float = 4.0) -> torch.Tensor:
+    """A bias lowering tokens that are only whitespace: random logits otherwise spend most of
+    a JSON decode on the whitespace the grammar allows between tokens."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    bias = torch.zeros(vocab_size)
+    bias[[i for i, t in enumerate(texts) if t and not t.strip()]] = -penalty
+    return bias
 
 
 def drive_constraint(constraint: TokenConstraint, vocab_size: int, next_logits: LogitsFn,
