@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from sagellm.structured.params import StructuredOutputParams
+
 #: Above this the distribution is flat to float32 precision; a larger value only hides a typo.
 MAX_TEMPERATURE = 100.0
 #: Any ``top_k`` at or above the vocabulary means "the whole vocabulary"; this bound only keeps
@@ -52,6 +54,8 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    #: Constrain the output to a JSON schema, regex, grammar or choice (``sagellm.structured``).
+    structured_output: StructuredOutputParams | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
