@@ -19,7 +19,7 @@ from sagellm.bench import report, soak
 OFFLINE = ["ttft_512", "tpot_512_256", "batch8_512_256", "batch16_512_256", "nano256_random",
            "kv_fragmentation"]
 #: Workloads that only talk to a running server (--serve-url), without an offline engine.
-SERVE = ["serve_c1", "serve_c16", "soak"]
+SERVE = ["serve_c1", "serve_c16", "serve_c64", "serve_mixed", "soak"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--workloads", default="all",
                    help=f"comma list of {','.join(OFFLINE + SERVE)} (default all offline ones, "
-                        "plus serve_c1,serve_c16 when --serve-url is given; soak only when named)")
+                        "plus serve_c1,serve_c16 when --serve-url is given; serve_c64, "
+                        "serve_mixed and soak only when named)")
     p.add_argument("--serve-url", default=None, help="base URL of a running sagellm-server")
     p.add_argument("--baseline-dir", type=Path, default=None,
                    help="folder of baseline JSONs (per card: h100/vllm_offline.json ...)")
@@ -129,8 +130,7 @@ def _serve_workload(args: argparse.Namespace, name: str) -> dict[str, Any]:
         return soak.run_soak(args)
     from sagellm.bench import serve
 
-    conc, num = (1, 8) if name == "serve_c1" else (16, 64)
-    return serve.run_serve(args.serve_url, conc, num)
+    return serve.run_workload(args.serve_url, name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

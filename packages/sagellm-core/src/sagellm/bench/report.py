@@ -30,6 +30,17 @@ ROWS: list[tuple[str, tuple[str, ...], tuple[str, ...], str, bool]] = [
      False),
     ("serve_c16 tpot p50", ("serve_c16", "tpot_ms", "p50"), ("serve_c16", "tpot_ms", "p50"), "ms",
      False),
+    ("serve_c64 tok/s", ("serve_c64", "out_tok_s"), ("serve_c64", "out_tok_s"), "tok/s", True),
+    ("serve_c64 ttft p50", ("serve_c64", "ttft_ms", "p50"), ("serve_c64", "ttft_ms", "p50"), "ms",
+     False),
+    ("serve_c64 tpot p50", ("serve_c64", "tpot_ms", "p50"), ("serve_c64", "tpot_ms", "p50"), "ms",
+     False),
+    ("serve_mixed tok/s", ("serve_mixed", "out_tok_s"), ("serve_mixed", "out_tok_s"), "tok/s",
+     True),
+    ("serve_mixed ttft p50", ("serve_mixed", "ttft_ms", "p50"), ("serve_mixed", "ttft_ms", "p50"),
+     "ms", False),
+    ("serve_mixed tpot p50", ("serve_mixed", "tpot_ms", "p50"), ("serve_mixed", "tpot_ms", "p50"),
+     "ms", False),
 ]
 
 #: vLLM's KV capacity at 0.85 on H100 (README of the bench; not in its JSON).
@@ -53,7 +64,8 @@ def card_key(device_name: str) -> str | None:
 
 
 def load_baseline(baseline_dir: Path | None, device_name: str) -> dict[str, Any]:
-    """vLLM's offline JSON merged with its serve JSONs (``serve_c1``/``serve_c16`` keys)."""
+    """vLLM's offline JSON merged with its serve JSONs (``vllm_serve_c16.json`` -> key
+    ``serve_c16``, one per serve workload present)."""
     if baseline_dir is None:
         return {}
     key = card_key(device_name)
@@ -62,7 +74,7 @@ def load_baseline(baseline_dir: Path | None, device_name: str) -> dict[str, Any]
     offline = d / "vllm_offline.json"
     if offline.exists():
         out.update(json.loads(offline.read_text()))
-    for name in ("serve_c1", "serve_c16"):
+    for name in ("serve_c1", "serve_c16", "serve_c64", "serve_mixed"):
         f = d / f"vllm_{name}.json"
         if f.exists():
             out[name] = json.loads(f.read_text())

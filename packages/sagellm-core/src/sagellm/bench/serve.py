@@ -1,9 +1,16 @@
-"""serve_c1 / serve_c16: closed-loop streaming clients against an OpenAI ``/v1/completions``.
+"""The serve workloads: closed-loop streaming clients against an OpenAI ``/v1/completions``.
 
 Standard library only (threads and ``http.client``), so the client needs nothing the server
-does not. Each client sends its next request as soon as the previous one finished. Prompts are
-512 random token ids (seed 7000 + request index), ``max_tokens`` 256, ``ignore_eos``, greedy,
-``stream: true``; ``return_token_ids`` lets the client count tokens per chunk exactly.
+does not. Each client sends its next request as soon as the previous one finished; every request
+is greedy, ``ignore_eos``, ``stream: true``, and ``return_token_ids`` lets the client count tokens
+per chunk exactly. The workloads (``../shared/bench/README.md``) are :data:`WORKLOADS`:
+
+- ``serve_c1`` / ``serve_c16`` / ``serve_c64``: 1 / 16 / 64 clients, 8 / 64 / 256 requests,
+  prompts of 512 random token ids (seed 7000 + request index), ``max_tokens`` 256;
+- ``serve_mixed``: 32 clients, 256 requests, prompt lengths ``default_rng(8000).integers(256,
+  2049, 256)`` with the ids drawn after them from the same generator, output lengths
+  ``default_rng(8007).integers(32, 513, 256)``: many prefills of different sizes arriving while
+  others decode.
 """
 
 from __future__ import annotations
@@ -12,11 +19,53 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 from sagellm.bench.stats import summary as _summary
 from sagellm.bench.workloads import random_prompt
+
+Requests = tuple[list[list[int]], list[int]]
+
+
+def fixed(num: int, prompt_len: int = 512, max_tokens: int = 256) -> Callable[[], Requests]:
+    """``num`` prompts of ``prompt_len`` random ids (seed 7000 + index), ``max_tokens`` each."""
+    return lambda: ([random_prompt(7000 + i, prompt_len) for i in range(num)], [max_tokens] * num)
+
+
+def mixed(num: int = 256) -> Requests:
+    """serve_mixed's requests: lengths and ids from seed 8000, output lengths from seed 8007."""
+    import numpy as np
+
+    rng = np.random.default_rng(8000)
+    lens = rng.integers(256, 2049, num)
+    prompts = [rng.integers(100, 49000, size=int(n)).tolist() for n in lens]
+    outs = np.random.default_rng(8007).integers(32, 513, num)
+    return prompts, [int(m) for m in outs]
+
+
+@dataclass(frozen=True)
+class ServeWorkload:
+    concurrency: int
+    requests: Callable[[], Requests]
+
+
+WORKLOADS: dict[str, ServeWorkload] = {
+    "serve_c1": ServeWorkload(1, fixed(8)),
+    "serve_c16": ServeWorkload(16, fixed(64)),
+    "serve_c64": ServeWorkload(64, fixed(256)),
+    "serve_mixed": ServeWorkload(32, mixed),
+}
+
+
+def run_workload(url: str, name: str) -> dict[str, Any]:
+    w = WORKLOADS[name]
+    prompts, max_tokens = w.requests()
+    out = run_requests(url, w.concurrency, prompts, max_tokens)
+    out["workload"] = name
+    return out
 
 
 def one_request(url: str, prompt: list[int], max_tokens: int, model: str | None = None
@@ -58,6 +107,16 @@ def one_request(url: str, prompt: list[int], max_tokens: int, model: str | None 
 
 def run_serve(url: str, concurrency: int, num_requests: int, prompt_len: int = 512,
               max_tokens: int = 256) -> dict[str, Any]:
+    """``num_requests`` fixed-size requests from ``concurrency`` closed-loop clients."""
+    prompts, outs = fixed(num_requests, prompt_len, max_tokens)()
+    return run_requests(url, concurrency, prompts, outs)
+
+
+def run_requests(url: str, concurrency: int, prompts: list[list[int]], max_tokens: list[int]
+                 ) -> dict[str, Any]:
+    """Send ``prompts`` (request i asks ``max_tokens[i]``) from ``concurrency`` closed-loop
+    clients, in index order; one small warm-up request first."""
+    num_requests = len(prompts)
     one_request(url, random_prompt(6999, 16), 8)  # warm
     lock = threading.Lock()
     next_idx = [0]
@@ -72,7 +131,7 @@ def run_serve(url: str, concurrency: int, num_requests: int, prompt_len: int = 5
                     return
                 next_idx[0] += 1
             try:
-                r = one_request(url, random_prompt(7000 + i, prompt_len), max_tokens)
+                r = one_request(url, prompts[i], max_tokens[i])
                 with lock:
                     results.append(r)
             except Exception as exc:  # recorded, not fatal: the row reports errors
@@ -99,8 +158,12 @@ def run_serve(url: str, concurrency: int, num_requests: int, prompt_len: int = 5
             tpot.append((r["times"][-1] - r["times"][0]) * 1e3 / (n - r["counts"][0]))
         for a, b, c in zip(r["times"], r["times"][1:], r["counts"][1:]):
             itl.extend([(b - a) * 1e3 / c] * c)
-    return {"url": url, "num": num_requests, "concurrency": concurrency, "input_len": prompt_len,
-            "output_len": max_tokens, "duration_s": duration, "completed": len(results),
+    lens = sorted({len(p) for p in prompts})
+    outs = sorted(set(max_tokens))
+    return {"url": url, "num": num_requests, "concurrency": concurrency,
+            "input_len": lens[0] if len(lens) == 1 else [lens[0], lens[-1]],
+            "output_len": outs[0] if len(outs) == 1 else [outs[0], outs[-1]],
+            "requested_tokens": sum(max_tokens), "duration_s": duration, "completed": len(results),
             "n_errors": len(errors), "errors": errors[:5], "out_tok_s": total / duration,
             "req_s": len(results) / duration, "ttft_ms": _summary(ttft), "tpot_ms": _summary(tpot),
             "itl_ms": _summary(itl), "e2e_ms": _summary(e2e)}

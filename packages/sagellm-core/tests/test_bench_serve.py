@@ -1,0 +1,59 @@
+"""The serve workloads: request shapes as ``shared/bench/README.md`` defines them, and the closed
+loop counting every streamed token against a stand-in server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sagellm.bench import main as bench_main
+from sagellm.bench import serve
+
+sys.path.insert(0, str(Path(__file__).parent))
+from soak_fake_server import FakeServer  # noqa: E402
+
+
+def test_workload_table_matches_the_bench_readme() -> None:
+    shapes = {name: (w.concurrency, len(w.requests()[0])) for name, w in serve.WORKLOADS.items()}
+    assert shapes == {"serve_c1": (1, 8), "serve_c16": (16, 64), "serve_c64": (64, 256),
+                      "serve_mixed": (32, 256)}
+    prompts, outs = serve.WORKLOADS["serve_c64"].requests()
+    assert {len(p) for p in prompts} == {512} and set(outs) == {256}
+    assert prompts[3] == serve.random_prompt(7003, 512)  # seed 7000 + index, as serve_c16
+
+
+def test_serve_mixed_lengths_and_ids_follow_their_seeds() -> None:
+    prompts, outs = serve.mixed()
+    rng = np.random.default_rng(8000)
+    lens = rng.integers(256, 2049, 256)
+    assert [len(p) for p in prompts] == lens.tolist()
+    assert prompts[0] == rng.integers(100, 49000, size=int(lens[0])).tolist()  # ids after lengths
+    assert outs == np.random.default_rng(8007).integers(32, 513, 256).tolist()
+    assert min(lens) >= 256 and max(lens) <= 2048 and 32 <= min(outs) and max(outs) <= 512
+    assert serve.mixed() == (prompts, outs)  # fixed seeds: the same work on every engine
+
+
+def test_closed_loop_counts_every_token_of_mixed_requests() -> None:
+    srv = FakeServer()
+    prompts = [[5] * n for n in (3, 9, 4, 7, 2)]
+    outs = [5, 1, 12, 3, 8]
+    r = serve.run_requests(srv.url, 2, prompts, outs)
+    assert r["completed"] == 5 and r["n_errors"] == 0
+    assert r["requested_tokens"] == sum(outs)
+    assert r["input_len"] == [2, 9] and r["output_len"] == [1, 12]
+    assert r["out_tok_s"] * r["duration_s"] == pytest.approx(sum(outs))
+    assert r["ttft_ms"]["p50"] > 0
+
+
+def test_bench_runs_a_named_serve_workload(tmp_path: Path) -> None:
+    srv = FakeServer()
+    out = tmp_path / "b.json"
+    rc = bench_main.main(["--serve-url", srv.url, "--workloads", "serve_c1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["serve_c1"]["workload"] == "serve_c1"
+    assert result["serve_c1"]["completed"] == 8 and result["serve_c1"]["n_errors"] == 0
+    assert result["serve_c1"]["out_tok_s"] * result["serve_c1"]["duration_s"] == pytest.approx(8 * 256)
