@@ -57,3 +57,24 @@ def test_bench_runs_a_named_serve_workload(tmp_path: Path) -> None:
     assert rc == 0 and result["serve_c1"]["workload"] == "serve_c1"
     assert result["serve_c1"]["completed"] == 8 and result["serve_c1"]["n_errors"] == 0
     assert result["serve_c1"]["out_tok_s"] * result["serve_c1"]["duration_s"] == pytest.approx(8 * 256)
+
+
+def test_extra_body_reaches_every_request(tmp_path: Path) -> None:
+    seen: list[dict[str, object]] = []
+    srv = FakeServer()
+    orig = serve.one_request
+
+    def spy(url: str, prompt: list[int], max_tokens: int, model: str | None = None,
+            extra: dict[str, object] | None = None) -> dict[str, object]:
+        seen.append(dict(extra or {}))
+        return orig(url, prompt, max_tokens, model, extra)
+
+    serve.one_request = spy  # type: ignore[assignment]
+    try:
+        out = tmp_path / "b.json"
+        rc = bench_main.main(["--serve-url", srv.url, "--workloads", "serve_c1", "--out", str(out),
+                              "--serve-extra-body", '{"logprobs": 5}'])
+    finally:
+        serve.one_request = orig  # type: ignore[assignment]
+    assert rc == 0 and len(seen) == 9 and all(e == {"logprobs": 5} for e in seen)  # warm + 8
+    assert json.loads(out.read_text())["serve_c1"]["extra_body"] == {"logprobs": 5}

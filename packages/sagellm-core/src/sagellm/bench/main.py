@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of baseline JSONs (per card: h100/vllm_offline.json ...)")
     p.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--serve-extra-body", type=json.loads, default=None, metavar="JSON",
+                   help="JSON object merged into every serve workload request (e.g. "
+                        "'{\"logprobs\": 5}'), to measure what a feature costs")
     soak.add_arguments(p)
 
 
@@ -130,7 +133,7 @@ def _serve_workload(args: argparse.Namespace, name: str) -> dict[str, Any]:
         return soak.run_soak(args)
     from sagellm.bench import serve
 
-    return serve.run_workload(args.serve_url, name)
+    return serve.run_workload(args.serve_url, name, getattr(args, "serve_extra_body", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

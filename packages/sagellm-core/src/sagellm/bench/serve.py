@@ -60,20 +60,24 @@ WORKLOADS: dict[str, ServeWorkload] = {
 }
 
 
-def run_workload(url: str, name: str) -> dict[str, Any]:
+def run_workload(url: str, name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     w = WORKLOADS[name]
     prompts, max_tokens = w.requests()
-    out = run_requests(url, w.concurrency, prompts, max_tokens)
+    out = run_requests(url, w.concurrency, prompts, max_tokens, extra)
     out["workload"] = name
+    if extra:
+        out["extra_body"] = extra
     return out
 
 
-def one_request(url: str, prompt: list[int], max_tokens: int, model: str | None = None
-                ) -> dict[str, Any]:
+def one_request(url: str, prompt: list[int], max_tokens: int, model: str | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streaming completion; ``extra`` fields join the body (``response_format``,
+    ``logprobs``, penalties: the cost of a feature is the same workload with it on)."""
     u = urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=600)
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}
+            "stream": True, "return_token_ids": True, **(extra or {})}
     if model:
         body["model"] = model
     t0 = time.perf_counter()
@@ -112,12 +116,12 @@ def run_serve(url: str, concurrency: int, num_requests: int, prompt_len: int = 5
     return run_requests(url, concurrency, prompts, outs)
 
 
-def run_requests(url: str, concurrency: int, prompts: list[list[int]], max_tokens: list[int]
-                 ) -> dict[str, Any]:
-    """Send ``prompts`` (request i asks ``max_tokens[i]``) from ``concurrency`` closed-loop
-    clients, in index order; one small warm-up request first."""
+def run_requests(url: str, concurrency: int, prompts: list[list[int]], max_tokens: list[int],
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Send ``prompts`` (request i asks ``max_tokens[i]``, with ``extra`` body fields) from
+    ``concurrency`` closed-loop clients, in index order; one small warm-up request first."""
     num_requests = len(prompts)
-    one_request(url, random_prompt(6999, 16), 8)  # warm
+    one_request(url, random_prompt(6999, 16), 8, extra=extra)  # warm (and compile a grammar)
     lock = threading.Lock()
     next_idx = [0]
     results: list[dict[str, Any]] = []
@@ -131,7 +135,7 @@ def run_requests(url: str, concurrency: int, prompts: list[list[int]], max_token
                     return
                 next_idx[0] += 1
             try:
-                r = one_request(url, prompts[i], max_tokens[i])
+                r = one_request(url, prompts[i], max_tokens[i], extra=extra)
                 with lock:
                     results.append(r)
             except Exception as exc:  # recorded, not fatal: the row reports errors
