@@ -17,6 +17,7 @@ from sagellm.engine import request_logits
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.sequence import SequenceState
+from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.attention import ForwardContext
 from sagellm.layers.sampler import Sampler, SamplingBatch
 from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
@@ -66,6 +67,8 @@ class ModelRunner:
         self.platform, self.config, self.device = ctx.platform, ctx.config, ctx.device
         self.block_size, self.max_model_len = ctx.block_size, ctx.max_model_len
         self.sampler = Sampler()
+        #: Penalised rows' token counts, carried between steps (a cache, checked on use).
+        self.token_counts = TokenCountCache()
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         return self.platform.to_device(torch.from_numpy(arr))
@@ -190,7 +193,7 @@ class ModelRunner:
         raw = request_logits.raw_logprobs(logits, seqs)
         self.suppress_early_stop(logits, seqs)
         request_logits.apply_constraints(logits, seqs)
-        request_logits.apply_penalties_and_bias(logits, seqs)
+        request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts)
         ids = self.sampler(logits, self.sampling_batch(seqs))
         if raw is not None:
             request_logits.record_sampled_logprobs(raw, ids, seqs)

@@ -13,7 +13,8 @@ import torch
 from sagellm.engine.constraint import apply_token_bitmask, new_bitmask
 from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.sequence import SequenceState
-from sagellm.layers.logits_processors import apply_logit_bias, apply_penalties, token_counts
+from sagellm.engine.token_count_cache import TokenCountCache
+from sagellm.layers.logits_processors import apply_logit_bias, apply_penalties
 from sagellm.layers.logprobs import gather_logprobs
 
 RawLogprobs = tuple[list[int], torch.Tensor]
@@ -30,17 +31,16 @@ def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
     apply_token_bitmask(logits, bitmask, torch.tensor(rows, dtype=torch.int64))
 
 
-def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
+def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
+                             counts_cache: TokenCountCache) -> None:
     """Presence, frequency and repetition penalties, then logit bias, in place."""
     vocab, dev = logits.shape[-1], logits.device
     rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
     if rows:
         ps = [seqs[i].params for i in rows]
-        counts = token_counts([seqs[i].token_ids[seqs[i].num_prompt_tokens:] for i in rows],
-                              vocab, dev)
-        seen = repetition = None
+        counts, seen = counts_cache.counts([seqs[i] for i in rows], vocab, dev)
+        repetition = None
         if any(p.repetition_penalty != 1.0 for p in ps):
-            seen = token_counts([seqs[i].token_ids for i in rows], vocab, dev) > 0
             repetition = torch.tensor([p.repetition_penalty for p in ps], device=dev)
         apply_penalties(logits, torch.tensor(rows, device=dev), counts, seen,
                         torch.tensor([p.presence_penalty for p in ps], device=dev),

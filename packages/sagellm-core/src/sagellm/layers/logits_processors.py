@@ -3,11 +3,8 @@
 Each function works on the rows of a step that ask for it (``rows`` indexes the logits), in
 place, with a handful of tensor operations whatever the batch or vocabulary size.
 
-Token counts are rebuilt every step from the sequences' token ids with one ``scatter_add`` on
-the device, rather than kept as a persistent ``[rows, vocab]`` tensor per running batch: the
-rebuild needs no state that must follow preemption, a rerun step, or rows joining and leaving,
-and on the CPU it costs about as much as the copy of a persistent batch it replaces (see
-``benchmarks/penalty_counts.py``).
+The engine carries the counts from step to step (``sagellm.engine.token_count_cache``);
+:func:`token_counts` builds them from scratch, for tests and for comparison.
 """
 
 from __future__ import annotations
