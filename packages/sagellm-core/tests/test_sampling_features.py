@@ -303,3 +303,22 @@ def test_a_constraint_that_rejects_fails_only_its_request(engine: LLMEngine) -> 
     assert outs[("bad", 0)].finish_reason == "error" and "not allowed" in outs[("bad", 0)].error
     assert outs[("bad", 0)].token_ids == []
     assert outs[("ok", 0)].token_ids == clean
+
+
+def test_a_layout_that_cannot_fork_refuses_n_and_prompt_logprobs(tiny_llama_dir: Path) -> None:
+    from sagellm.config import EngineConfig
+    from sagellm.engine.layout import Layout
+    from sagellm.prompt_validation import PromptError
+
+    class NoForks(Layout):
+        unsupported_params = frozenset({"n", "prompt_logprobs"})
+
+    config = EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=16)
+    eng = LLMEngine(config, layout=NoForks(config))
+    for field, value in (("n", 2), ("prompt_logprobs", 0)):
+        with pytest.raises(PromptError, match=field) as info:
+            eng.add_request(OTHER, SamplingParams(**{field: value}))
+        assert info.value.param == field
+    assert not eng.has_unfinished_requests()
+    out = run(eng, {"ok": (OTHER, SamplingParams(temperature=0, max_tokens=2, logprobs=1))})
+    assert len(out[("ok", 0)].logprobs) == 2
