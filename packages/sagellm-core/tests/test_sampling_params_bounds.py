@@ -166,3 +166,81 @@ def test_stop_strings_beyond_their_limits_are_rejected() -> None:
     rejected("stop", stop=["x"] * (sp_mod.MAX_STOP_STRINGS + 1))
     assert "characters" in rejected("stop", stop=["x" * (sp_mod.MAX_STOP_STRING_CHARS + 1)])
     rejected("stop", stop=[""])
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 2.0001, -2.0001])
+def test_presence_and_frequency_penalty_out_of_range_are_rejected(field: str, value: float) -> None:
+    rejected(field, **{field: value})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1.0,
+                                   sp_mod.MAX_REPETITION_PENALTY * 1.01])
+def test_repetition_penalty_out_of_range_is_rejected(value: float) -> None:
+    rejected("repetition_penalty", repetition_penalty=value)
+
+
+def test_logit_bias_out_of_range_is_rejected() -> None:
+    assert "entries" in rejected("logit_bias", logit_bias={i: 1.0 for i in range(10**6)})
+    rejected("logit_bias", logit_bias={i: 1.0 for i in range(sp_mod.MAX_LOGIT_BIAS + 1)})
+    rejected("logit_bias", logit_bias={-1: 1.0})
+    rejected("logit_bias", logit_bias={sp_mod.MAX_TOKEN_ID + 1: 1.0})
+    rejected("logit_bias", logit_bias={3: sp_mod.MAX_LOGIT_BIAS_VALUE + 0.5})
+    rejected("logit_bias", logit_bias={3: float("nan")})
+    rejected("logit_bias", logit_bias={3: -float("inf")})
+    with pytest.raises(ValidationError) as info:  # a key that is no integer: the key's location
+        SamplingParams(logit_bias={"x": 1.0})
+    assert [e["loc"][0] for e in info.value.errors()] == ["logit_bias"]
+    # JSON object keys are strings: "5" is token 5.
+    assert SamplingParams(logit_bias={"5": 2}).logit_bias == {5: 2.0}
+
+
+def test_logit_bias_past_the_vocabulary_is_refused_by_the_engine(engine: LLMEngine) -> None:
+    from sagellm.prompt_validation import PromptError
+
+    params = SamplingParams(logit_bias={3: 1.0, engine.vocab_size: 1.0})
+    with pytest.raises(PromptError, match="logit_bias") as info:
+        engine.add_request(PROMPT, params)
+    assert info.value.param == "logit_bias" and info.value.code == "invalid_value"
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("value", [0, -1, sp_mod.MAX_N + 1, 10**9])
+def test_n_out_of_range_is_rejected(value: int) -> None:
+    rejected("n", n=value)
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+@pytest.mark.parametrize("value", [-1, sp_mod.MAX_LOGPROBS + 1, 10**9])
+def test_logprobs_out_of_range_are_rejected(field: str, value: int) -> None:
+    rejected(field, **{field: value})
+
+
+@pytest.mark.parametrize("value", [float("nan"), -0.1, 1.01])
+def test_min_p_out_of_range_is_rejected(value: float) -> None:
+    rejected("min_p", min_p=value)
+
+
+def test_new_fields_at_their_limits_run(engine: LLMEngine) -> None:
+    params = SamplingParams(
+        temperature=1.0, seed=5, max_tokens=4, ignore_eos=True, min_p=1.0,
+        presence_penalty=-sp_mod.MAX_ABS_PENALTY, frequency_penalty=sp_mod.MAX_ABS_PENALTY,
+        repetition_penalty=sp_mod.MAX_REPETITION_PENALTY,
+        logit_bias={i: (-1) ** i * sp_mod.MAX_LOGIT_BIAS_VALUE
+                    for i in range(min(sp_mod.MAX_LOGIT_BIAS, engine.vocab_size))},
+        logprobs=sp_mod.MAX_LOGPROBS, prompt_logprobs=sp_mod.MAX_LOGPROBS)
+    out = run(engine, params)
+    assert len(out.token_ids) == 4 and out.logprobs is not None
+    assert all(len(lp.top) == sp_mod.MAX_LOGPROBS for lp in out.logprobs)
+    assert out.prompt_logprobs is not None and out.prompt_logprobs[0] is None
+    assert all(lp is not None and len(lp.top) == sp_mod.MAX_LOGPROBS for lp in out.prompt_logprobs[1:])
+
+
+def test_largest_n_runs(engine: LLMEngine) -> None:
+    rid = engine.add_request(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True, seed=1,
+                                                    n=sp_mod.MAX_N))
+    done = set()
+    while engine.has_unfinished_requests():
+        done |= {o.index for o in engine.step() if o.request_id == rid and o.finished}
+    assert done == set(range(sp_mod.MAX_N))
+    assert engine.block_manager.num_free_blocks == engine.kv.num_blocks

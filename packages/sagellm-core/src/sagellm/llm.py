@@ -46,6 +46,10 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order.
 
+        A prompt whose params ask for ``n > 1`` choices gives ``n`` consecutive outputs, choice
+        0 first (``RequestOutput.index``; they share ``request_id``), so the list is grouped by
+        prompt, then by choice; with ``n == 1`` everywhere it has one output per prompt.
+
         If the engine fails one of the requests, the others are aborted and
         :class:`~sagellm.errors.RequestError` is raised, naming it.
         """
@@ -57,7 +61,7 @@ class LLM:
             if len(params) != len(items):
                 raise ValueError(f"{len(items)} prompts but {len(params)} sampling params")
         ids = [self.engine.add_request(p, sp) for p, sp in zip(items, params)]
-        return self._run(ids, use_tqdm)
+        return self._run(ids, [sp.n for sp in params], use_tqdm)
 
     def chat(self, messages: Seq[Message] | Seq[Seq[Message]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -84,24 +88,27 @@ class LLM:
                                                      add_generation_prompt=add_generation_prompt)
         return list(tok(text, add_special_tokens=False).input_ids)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        pending = set(request_ids)
-        done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
+    def _run(self, request_ids: list[str], num_choices: list[int], use_tqdm: bool
+             ) -> list[RequestOutput]:
+        keys = [(r, i) for r, n in zip(request_ids, num_choices) for i in range(n)]
+        pending = set(keys)
+        done: dict[tuple[str, int], RequestOutput] = {}
+        bar = tqdm(total=len(keys), desc="generating", unit="req", disable=not use_tqdm)
         try:
             while pending:
                 for out in self.engine.step():
-                    if out.error is not None and out.request_id in pending:
+                    key = (out.request_id, out.index)
+                    if out.error is not None and key in pending:
                         raise RequestError(out.request_id, out.error,
                                            request_ids.index(out.request_id), out)
-                    if out.finished and out.request_id in pending:
-                        pending.discard(out.request_id)
-                        done[out.request_id] = out
+                    if out.finished and key in pending:
+                        pending.discard(key)
+                        done[key] = out
                         bar.update(1)
         except BaseException:
-            for rid in pending:
+            for rid in {r for r, _ in pending}:
                 self.engine.abort_request(rid)
             raise
         finally:
             bar.close()
-        return [done[r] for r in request_ids]
+        return [done[k] for k in keys]

@@ -5,6 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log probability under the model, and the most likely alternatives.
+
+    ``rank`` is 1 + the number of tokens the model found strictly more likely (1: the argmax).
+    ``top`` holds ``(token_id, logprob)`` pairs, most likely first, as many as the request's
+    ``logprobs`` (or ``prompt_logprobs``) asked for; it may include ``token_id`` itself.
+    """
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class RequestMetrics:
     arrival_time: float
@@ -18,8 +33,10 @@ class RequestMetrics:
 class RequestOutput:
     """One request's state after a step.
 
-    ``prompt_token_ids`` and ``token_ids`` are materialised on first access only: a streaming
-    consumer that reads ``new_token_ids`` pays nothing per step for a long context.
+    ``prompt_token_ids`` and ``token_ids`` (and ``logprobs``) are materialised on first access
+    only: a streaming consumer that reads ``new_token_ids`` pays nothing per step for a long
+    context. A request with ``n > 1`` yields outputs with one ``request_id`` and ``index`` 0 ..
+    n-1, one sequence of outputs per choice.
     """
 
     request_id: str
@@ -40,6 +57,14 @@ class RequestOutput:
     #: ``"ExcType: message"`` when the engine failed this request (then ``finished`` is true
     #: and ``finish_reason == "error"``); ``None`` otherwise.
     error: str | None = None
+    #: The choice this output belongs to (``0 .. SamplingParams.n - 1``).
+    index: int = 0
+    #: With ``SamplingParams.logprobs`` set: one entry per token of ``new_token_ids``.
+    new_logprobs: list[TokenLogprob] | None = None
+    #: With ``SamplingParams.prompt_logprobs`` set: one entry per prompt token, the first
+    #: ``None`` (nothing precedes it). The same on every output of the request.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    _all_logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
 
     @classmethod
     def from_lists(cls, request_id: str, prompt: str | None, prompt_token_ids: list[int],
@@ -56,6 +81,13 @@ class RequestOutput:
     def token_ids(self) -> list[int]:
         """All tokens generated so far (as of this output's step)."""
         return self._all_token_ids[self._num_prompt_tokens: self._num_tokens]
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """One entry per token of ``token_ids`` (with ``SamplingParams.logprobs`` set)."""
+        if self._all_logprobs is None:
+            return None
+        return self._all_logprobs[: self.num_output_tokens]
 
     @property
     def num_prompt_tokens(self) -> int:

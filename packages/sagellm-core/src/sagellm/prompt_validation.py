@@ -8,7 +8,10 @@ callers that reach it directly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from sagellm.sampling_params import SamplingParams
 
 PromptErrorCode = Literal["invalid_value", "context_length_exceeded"]
 
@@ -17,9 +20,11 @@ class PromptError(ValueError):
     """A prompt no engine of this model can serve. The message names the fault in words that
     read well beside the offending parameter; ``code`` is the OpenAI error code for it."""
 
-    def __init__(self, message: str, code: PromptErrorCode) -> None:
+    def __init__(self, message: str, code: PromptErrorCode, param: str | None = None) -> None:
         super().__init__(message)
         self.code: PromptErrorCode = code
+        #: The request field at fault when it is not the prompt (``"logit_bias"``), else ``None``.
+        self.param = param
 
 
 def validate_prompt(token_ids: Sequence[int], *, vocab_size: int, max_model_len: int) -> None:
@@ -36,3 +41,12 @@ def validate_prompt(token_ids: Sequence[int], *, vocab_size: int, max_model_len:
         if not 0 <= t < vocab_size:
             raise PromptError(f"token id {t} is outside the vocabulary (0..{vocab_size - 1})",
                               "invalid_value")
+
+
+def validate_params(params: SamplingParams, *, vocab_size: int) -> None:
+    """Raise :class:`PromptError` (``param`` naming the field) if ``params`` refers to a token
+    outside this model's vocabulary: a ``logit_bias`` key past ``vocab_size - 1``."""
+    bad = [t for t in params.logit_bias if t >= vocab_size]
+    if bad:
+        raise PromptError(f"logit_bias token id {max(bad)} is outside the vocabulary "
+                          f"(0..{vocab_size - 1})", "invalid_value", param="logit_bias")

@@ -6,7 +6,11 @@ returns it from ``Platform.make_model_runner(ctx)``; everything such a runner ne
 * :class:`RunnerContext` - what the runner is built from;
 * :class:`ModelRunner` - core's runner and its hooks: ``prepare`` (plan -> :class:`ModelInput`),
   ``forward_context``, ``forward``, ``compute_logits``, ``sample`` (with
-  ``suppress_early_stop``), ``fetch_ids`` and ``execute``, the one method the engine calls;
+  ``suppress_early_stop``, structured-output masks, penalties, logit bias and logprobs),
+  ``fetch_ids`` and ``execute``, the one method the engine calls. A runner that picks tokens
+  without ``sample`` (an argmax inside a CUDA graph) may do so only where
+  ``argmax_suffices(seqs)`` holds, and must leave prefills of sequences whose
+  ``needs_prompt_logits`` is true to core's path (their logits are needed at every position);
 * :class:`StepPlan`, :class:`PrefillOp`, :class:`DecodeOp` - the step the scheduler planned;
 * :class:`SequenceState` - one request as the plan refers to it (tokens, block table, params);
 * :class:`ForwardContext` - what the model's attention layers receive.

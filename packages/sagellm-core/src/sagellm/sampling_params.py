@@ -29,6 +29,19 @@ MAX_STOP_STRING_CHARS = 1024
 #: Stop token ids are checked per token and banned in the logits while ``min_tokens`` applies.
 MAX_STOP_TOKEN_IDS = 1024
 MAX_TOKEN_ID = 2**31 - 1
+#: OpenAI's range for ``presence_penalty`` and ``frequency_penalty`` (subtracted from logits).
+MAX_ABS_PENALTY = 2.0
+#: ``repetition_penalty`` divides positive logits and multiplies negative ones; past 2 it all but
+#: bans every token already seen, which is a typo rather than a setting.
+MAX_REPETITION_PENALTY = 2.0
+#: ``logit_bias`` is added per token each step; OpenAI's range is -100..100 and a dict beyond
+#: this many entries is a constraint, not a bias (structured output does that).
+MAX_LOGIT_BIAS = 1024
+MAX_LOGIT_BIAS_VALUE = 100.0
+#: Choices per request: each is a sequence of its own in the batch.
+MAX_N = 128
+#: Top alternatives reported per token (OpenAI's ``top_logprobs`` limit), for outputs and prompts.
+MAX_LOGPROBS = 20
 
 
 class SamplingParams(BaseModel):
@@ -37,8 +50,19 @@ class SamplingParams(BaseModel):
     ``temperature == 0`` means greedy; a tiny positive temperature tends to greedy without
     overflowing (the sampler subtracts each row's maximum logit before dividing). ``top_k <= 0``
     disables top-k, and a ``top_k`` above the vocabulary keeps the whole vocabulary;
-    ``top_p == 1`` disables nucleus sampling. ``seed`` makes a sampled request reproducible
-    whatever it is batched with.
+    ``top_p == 1`` disables nucleus sampling; ``min_p`` drops tokens less likely than ``min_p``
+    times the most likely one (after temperature; 0 disables). ``seed`` makes a sampled request
+    reproducible whatever it is batched with; with ``n > 1`` choice ``i`` draws from seed
+    ``seed + i`` (wrapped into the seed range), so each choice is reproducible and they differ.
+
+    Penalties follow OpenAI and Hugging Face: ``presence_penalty`` is subtracted from the logit of
+    every token already generated, ``frequency_penalty`` times its count in the output;
+    ``repetition_penalty`` divides the positive logits (multiplies the negative ones) of every
+    token in the prompt or the output. ``logit_bias`` maps token ids to a value added to their
+    logits (ids past the vocabulary are refused by the engine). ``n`` choices share the prompt's
+    prefill. ``logprobs`` asks for the log probability of each sampled token plus that many top
+    alternatives (0: the sampled token only), ``prompt_logprobs`` the same for every prompt token
+    after the first; both are of the model's own distribution (see ``sagellm.layers.logprobs``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,6 +78,16 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = Field(0.0, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY,
+                                    allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY,
+                                     allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=MAX_N)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     #: Constrain the output to a JSON schema, regex, grammar or choice (``sagellm.structured``).
     structured_output: StructuredOutputParams | None = None
 
@@ -86,6 +120,27 @@ class SamplingParams(BaseModel):
             raise ValueError(f"stop token id {bad[0]} is outside 0..{MAX_TOKEN_ID}")
         return v
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_size(cls, v: object) -> object:
+        # Before parsing, so a million-entry dict is refused without validating its entries.
+        if v is None:
+            return {}
+        if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(v)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[int, float]) -> dict[int, float]:
+        for tok, bias in v.items():
+            if not 0 <= tok <= MAX_TOKEN_ID:
+                raise ValueError(f"logit_bias token id {tok} is outside 0..{MAX_TOKEN_ID}")
+            if not -MAX_LOGIT_BIAS_VALUE <= bias <= MAX_LOGIT_BIAS_VALUE:  # NaN fails this too
+                raise ValueError(f"logit_bias value {bias} for token {tok} is outside "
+                                 f"-{MAX_LOGIT_BIAS_VALUE:g}..{MAX_LOGIT_BIAS_VALUE:g}")
+        return v
+
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, v: int) -> int:
@@ -106,6 +161,18 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @property
+    def argmax_suffices(self) -> bool:
+        """Whether the raw logits' argmax is this request's token: greedy, with nothing that
+        changes or reads the logits first (a runner may then skip them, as CUDA graphs do)."""
+        return (self.temperature == 0.0 and not self.min_tokens and not self.has_penalties
+                and not self.logit_bias and self.logprobs is None)
 
 
 def _raise(msg: str) -> int:

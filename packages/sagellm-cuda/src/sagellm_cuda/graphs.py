@@ -172,7 +172,7 @@ class CudaGraphModelRunner(ModelRunner):
         if len(plan.prefills) != 1 or not self.prefill_graphs:
             return None
         op = plan.prefills[0]
-        if op.start != 0 or not op.samples:
+        if op.start != 0 or not op.samples or op.seq.needs_prompt_logits:
             return None
         return next((b for b in self.prefill_sizes if b >= op.num_tokens), None)
 
@@ -230,7 +230,7 @@ class CudaGraphModelRunner(ModelRunner):
                            out_hidden: torch.Tensor) -> list[int]:
         """Greedy ids straight from the graph; other settings sample its last hidden states."""
         n = len(seqs)
-        if all(s.params.temperature == 0.0 and not s.params.min_tokens for s in seqs):
+        if self.argmax_suffices(seqs):
             return self.fetch_ids(out_ids[:n])
         return self.fetch_ids(self.sample(self.compute_logits(out_hidden[:n]), seqs))
 

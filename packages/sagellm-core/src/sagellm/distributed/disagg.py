@@ -337,6 +337,10 @@ def _kv_signature(spec: KVCacheSpec, num_blocks: int, hidden_size: int) -> list[
 class DisaggLayout(Layout):
     """Rank 0 as the decode worker and the scheduler of a prefill/decode pair."""
 
+    #: The prefill worker sends back only the last prompt position's hidden state, and forked
+    #: choices would share blocks across the two pools.
+    unsupported_params = frozenset({"n", "prompt_logprobs"})
+
     def __init__(self, workers: WorkerGroup) -> None:
         super().__init__(workers.config, workers.tp, workers)
         self.group = workers

@@ -162,6 +162,30 @@ class BlockManager:
             seq.block_table.extend(ids)
         self._holders[seq.request_id] = seq
 
+    def fork(self, parent: SequenceState, child: SequenceState) -> None:
+        """Let ``child`` (same prompt, no blocks yet) share ``parent``'s computed full blocks.
+
+        Only blocks that are full, computed, and hold no token the child must still compute
+        itself (its last token, whose logits it samples from) are shared, by reference count;
+        the child recomputes the rest (less than a block plus one token) into blocks of its own,
+        so no block is ever written by two sequences and no copy-on-write is needed.
+        """
+        assert not child.block_table, "fork into a sequence that holds no blocks"
+        n = min(parent.num_computed_tokens, child.num_tokens - 1) // self.block_size
+        shared = parent.block_table[:n]
+        for b in shared:
+            self.ref_counts[b] += 1
+        child.block_table = list(shared)
+        child.block_hashes = parent.block_hashes[:n]
+        child.num_computed_tokens = n * self.block_size
+        if shared:
+            self._holders[child.request_id] = child
+
+    @property
+    def num_shared_blocks(self) -> int:
+        """Blocks held by more than one sequence (forked choices, shared cached prefixes)."""
+        return sum(1 for c in self.ref_counts.values() if c > 1)
+
     def free(self, seq: SequenceState) -> None:
         """Drop ``seq``'s references; blocks nobody else holds go back to the pool.
 

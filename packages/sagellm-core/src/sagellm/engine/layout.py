@@ -28,6 +28,10 @@ class Workers(Protocol):
 class Layout:
     """One rank: core's scheduler and the platform's runner (or core's)."""
 
+    #: ``SamplingParams`` fields this layout cannot serve at other than their defaults; the
+    #: engine refuses a request that sets one, naming it.
+    unsupported_params: frozenset[str] = frozenset()
+
     def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE,
                  workers: Workers | None = None) -> None:
         #: The settings this rank builds its model and KV pool with.

@@ -11,6 +11,7 @@ import torch
 
 from sagellm.config import EngineConfig
 from sagellm.engine.builder import assemble
+from sagellm.engine.constraint import ConstraintFactory
 from sagellm.engine.detokenizer import IncrementalDetokenizer
 from sagellm.engine.layout import Layout
 from sagellm.engine.plan import StepPlan
@@ -18,7 +19,7 @@ from sagellm.engine.sequence import SequenceState, SequenceStatus
 from sagellm.engine.stats import EngineStats
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.plugins import Registry, get_registry
-from sagellm.prompt_validation import validate_prompt
+from sagellm.prompt_validation import PromptError, validate_params, validate_prompt
 from sagellm.protocols import Platform
 from sagellm.sampling_params import SamplingParams
 
@@ -66,7 +67,12 @@ class LLMEngine:
         self.block_manager = parts.block_manager
         self.scheduler = built.scheduler
         self.runner = built.runner
+        #: Every live sequence by its own id (``SequenceState.request_id``).
         self._seqs: dict[str, SequenceState] = {}
+        #: A request's live sequences (one per choice) by the caller's request id.
+        self._groups: dict[str, list[SequenceState]] = {}
+        #: Choices 1 .. n-1 waiting for choice 0's prefill, to fork from it (``_fork``).
+        self._unforked: dict[str, list[SequenceState]] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
         self._next_id = 0
@@ -105,10 +111,26 @@ class LLMEngine:
         return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]
 
     def validate_prompt(self, token_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise :class:`~sagellm.prompt_validation.PromptError` for a prompt or parameters this
+        engine cannot serve (``param`` names the field when it is not the prompt)."""
         validate_prompt(token_ids, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        validate_params(params, vocab_size=self.vocab_size)
+        for name in sorted(self.layout.unsupported_params):
+            if getattr(params, name) != SamplingParams.model_fields[name].default:
+                raise PromptError(f"{name} is not supported by this engine's layout "
+                                  f"({type(self.layout).__name__})", "invalid_value", param=name)
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None,
+                    constraint: ConstraintFactory | None = None) -> str:
+        """Queue a request; returns its id.
+
+        With ``params.n > 1`` the request is ``n`` sequences: choice 0 prefills the prompt and
+        the others fork from it (sharing its KV blocks) when that prefill is done; all outputs
+        carry ``request_id`` and their choice's ``index``, and :meth:`abort_request` ends them
+        all. ``constraint`` (structured output) is called once per choice for its
+        :class:`~sagellm.engine.constraint.TokenConstraint`.
+        """
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text: str | None = prompt
@@ -119,30 +141,63 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
-        if request_id in self._seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        seq = SequenceState(request_id, token_ids, params, self.eos_token_ids)
-        self.scheduler.add(seq)
-        self._seqs[request_id] = seq
+        ids = [request_id] + [f"{request_id}/{i}" for i in range(1, params.n)]
+        for sid in [request_id, *ids]:
+            if sid in self._seqs or sid in self._groups:
+                raise ValueError(f"request id {sid!r} is already in use")
+        seqs = [SequenceState(sid, token_ids, params, self.eos_token_ids, index=i,
+                              group_id=request_id,
+                              constraint=constraint() if constraint is not None else None)
+                for i, sid in enumerate(ids)]
+        self.scheduler.add(seqs[0])
+        for seq in seqs:
+            self._seqs[seq.request_id] = seq
+            if self.tokenizer is not None:
+                self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq)
+        self._groups[request_id] = seqs
+        if len(seqs) > 1:
+            self._unforked[request_id] = seqs[1:]
         self._prompts[request_id] = text
-        if self.tokenizer is not None:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, seq)
         return request_id
 
     def abort_request(self, request_id: str) -> bool:
-        seq = self.scheduler.abort(request_id)
-        if seq is None:
+        """Abort every choice of ``request_id``; ``False`` if none was unfinished."""
+        group = self._groups.get(request_id)
+        if group is None:
             return False
-        self._forget(request_id)
+        for seq in list(group):
+            self.scheduler.abort(seq.request_id)  # an unforked choice is not scheduled yet
+            self._forget(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def _forget(self, request_id: str) -> None:
-        self._seqs.pop(request_id, None)
-        self._detok.pop(request_id, None)
-        self._prompts.pop(request_id, None)
+    def _forget(self, seq: SequenceState) -> None:
+        self._seqs.pop(seq.request_id, None)
+        self._detok.pop(seq.request_id, None)
+        group = self._groups.get(seq.group_id)
+        if group is not None:
+            if seq in group:
+                group.remove(seq)
+            if not group:
+                del self._groups[seq.group_id]
+                self._prompts.pop(seq.group_id, None)
+                self._unforked.pop(seq.group_id, None)
+
+    def _fork(self, plan: StepPlan) -> None:
+        """Fork the waiting choices of requests whose choice 0 finished its prefill this step
+        (committed, so its blocks hold the prompt; before any of them can be freed)."""
+        for op in plan.prefills:
+            if not op.samples:
+                continue
+            children = self._unforked.pop(op.seq.request_id, None)
+            if not children:
+                continue
+            for child in children:
+                self.block_manager.fork(op.seq, child)
+                child.prompt_logprobs = op.seq.prompt_logprobs
+            self.scheduler.add_forked(children)
 
     # -- the step --------------------------------------------------------------------------
 
@@ -159,10 +214,12 @@ class LLMEngine:
         if plan.is_empty:
             return []
         tokens, failed = self._execute(plan)
-        outputs = [self._fail(seq, exc) for seq, exc in failed]
+        outputs = [out for seq, exc in failed for out in self._fail(seq, exc)]
         if failed:
             plan = _without(plan, {seq.request_id for seq, _ in failed})
         self.scheduler.commit(plan)
+        if self._unforked:
+            self._fork(plan)
         self.num_prompt_tokens += sum(op.num_tokens for op in plan.prefills
                                       if op.start < op.seq.num_prompt_tokens)
         now = time.monotonic()
@@ -173,7 +230,7 @@ class LLMEngine:
             except Exception as exc:
                 if self.platform.is_fatal_error(exc):
                     raise
-                outputs.append(self._fail(seq, exc, num_tokens))
+                outputs.extend(self._fail(seq, exc, num_tokens))
         return outputs
 
     def _execute(self, plan: StepPlan) -> tuple[dict[str, int], list[tuple[SequenceState, Exception]]]:
@@ -210,8 +267,16 @@ class LLMEngine:
         return tokens, failed
 
     def _advance(self, seq: SequenceState, tok: int, now: float) -> RequestOutput:
-        """Append the sampled token, detokenize, check stop conditions, build the output."""
+        """Append the sampled token (and its logprob), let the constraint accept it, detokenize,
+        check stop conditions, build the output."""
         seq.append_token(tok)
+        if seq.output_logprobs is not None:
+            lp, seq.sampled_logprob = seq.sampled_logprob, None
+            if lp is None or lp.token_id != tok:
+                raise RuntimeError(f"the runner gave no logprob for sampled token {tok}")
+            seq.output_logprobs.append(lp)
+        if seq.constraint is not None and not seq.constraint.accept_token(tok):
+            raise ValueError(f"token {tok} is not allowed by the request's output constraint")
         self.num_generation_tokens += 1
         m = seq.metrics
         if m.first_token_time is None:
@@ -226,11 +291,13 @@ class LLMEngine:
         new_text = self._emit_text(seq, finished)
         out = self._output(seq, [tok], new_text, finished)
         if finished:
-            self._forget(seq.request_id)
+            self._forget(seq)
         return out
 
-    def _fail(self, seq: SequenceState, exc: Exception, num_tokens: int | None = None) -> RequestOutput:
-        """Finish ``seq`` with an error: free its blocks, log once, return its last output.
+    def _fail(self, seq: SequenceState, exc: Exception, num_tokens: int | None = None
+              ) -> list[RequestOutput]:
+        """Finish ``seq`` with an error: free its blocks, log once, return its last output
+        (and one for each choice still waiting to fork from it, which fails with it).
 
         ``num_tokens`` is its length before the failed step, so the output holds only tokens
         and text the caller has already been given.
@@ -241,11 +308,19 @@ class LLMEngine:
         self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
         if num_tokens is not None:
             del seq.token_ids[num_tokens:]
+        if seq.output_logprobs is not None:
+            del seq.output_logprobs[seq.num_output_tokens:]
         seq.output_text = seq.output_text[: seq.num_text_emitted]
-        out = self._output(seq, [], "", True)
-        out.error = f"{type(exc).__name__}: {exc}"
-        self._forget(seq.request_id)
-        return out
+        outs = [self._output(seq, [], "", True)]
+        self._forget(seq)
+        if seq.index == 0:
+            for child in self._unforked.pop(seq.group_id, []):
+                child.status = SequenceStatus.FINISHED_ERROR
+                outs.append(self._output(child, [], "", True))
+                self._forget(child)
+        for out in outs:
+            out.error = f"{type(exc).__name__}: {exc}"
+        return outs
 
     def _detokenize(self, seq: SequenceState) -> None:
         detok = self._detok.get(seq.request_id)
@@ -255,6 +330,9 @@ class LLMEngine:
     def _check_stop(self, seq: SequenceState, tok: int) -> None:
         p = seq.params
         n_out = seq.num_output_tokens
+        if seq.constraint is not None and seq.constraint.is_terminated():
+            seq.status = SequenceStatus.FINISHED_STOPPED
+            return
         if n_out >= p.min_tokens:
             if tok in p.stop_token_ids:
                 seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, tok
@@ -286,9 +364,10 @@ class LLMEngine:
 
     def _output(self, seq: SequenceState, new_ids: list[int], new_text: str, finished: bool) -> RequestOutput:
         m = seq.metrics
+        lps = seq.output_logprobs
         return RequestOutput(
-            request_id=seq.request_id,
-            prompt=self._prompts.get(seq.request_id),
+            request_id=seq.group_id,
+            prompt=self._prompts.get(seq.group_id),
             _all_token_ids=seq.token_ids,
             _num_prompt_tokens=seq.num_prompt_tokens,
             _num_tokens=seq.num_tokens,
@@ -301,6 +380,10 @@ class LLMEngine:
             num_preemptions=seq.num_preemptions,
             metrics=RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time,
                                    m.last_token_time, m.finished_time),
+            index=seq.index,
+            new_logprobs=None if lps is None else lps[len(lps) - len(new_ids):],
+            prompt_logprobs=seq.prompt_logprobs,
+            _all_logprobs=lps,
         )
 
     def get_stats(self) -> EngineStats:

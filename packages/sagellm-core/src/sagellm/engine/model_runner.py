@@ -13,9 +13,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from sagellm.engine import request_logits
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.sequence import SequenceState
+from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.attention import ForwardContext
 from sagellm.layers.sampler import Sampler, SamplingBatch
 from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
@@ -26,8 +28,11 @@ class ModelInput:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn_metadata: AttentionMetadata
-    #: Rows of the model output whose logits are sampled, in ``plan.sampling_seqs()`` order.
+    #: Rows of the model output whose logits are needed: first ``num_prompt_logits`` rows for
+    #: prompt logprobs (``request_logits.prompt_logit_spans`` order), then the rows that
+    #: sample, in ``plan.sampling_seqs()`` order.
     logits_indices: torch.Tensor
+    num_prompt_logits: int = 0
 
 
 class StepRunner(Protocol):
@@ -62,6 +67,8 @@ class ModelRunner:
         self.platform, self.config, self.device = ctx.platform, ctx.config, ctx.device
         self.block_size, self.max_model_len = ctx.block_size, ctx.max_model_len
         self.sampler = Sampler()
+        #: Penalised rows' token counts, carried between steps (a cache, checked on use).
+        self.token_counts = TokenCountCache()
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         return self.platform.to_device(torch.from_numpy(arr))
@@ -75,6 +82,7 @@ class ModelRunner:
         pos: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         logits_idx: list[int] = []
+        prompt_idx: list[int] = []
         prefill = None
         offset = 0
         if plan.prefills:
@@ -82,6 +90,10 @@ class ModelRunner:
             seq_lens, ctx_lens = [], []
             for op in plan.prefills:
                 seq = op.seq
+                if seq.needs_prompt_logits:
+                    first, count = request_logits.prompt_logit_span(op)
+                    prompt_idx.extend(range(offset + first - op.start,
+                                            offset + first - op.start + count))
                 p = np.arange(op.start, op.end, dtype=np.int64)
                 table = np.asarray(seq.block_table, dtype=np.int64)
                 ids.append(np.asarray(seq.token_ids[op.start:op.end], dtype=np.int64))
@@ -131,23 +143,27 @@ class ModelRunner:
             input_ids=self._to_device(np.concatenate(ids)),
             positions=self._to_device(np.concatenate(pos)),
             attn_metadata=meta,
-            logits_indices=self._to_device(np.asarray(logits_idx, dtype=np.int64)),
+            logits_indices=self._to_device(np.asarray(prompt_idx + logits_idx, dtype=np.int64)),
+            num_prompt_logits=len(prompt_idx),
         )
 
     def sampling_batch(self, seqs: list[SequenceState]) -> SamplingBatch:
         """Per-row sampling settings of ``seqs``; creates the generators of seeded requests."""
         gens: list[torch.Generator | None] = []
         for s in seqs:
-            if s.params.seed is not None and s.generator is None and s.params.temperature > 0:
+            seed = s.seed
+            if seed is not None and s.generator is None and s.params.temperature > 0:
                 g = torch.Generator(device=self.device)
-                g.manual_seed(s.params.seed)
+                g.manual_seed(seed)
                 s.generator = g
             gens.append(s.generator)
+        min_ps = [s.params.min_p for s in seqs]
         return SamplingBatch(
             temperatures=[s.params.temperature for s in seqs],
             top_ks=[s.params.top_k for s in seqs],
             top_ps=[s.params.top_p for s in seqs],
             generators=gens,
+            min_ps=min_ps if any(min_ps) else None,
         )
 
     # -- execution -------------------------------------------------------------------------
@@ -157,7 +173,8 @@ class ModelRunner:
         return ForwardContext(meta, self.kv.kv_caches(), self.attention)
 
     def forward(self, inp: ModelInput) -> torch.Tensor:
-        """Run the model; returns the hidden states of the rows that sample."""
+        """Run the model; returns the hidden states of the rows whose logits are needed
+        (``inp.logits_indices``: prompt-logprob rows, then the rows that sample)."""
         hidden = self.model(inp.input_ids, inp.positions, self.forward_context(inp.attn_metadata))
         return hidden[inp.logits_indices]
 
@@ -168,10 +185,25 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
         """One token id per row of ``logits`` (row ``i`` belongs to ``seqs[i]``), on the device.
 
-        Applies :meth:`suppress_early_stop` to ``logits`` (in place) first.
+        Changes ``logits`` in place first: :meth:`suppress_early_stop`, the structured-output
+        masks, penalties and logit bias (``sagellm.engine.request_logits``). Rows that ask for
+        logprobs get them from the logits as they came in (``seq.sampled_logprob``); other rows
+        pay nothing for them.
         """
+        raw = request_logits.raw_logprobs(logits, seqs)
         self.suppress_early_stop(logits, seqs)
-        return self.sampler(logits, self.sampling_batch(seqs))
+        request_logits.apply_constraints(logits, seqs)
+        request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts)
+        ids = self.sampler(logits, self.sampling_batch(seqs))
+        if raw is not None:
+            request_logits.record_sampled_logprobs(raw, ids, seqs)
+        return ids
+
+    @staticmethod
+    def argmax_suffices(seqs: list[SequenceState]) -> bool:
+        """Whether every row's token is the argmax of its raw logits (a runner may then skip
+        :meth:`sample`, as a CUDA graph ending in an argmax does)."""
+        return all(s.params.argmax_suffices and s.constraint is None for s in seqs)
 
     def fetch_ids(self, ids: torch.Tensor) -> list[int]:
         """Sampled ids to the host: the step's wait for the device (``Platform.fetch_ids``)."""
@@ -187,9 +219,15 @@ class ModelRunner:
         seqs = plan.sampling_seqs()
         inp = self.prepare(plan)
         hidden = self.forward(inp)
+        if not inp.logits_indices.numel():
+            return []
+        logits = self.compute_logits(hidden)
+        if inp.num_prompt_logits:
+            request_logits.record_prompt_logprobs(logits[: inp.num_prompt_logits], plan)
+            logits = logits[inp.num_prompt_logits:]
         if not seqs:
             return []
-        return self.fetch_ids(self.sample(self.compute_logits(hidden), seqs))
+        return self.fetch_ids(self.sample(logits, seqs))
 
     @staticmethod
     def suppress_early_stop(logits: torch.Tensor, seqs: list[SequenceState]) -> None:

@@ -55,6 +55,11 @@ class Scheduler:
                                  f"{where}pool has {bm.num_blocks}")
         self.waiting.append(seq)
 
+    def add_forked(self, seqs: list[SequenceState]) -> None:
+        """Put forked sequences (``BlockManager.fork``) at the head of the waiting queue, in
+        order: they hold shared blocks already and have only a short tail to compute."""
+        self.waiting.extendleft(reversed(seqs))
+
     def abort(self, request_id: str) -> SequenceState | None:
         for queue in (self.running, self.waiting):
             for seq in queue:
@@ -182,7 +187,8 @@ class Scheduler:
                       plan: StepPlan) -> int:
         """Tokens to prefill of the next waiting ``seq`` (its cached prefix reused); 0: wait."""
         bm = self.block_manager
-        bm.acquire_cached_prefix(seq)
+        if not seq.needs_prompt_logits:  # prompt logprobs need every position computed
+            bm.acquire_cached_prefix(seq)
         n = min(seq.num_uncomputed_tokens, budget.tokens, budget.prefill)
         if n <= 0 or not bm.can_allocate(seq, n):
             if seq.block_table:  # give the cached prefix back until it can run

@@ -5,8 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from sagellm.sampling_params import SamplingParams
+from sagellm.sampling_params import MAX_SEED, SamplingParams
+
+if TYPE_CHECKING:
+    from sagellm.engine.constraint import TokenConstraint
+    from sagellm.outputs import TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -41,13 +46,20 @@ class SequenceState:
     ``num_computed_tokens`` counts tokens whose keys and values are in the cache. Each step
     computes tokens ``[num_computed_tokens, num_computed_tokens + n)``; when that reaches
     ``num_tokens`` a new token is sampled. A decode is the case ``n == 1``.
+
+    A request with ``SamplingParams.n > 1`` is one sequence per choice: ``index`` is the choice
+    and ``group_id`` the caller's request id (``request_id``, the engine's key for the sequence,
+    is ``group_id`` for choice 0 and ``f"{group_id}/{index}"`` for the others).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), *, index: int = 0,
+                 group_id: str | None = None, constraint: TokenConstraint | None = None) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         self.request_id = request_id
+        self.index = index
+        self.group_id = request_id if group_id is None else group_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -64,6 +76,33 @@ class SequenceState:
         #: Characters of ``output_text`` already handed to the caller.
         self.num_text_emitted = 0
         self.generator = None  # torch.Generator for seeded sampling, set by the runner
+        #: Structured output: which tokens may come next (``sagellm.engine.constraint``).
+        self.constraint = constraint
+        #: With ``params.logprobs``: one entry per generated token, appended by the engine.
+        self.output_logprobs: list[TokenLogprob] | None = (
+            [] if params.logprobs is not None else None)
+        #: The runner's logprob of the token it just sampled for this sequence, taken by the
+        #: engine with the token (assigned, not appended, so a rerun step overwrites it).
+        self.sampled_logprob: TokenLogprob | None = None
+        #: With ``params.prompt_logprobs``: one slot per prompt position, filled by the runner
+        #: as prefill chunks compute them (slot 0 stays ``None``). Choices > 0 share choice 0's.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None)
+
+    @property
+    def seed(self) -> int | None:
+        """This choice's seed: ``params.seed + index``, wrapped into the seed range."""
+        if self.params.seed is None:
+            return None
+        s = self.params.seed + self.index
+        return s - 2**64 if s > MAX_SEED else s
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt logprobs are asked for and not all computed yet: every prompt position must
+        be run through the model (no prefix-cache hit may skip one)."""
+        lps = self.prompt_logprobs
+        return lps is not None and self.index == 0 and (len(lps) == 1 or lps[-1] is None)
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""Batched token sampling on the device: greedy, temperature, top-k, top-p, per-request seeds.
+"""Batched token sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request
+seeds.
 
 Sampling uses the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)``), which draws from ``p``
 without a cumulative sum; a request with a seed draws its ``E`` from its own generator, so its
@@ -21,6 +22,8 @@ class SamplingBatch:
     top_ks: list[int]
     top_ps: list[float]
     generators: list[torch.Generator | None]
+    #: ``None``: no row uses min-p.
+    min_ps: list[float] | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -47,6 +50,15 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero the probabilities below ``min_p`` times each row's largest (``min_p == 0``: none).
+
+    Not renormalised: the exponential race samples proportionally to whatever mass is left.
+    """
+    floor = probs.amax(-1, keepdim=True) * min_p[:, None]
+    return probs.masked_fill(probs < floor, 0.0)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """``logits`` [N, V] -> token ids [N] (int64, on the logits' device)."""
@@ -67,6 +79,9 @@ class Sampler:
                  if any(p < 1.0 for p in batch.top_ps) else None)
         x = apply_top_k_top_p(x, top_k, top_p)
         probs = x.softmax(-1)
+        if batch.min_ps is not None and any(p > 0.0 for p in batch.min_ps):
+            min_p = torch.tensor(batch.min_ps, device=dev, dtype=torch.float32)
+            probs = apply_min_p(probs, min_p)
         noise = self._exponential(probs.shape, batch.generators, dev)
         sampled = (probs / noise).argmax(-1)
         return torch.where(greedy, greedy_ids, sampled)

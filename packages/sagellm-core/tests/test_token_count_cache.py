@@ -1,0 +1,41 @@
+"""The carried token counts equal a from-scratch rebuild, whatever the batch does between steps."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from sagellm.engine.sequence import SequenceState
+from sagellm.engine.token_count_cache import TokenCountCache
+from sagellm.layers.logits_processors import token_counts
+from sagellm.sampling_params import SamplingParams
+
+V = 37
+
+
+def rebuilt(seqs: list[SequenceState]) -> tuple[torch.Tensor, torch.Tensor]:
+    cpu = torch.device("cpu")
+    counts = token_counts([s.token_ids[s.num_prompt_tokens:] for s in seqs], V, cpu)
+    return counts, token_counts([s.token_ids for s in seqs], V, cpu) > 0
+
+
+def test_cached_counts_follow_joins_leaves_reorders_and_reruns() -> None:
+    rnd = random.Random(0)
+    pool = [SequenceState(f"s{i}", [rnd.randrange(V) for _ in range(rnd.randint(1, 9))],
+                          SamplingParams(presence_penalty=1.0)) for i in range(6)]
+    cache = TokenCountCache()
+    batches = [[0, 1, 2], [0, 1, 2], [0, 1, 2], [2, 0], [2, 0, 3], [3], [4, 5, 1], [4, 5, 1]]
+    for step, rows in enumerate(batches):
+        seqs = [pool[i] for i in rows]
+        for _ in range(1 + (step == 3)):  # step 3 runs twice, as a rerun after a failure would
+            counts, seen = cache.counts(seqs, V, torch.device("cpu"))
+            want_counts, want_seen = rebuilt(seqs)
+            assert torch.equal(counts, want_counts) and torch.equal(seen, want_seen), step
+        for s in seqs:  # the step's sampled tokens, sometimes a repeat
+            s.token_ids.append(s.token_ids[-1] if rnd.random() < 0.3 else rnd.randrange(V))
+    fresh = SequenceState("s0", list(pool[0].token_ids), pool[0].params)  # same id, new object
+    counts, _ = cache.counts([fresh], V, torch.device("cpu"))
+    assert torch.equal(counts, rebuilt([fresh])[0])
+    counts, _ = cache.counts([fresh], V + 1, torch.device("cpu"))  # another vocabulary: rebuilt
+    assert counts.shape == (1, V + 1)
