@@ -43,8 +43,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        ``cache_salt``: these prompts share cached prefix KV only with requests of the same salt
+        (see :meth:`LLMEngine.add_request`).
 
         If the engine fails one of the requests, the others are aborted and
         :class:`~sagellm.errors.RequestError` is raised, naming it.
@@ -56,7 +59,7 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"{len(items)} prompts but {len(params)} sampling params")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(items, params)]
+        ids = [self.engine.add_request(p, sp, cache_salt=cache_salt) for p, sp in zip(items, params)]
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: Seq[Message] | Seq[Seq[Message]],

@@ -16,6 +16,7 @@ from sagellm.engine.layout import Layout
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.sequence import SequenceState, SequenceStatus
 from sagellm.engine.stats import EngineStats
+from sagellm.kv_cache.block_hash import check_cache_salt
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.plugins import Registry, get_registry
 from sagellm.prompt_validation import validate_prompt
@@ -108,7 +109,13 @@ class LLMEngine:
         validate_prompt(token_ids, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, cache_salt: str | None = None) -> str:
+        """Queue a request; returns its id.
+
+        ``cache_salt``: only requests with the same salt share cached prefix KV (say, one per
+        tenant); at most ``MAX_CACHE_SALT_CHARS`` characters, ``None`` for the common cache.
+        """
+        check_cache_salt(cache_salt)
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text: str | None = prompt
@@ -121,7 +128,7 @@ class LLMEngine:
             self._next_id += 1
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = SequenceState(request_id, token_ids, params, self.eos_token_ids)
+        seq = SequenceState(request_id, token_ids, params, self.eos_token_ids, cache_salt)
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
         self._prompts[request_id] = text
@@ -316,6 +323,9 @@ class LLMEngine:
             num_generation_tokens=self.num_generation_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.scheduler.num_steps,
+            num_prefix_cache_queries=self.block_manager.num_cache_queries,
+            num_prefix_cache_hits=self.block_manager.num_cache_hits,
+            num_kv_evictions=self.block_manager.num_evicted_blocks,
         )
 
 

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from sagellm.kv_cache.block_hash import check_cache_salt
 from sagellm.sampling_params import SamplingParams
 
 
@@ -44,9 +45,12 @@ class SequenceState:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), cache_salt: str | None = None
+                 ) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
+        #: Only requests with the same salt share cached KV blocks (``None``: the common cache).
+        self.cache_salt = check_cache_salt(cache_salt)
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -54,8 +58,9 @@ class SequenceState:
         self.eos_token_ids = eos_token_ids
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        #: Content hashes of the full blocks at the head of ``block_table`` (prefix caching).
-        self.block_hashes: list[int] = []
+        #: Keys of the full blocks at the head of ``block_table`` (prefix caching;
+        #: ``sagellm.kv_cache.block_hash``).
+        self.block_hashes: list[bytes] = []
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
