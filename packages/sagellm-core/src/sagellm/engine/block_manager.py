@@ -164,6 +164,8 @@ class BlockManager:
         """
         release = []
         for victim in self.eviction.evict(n):
+            if self.index.node_of(victim) is None:
+                continue  # below an earlier victim: gone with it
             for block in self.index.remove_subtree(victim):
                 if block != victim:
                     self.eviction.remove(block)
