@@ -25,6 +25,7 @@ FIELDS: tuple[dict[str, Any], ...] = (
     {'name': 'max_num_batched_tokens', 'kind': 'int', 'default': 8192, 'help': 'token budget of one engine step (prefill chunks plus decodes)', 'choices': None},
     {'name': 'max_prefill_tokens', 'kind': 'int', 'default': None, 'help': "prefill token budget of one step; longer prompts are prefilled in chunks of at most this; default: the backend's chunk size", 'choices': None},
     {'name': 'enable_prefix_caching', 'kind': 'bool', 'default': True, 'help': 'reuse the KV blocks of identical prompt prefixes across requests', 'choices': None},
+    {'name': 'kv_eviction', 'kind': 'str', 'default': 'lru', 'help': 'which cached KV blocks the prefix cache gives back first when the pool runs short: lru (least recently used), lfu (least reused) or s3fifo (S3-FIFO: blocks used once leave first)', 'choices': ('lru', 'lfu', 's3fifo')},
     {'name': 'enforce_eager', 'kind': 'bool', 'default': False, 'help': 'run every step eagerly, never through captured graphs (CUDA graphs on the CUDA backend)', 'choices': None},
     {'name': 'tensor_parallel_size', 'kind': 'int', 'default': 1, 'help': 'split the model over this many devices (device_index .. +N-1), one worker process each', 'choices': None},
     {'name': 'disaggregate_prefill', 'kind': 'bool', 'default': False, 'help': 'prefill on a second device (device_index + 1) and hand the KV blocks to this one, which decodes', 'choices': None},

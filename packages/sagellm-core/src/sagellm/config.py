@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sagellm.kv_cache.eviction import EvictionName
+
 LoadFormat = Literal["auto", "hf", "safetensors", "gguf", "dummy"]
 
 
@@ -53,6 +55,10 @@ class EngineConfig(BaseModel):
                                  "chunks of at most this; default: the backend's chunk size")
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV blocks of identical prompt prefixes across requests")
+    kv_eviction: EvictionName = Field(
+        "lru", description="which cached KV blocks the prefix cache gives back first when the pool "
+                           "runs short: lru (least recently used), lfu (least reused) or s3fifo "
+                           "(S3-FIFO: blocks used once leave first)")
     enforce_eager: bool = Field(
         False, description="run every step eagerly, never through captured graphs (CUDA graphs "
                            "on the CUDA backend)")

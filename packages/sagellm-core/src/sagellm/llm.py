@@ -43,12 +43,15 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order.
 
         A prompt whose params ask for ``n > 1`` choices gives ``n`` consecutive outputs, choice
         0 first (``RequestOutput.index``; they share ``request_id``), so the list is grouped by
         prompt, then by choice; with ``n == 1`` everywhere it has one output per prompt.
+
+        ``cache_salt``: these prompts share cached prefix KV only with requests of the same salt
+        (see :meth:`LLMEngine.add_request`).
 
         If the engine fails one of the requests, the others are aborted and
         :class:`~sagellm.errors.RequestError` is raised, naming it.
@@ -60,7 +63,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"{len(items)} prompts but {len(params)} sampling params")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(items, params)]
+        ids = [self.engine.add_request(p, sp, cache_salt=cache_salt)
+               for p, sp in zip(items, params)]
         return self._run(ids, [sp.n for sp in params], use_tqdm)
 
     def chat(self, messages: Seq[Message] | Seq[Seq[Message]],

@@ -89,6 +89,12 @@ class _EngineCollector(Collector):
         yield self._counter("sagellm:num_preemptions", "Sequences preempted for lack of KV blocks.",
                             s.num_preemptions)
         yield self._counter("sagellm:engine_steps", "Engine steps executed.", s.num_steps)
+        yield self._counter("sagellm:prefix_cache_queries", "Prompt tokens looked up in the "
+                            "prefix cache.", s.num_prefix_cache_queries)
+        yield self._counter("sagellm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                            s.num_prefix_cache_hits)
+        yield self._counter("sagellm:kv_evictions", "Cached KV blocks evicted to make room.",
+                            s.num_kv_evictions)
 
 
 class ServerMetrics:

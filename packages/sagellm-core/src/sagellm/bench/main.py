@@ -20,6 +20,8 @@ OFFLINE = ["ttft_512", "tpot_512_256", "batch8_512_256", "batch16_512_256", "nan
            "kv_fragmentation"]
 #: Workloads that only talk to a running server (--serve-url), without an offline engine.
 SERVE = ["serve_c1", "serve_c16", "serve_c64", "serve_mixed", "soak"]
+#: Run only when named: one fresh engine per ``--kv-eviction`` policy.
+PREFIX = ["prefix_chat"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--workloads", default="all",
-                   help=f"comma list of {','.join(OFFLINE + SERVE)} (default all offline ones, "
-                        "plus serve_c1,serve_c16 when --serve-url is given; serve_c64, "
-                        "serve_mixed and soak only when named)")
+                   help=f"comma list of {','.join(OFFLINE + SERVE + PREFIX)} (default all offline "
+                        "ones, plus serve_c1,serve_c16 when --serve-url is given; serve_c64, "
+                        "serve_mixed, soak and prefix_chat only when named)")
     p.add_argument("--serve-url", default=None, help="base URL of a running sagellm-server")
     p.add_argument("--baseline-dir", type=Path, default=None,
                    help="folder of baseline JSONs (per card: h100/vllm_offline.json ...)")
@@ -43,17 +45,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-extra-body", type=json.loads, default=None, metavar="JSON",
                    help="JSON object merged into every serve workload request (e.g. "
                         "'{\"logprobs\": 5}'), to measure what a feature costs")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="fixed KV pool size in blocks (small: prefix_chat evicts)")
+    p.add_argument("--kv-eviction", default="lru,lfu,s3fifo",
+                   help="comma list of eviction policies; prefix_chat runs once per policy, each "
+                        "on a fresh engine (the other workloads use the first)")
     soak.add_arguments(p)
 
 
-def _make_engine(args: argparse.Namespace) -> Any:
+def _policies(args: argparse.Namespace) -> list[str]:
+    return [p for p in args.kv_eviction.split(",") if p]
+
+
+def _make_engine(args: argparse.Namespace, kv_eviction: str | None = None) -> Any:
     from sagellm.config import EngineConfig
     from sagellm.engine.llm_engine import LLMEngine
 
     config = EngineConfig(model=args.model, backend=args.backend, load_format="dummy",
                           dtype="auto", max_model_len=args.max_model_len,
                           gpu_memory_utilization=args.gpu_memory_utilization,
-                          enforce_eager=args.enforce_eager)
+                          enforce_eager=args.enforce_eager, num_kv_blocks=args.num_kv_blocks,
+                          kv_eviction=kv_eviction or _policies(args)[0])
     platform = None
     if args.platform_class:
         mod, _, cls = args.platform_class.partition(":")
@@ -68,6 +80,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"engine": "sagellm", "python": pyplatform.python_version()}
     if all(n in SERVE for n in names):
         return _run_serve_only(args, names, result)
+    if all(n in PREFIX for n in names):
+        if not args.model:
+            raise ValueError("prefix_chat needs --model")
+        t0 = time.perf_counter()
+        result["prefix_chat"] = _prefix_sweep(args, result)
+        result["total_s"] = time.perf_counter() - t0
+        return result
     if not args.model:
         raise ValueError(f"the offline workloads ({', '.join(n for n in names if n not in SERVE)}) "
                          "need --model")
@@ -94,6 +113,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in names:
         if name in SERVE:
             result[name] = _serve_workload(args, name)
+        elif name in PREFIX:
+            result[name] = _prefix_sweep(args, result)
         else:
             result[name] = table[name]()
         logging.getLogger("sagellm.bench").warning("%s done: %s", name, {
@@ -103,6 +124,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         if hasattr(runner, k)}
     result["total_s"] = time.perf_counter() - t0
     return result
+
+
+def _prefix_sweep(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    """``prefix_chat`` once per policy, each on a fresh, warm engine (same requests each time)."""
+    from sagellm.bench import workloads
+    from sagellm.bench.prefix_chat import prefix_chat
+
+    rows = {}
+    for policy in _policies(args):
+        engine = _make_engine(args, policy)
+        workloads.run_requests(engine, [list(range(2, 18))], [8])  # in any vocabulary
+        engine.block_manager.reset_prefix_cache()
+        rows[policy] = prefix_chat(engine)
+        result.setdefault("device", engine.platform.device_name())
+        result.setdefault("backend", engine.platform.name)
+        del engine
+    return rows
 
 
 def _run_serve_only(args: argparse.Namespace, names: list[str], result: dict[str, Any]
@@ -152,6 +190,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(report.format_table(result["vs_baseline"], result["device"]))
     if "soak" in result:
         print(soak.format_table(result["soak"]))
+    if "prefix_chat" in result:
+        from sagellm.bench.prefix_chat import format_table
+
+        print(format_table(result["prefix_chat"]))
     print(f"(JSON: {args.out})", file=sys.stderr)
     # A failed soak level fails the command (the JSON is written either way).
     return 1 if result.get("soak", {}).get("pass") is False else 0

@@ -4,20 +4,28 @@ Physical blocks come from the :class:`~sagellm.protocols.KVBackend`; this class 
 counts (so a block may be shared, e.g. forked sequences) and each sequence's block table, and
 returns a block to the backend when its last reference drops.
 
-With prefix caching on, every full block is identified by a hash of its tokens and of the hash
-of the block before it. A block whose last reference drops keeps its content and stays
-allocated in the backend as *evictable*; a later request whose prompt starts with the same
-blocks reuses them instead of recomputing them (and a preempted request gets its own blocks
-back). Evictable blocks are returned to the backend, least recently used first, only when a
-fresh block is needed.
+With prefix caching on, every full block gets a key chained over the blocks before it and the
+request's ``cache_salt`` (``sagellm.kv_cache.block_hash``) and is indexed in a radix tree
+(``sagellm.kv_cache.radix``). A cached block whose last reference drops keeps its content and
+stays allocated in the backend as *evictable*; a later request whose prompt starts with the same
+blocks (same salt) reuses them instead of recomputing them (and a preempted request gets its own
+blocks back). Evictable blocks go back to the backend only when a fresh block is needed, in the
+order of the eviction policy (``sagellm.kv_cache.eviction``: LRU, LFU or S3-FIFO).
+
+A prompt that matches only part of a cached block recomputes that block's tokens: the KV
+backend has no block copy (it left the contract), and a copy would have to reach every rank of
+a tensor-parallel engine through the step plan, for at most ``block_size - 1`` tokens.
+``num_partial_hit_tokens`` counts the tokens recomputed that way.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from sagellm.engine.sequence import SequenceState
+from sagellm.kv_cache.block_hash import block_key, root_key
+from sagellm.kv_cache.eviction import EvictionPolicy, make_eviction_policy
+from sagellm.kv_cache.radix import RadixIndex
 from sagellm.protocols import KVBackend
 
 
@@ -41,18 +49,25 @@ class BlockStats:
 
 
 class BlockManager:
-    def __init__(self, kv: KVBackend, block_size: int, enable_caching: bool = False) -> None:
+    def __init__(self, kv: KVBackend, block_size: int, enable_caching: bool = False,
+                 eviction: str | EvictionPolicy = "lru") -> None:
         self.kv = kv
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.ref_counts: dict[int, int] = {}
         self._holders: dict[str, SequenceState] = {}
-        # Prefix cache: content hash <-> block id, and unreferenced cached blocks in LRU order.
-        self._cached: dict[int, int] = {}
-        self._hash_of: dict[int, int] = {}
-        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self.index = RadixIndex(block_size)
+        self.eviction = (eviction if isinstance(eviction, EvictionPolicy)
+                         else make_eviction_policy(eviction, kv.num_blocks))
+        #: Prompt tokens looked up in the cache (all but the last of each admitted prompt, in
+        #: whole blocks) and those found: the prefix cache's hit rate is their ratio.
         self.num_cache_queries = 0
         self.num_cache_hits = 0
+        #: Tokens that matched part of a cached block and were recomputed (see the module doc).
+        self.num_partial_hit_tokens = 0
+        #: Cached blocks given back to the backend to make room.
+        self.num_evicted_blocks = 0
+        self._partial_hits: dict[str, int] = {}  # of the last lookup, until the sequence ends
 
     @property
     def num_blocks(self) -> int:
@@ -61,16 +76,28 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks a new allocation can get: free in the backend plus evictable cached ones."""
-        return self.kv.num_free_blocks + len(self._evictable)
+        return self.kv.num_free_blocks + self.eviction.num_evictable
 
     @property
     def num_cached_blocks(self) -> int:
-        return len(self._evictable)
+        """Evictable cached blocks (held ones are counted as in use)."""
+        return self.eviction.num_evictable
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_cache_hits / self.num_cache_queries if self.num_cache_queries else 0.0
 
     # -- prefix cache ----------------------------------------------------------------------
 
-    def _block_hash(self, parent: int | None, tokens: list[int]) -> int:
-        return hash((parent, tuple(tokens)))
+    def _keys(self, seq: SequenceState, start: int, stop: int) -> list[bytes]:
+        """Keys of ``seq``'s full blocks ``start .. stop-1``, chained on those it has."""
+        bs = self.block_size
+        parent = seq.block_hashes[start - 1] if start else root_key(seq.cache_salt)
+        keys = []
+        for i in range(start, stop):
+            parent = block_key(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            keys.append(parent)
+        return keys
 
     def acquire_cached_prefix(self, seq: SequenceState) -> int:
         """Give a sequence that holds no blocks the cached blocks its tokens start with.
@@ -82,63 +109,77 @@ class BlockManager:
             return 0
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
+        found = self.index.match(root_key(seq.cache_salt), seq.token_ids, seq.num_tokens - 1)
+        for node in found.nodes:
+            self.eviction.on_hit(node.block)
+            self.ref_counts[node.block] = self.ref_counts.get(node.block, 0) + 1
+            seq.block_table.append(node.block)
+        seq.block_hashes = [node.key for node in found.nodes]
+        seq.num_computed_tokens = len(found.nodes) * bs
         self.num_cache_queries += max_blocks * bs
-        parent: int | None = None
-        hashes: list[int] = []
-        for i in range(max_blocks):
-            h = self._block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
-            block = self._cached.get(h)
-            if block is None:
-                break
-            if self.ref_counts.get(block, 0) == 0:
-                del self._evictable[block]
-            self.ref_counts[block] = self.ref_counts.get(block, 0) + 1
-            seq.block_table.append(block)
-            hashes.append(h)
-            parent = h
-        seq.block_hashes = hashes
-        seq.num_computed_tokens = len(hashes) * bs
         self.num_cache_hits += seq.num_computed_tokens
+        self.num_partial_hit_tokens += found.num_partial_tokens
+        self._partial_hits[seq.request_id] = found.num_partial_tokens
         if seq.block_table:
             self._holders[seq.request_id] = seq
         return seq.num_computed_tokens
 
+    def release_cached_prefix(self, seq: SequenceState) -> None:
+        """Undo :meth:`acquire_cached_prefix` for a sequence that could not start after all
+        (it is looked up again when it can), so the hit counters count each admission once."""
+        if self.enable_caching:
+            bs = self.block_size
+            self.num_cache_queries -= (seq.num_tokens - 1) // bs * bs
+            self.num_cache_hits -= seq.num_computed_tokens
+            self.num_partial_hit_tokens -= self._partial_hits.get(seq.request_id, 0)
+        self.free(seq)
+        seq.num_computed_tokens = 0
+
     def register_computed_blocks(self, seq: SequenceState) -> None:
-        """Hash the blocks of ``seq`` that became full, so later requests can reuse them."""
+        """Index the blocks of ``seq`` that became full, so later requests can reuse them."""
         if not self.enable_caching:
             return
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
-        hashes = seq.block_hashes
-        parent = hashes[-1] if hashes else None
-        for i in range(len(hashes), full):
-            h = self._block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
-            hashes.append(h)
+        start = len(seq.block_hashes)
+        for i, key in enumerate(self._keys(seq, start, full), start):
+            parent = seq.block_hashes[-1] if i else root_key(seq.cache_salt)
             block = seq.block_table[i]
-            if h not in self._cached and block not in self._hash_of:
-                self._cached[h] = block
-                self._hash_of[block] = h
-            parent = h
+            if self.index.insert(parent, key, seq.token_ids[i * bs:(i + 1) * bs], block,
+                                 first=i == 0):
+                self.eviction.on_insert(block, key)
+            seq.block_hashes.append(key)
 
     def reset_prefix_cache(self) -> int:
         """Return every evictable cached block to the backend; returns how many."""
-        n = len(self._evictable)
+        n = self.eviction.num_evictable
         self._evict(n)
         return n
 
-    def _evict(self, n: int) -> None:
+    def _evict(self, n: int) -> int:
+        """Give back at least ``n`` evictable blocks (if there are); returns how many went.
+
+        A block leaves the index with every block below it: those no request holds are freed
+        too, held ones become plain blocks that are freed when released.
+        """
         release = []
-        for _ in range(n):
-            block, _ = self._evictable.popitem(last=False)
-            del self._cached[self._hash_of.pop(block)]
-            release.append(block)
+        for victim in self.eviction.evict(n):
+            if self.index.node_of(victim) is None:
+                continue  # below an earlier victim: gone with it
+            for block in self.index.remove_subtree(victim):
+                if block != victim:
+                    self.eviction.remove(block)
+                if self.ref_counts.get(block, 0) == 0:
+                    release.append(block)
         if release:
             self.kv.free_blocks(release)
+            self.num_evicted_blocks += len(release)
+        return len(release)
 
     def _take(self, n: int) -> list[int]:
         short = n - self.kv.num_free_blocks
-        if short > 0:
-            self._evict(min(short, len(self._evictable)))
+        while short > 0 and self.eviction.num_evictable:
+            short -= self._evict(min(short, self.eviction.num_evictable))
         return self.kv.allocate_blocks(n)
 
     # -- allocation ------------------------------------------------------------------------
@@ -197,8 +238,8 @@ class BlockManager:
             self.ref_counts[i] -= 1
             if self.ref_counts[i] == 0:
                 del self.ref_counts[i]
-                if i in self._hash_of:
-                    self._evictable[i] = None
+                if self.index.node_of(i) is not None:
+                    self.eviction.on_release(i)
                 else:
                     release.append(i)
         if release:
@@ -206,6 +247,7 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         self._holders.pop(seq.request_id, None)
+        self._partial_hits.pop(seq.request_id, None)
 
     def stats(self) -> BlockStats:
         allocated = sum(len(s.block_table) for s in self._holders.values()) * self.block_size

@@ -133,7 +133,8 @@ def build_parts(config: EngineConfig, platform: Platform, tp: TPGroup = SINGLE) 
         config=config, platform=platform, loaded=loaded, max_model_len=max_model_len,
         vocab_size=int(hf.vocab_size),  # type: ignore[attr-defined]
         eos_token_ids=_eos_ids(loaded), kv_spec=kv_spec, attention=attention, kv=kv,
-        block_manager=BlockManager(kv, config.block_size, config.enable_prefix_caching),
+        block_manager=BlockManager(kv, config.block_size, config.enable_prefix_caching,
+                                   config.kv_eviction),
     )
 
 

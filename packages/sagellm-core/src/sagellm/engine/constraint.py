@@ -38,14 +38,13 @@ class TokenConstraint(Protocol):
         ...
 
 
+# After the Protocol: ``sagellm.structured`` re-exports it, so importing this module first (which
+# loads ``sagellm.structured`` for the bit packing) finds it already defined.
+from sagellm.structured.bitmask import bitmask_words, unpack_bitmask  # noqa: E402
+
 #: What ``LLMEngine.add_request(..., constraint=...)`` takes: called once per choice (so ``n > 1``
 #: gives each its own state) when the request is added.
 ConstraintFactory = Callable[[], TokenConstraint]
-
-
-def bitmask_words(vocab_size: int) -> int:
-    """Int32 words per bitmask row for ``vocab_size`` tokens."""
-    return -(-vocab_size // 32)
 
 
 def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
@@ -59,12 +58,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     Row ``i`` of ``bitmask`` applies to row ``rows[i]`` of ``logits`` ``[N, V]``. The mask is
     moved to the logits' device and unpacked there with shifts (no loop over the vocabulary).
     """
-    vocab = logits.shape[-1]
-    words = bitmask.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    # An arithmetic shift keeps the sign bits of a negative word, but ``& 1`` reads the right bit.
-    allowed = ((words[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab]
-    if allowed.shape[1] < vocab:  # a mask narrower than padded logits: the padding is disallowed
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    # A mask narrower than padded logits leaves the padding disallowed.
+    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
     rows = rows.to(logits.device)
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

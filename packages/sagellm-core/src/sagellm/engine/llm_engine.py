@@ -17,6 +17,7 @@ from sagellm.engine.layout import Layout
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.sequence import SequenceState, SequenceStatus
 from sagellm.engine.stats import EngineStats
+from sagellm.kv_cache.block_hash import check_cache_salt
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.plugins import Registry, get_registry
 from sagellm.prompt_validation import PromptError, validate_params, validate_prompt
@@ -73,6 +74,8 @@ class LLMEngine:
         self._groups: dict[str, list[SequenceState]] = {}
         #: Choices 1 .. n-1 waiting for choice 0's prefill, to fork from it (``_fork``).
         self._unforked: dict[str, list[SequenceState]] = {}
+        #: Requests whose structured-output grammar is still compiling, not yet scheduled.
+        self._compiling: dict[str, object] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
         self._next_id = 0
@@ -122,8 +125,12 @@ class LLMEngine:
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None,
-                    constraint: ConstraintFactory | None = None) -> str:
+                    constraint: ConstraintFactory | None = None,
+                    cache_salt: str | None = None) -> str:
         """Queue a request; returns its id.
+
+        ``cache_salt``: only requests with the same salt share cached prefix KV (say, one per
+        tenant); at most ``MAX_CACHE_SALT_CHARS`` characters, ``None`` for the common cache.
 
         With ``params.n > 1`` the request is ``n`` sequences: choice 0 prefills the prompt and
         the others fork from it (sharing its KV blocks) when that prefill is done; all outputs
@@ -131,6 +138,7 @@ class LLMEngine:
         all. ``constraint`` (structured output) is called once per choice for its
         :class:`~sagellm.engine.constraint.TokenConstraint`.
         """
+        check_cache_salt(cache_salt)
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text: str | None = prompt
@@ -145,11 +153,22 @@ class LLMEngine:
         for sid in [request_id, *ids]:
             if sid in self._seqs or sid in self._groups:
                 raise ValueError(f"request id {sid!r} is already in use")
-        seqs = [SequenceState(sid, token_ids, params, self.eos_token_ids, index=i,
+        compiling = None
+        if params.structured_output is not None and constraint is None:
+            constraint = compiling = self._grammar_factory(params)
+            if compiling.done():  # cached (or failed: then the call below raises, here)
+                compiling = None
+        seqs = [SequenceState(sid, token_ids, params, self.eos_token_ids, cache_salt, index=i,
                               group_id=request_id,
-                              constraint=constraint() if constraint is not None else None)
+                              constraint=constraint() if constraint is not None
+                              and compiling is None else None)
                 for i, sid in enumerate(ids)]
-        self.scheduler.add(seqs[0])
+        if compiling is None:
+            self.scheduler.add(seqs[0])
+        else:
+            # The grammar compiles on sagellm.structured's threads; the step loop never waits
+            # for it: the request is scheduled by the first step after it is ready.
+            self._compiling[request_id] = compiling
         for seq in seqs:
             self._seqs[seq.request_id] = seq
             if self.tokenizer is not None:
@@ -165,13 +184,47 @@ class LLMEngine:
         group = self._groups.get(request_id)
         if group is None:
             return False
+        self._compiling.pop(request_id, None)
         for seq in list(group):
             self.scheduler.abort(seq.request_id)  # an unforked choice is not scheduled yet
             self._forget(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._compiling)
+
+    def _grammar_factory(self, params: SamplingParams):  # type: ignore[no-untyped-def]
+        """The constraint factory of ``params.structured_output`` (compiling in the background;
+        a model without the tokenizer a grammar needs raises ``ValueError`` here)."""
+        from sagellm.structured.factory import make_constraint_factory
+
+        return make_constraint_factory(params.structured_output, self.tokenizer,
+                                       self.vocab_size, self.eos_token_ids)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Schedule the requests whose grammar finished compiling; fail those whose grammar did
+        not compile (only them). Waits a moment when nothing else could run this step."""
+        if not self.scheduler.has_unfinished():
+            import concurrent.futures
+
+            concurrent.futures.wait([f.future for f in self._compiling.values()], timeout=0.005,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        outputs: list[RequestOutput] = []
+        for rid, factory in list(self._compiling.items()):
+            if not factory.done():
+                continue
+            del self._compiling[rid]
+            seqs = list(self._groups.get(rid, []))
+            try:
+                for seq in seqs:
+                    seq.constraint = factory()
+            except Exception as exc:  # noqa: BLE001 - that request's grammar, not the engine
+                if seqs:
+                    outputs.extend(self._fail(seqs[0], exc))
+                continue
+            if seqs:
+                self.scheduler.add(seqs[0])
+        return outputs
 
     def _forget(self, seq: SequenceState) -> None:
         self._seqs.pop(seq.request_id, None)
@@ -210,11 +263,12 @@ class LLMEngine:
         error while turning one sequence's token into output. An error the platform calls fatal
         (``Platform.is_fatal_error``: a lost device) propagates.
         """
+        outputs = self._admit_compiled() if self._compiling else []
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return []
+            return outputs
         tokens, failed = self._execute(plan)
-        outputs = [out for seq, exc in failed for out in self._fail(seq, exc)]
+        outputs += [out for seq, exc in failed for out in self._fail(seq, exc)]
         if failed:
             plan = _without(plan, {seq.request_id for seq, _ in failed})
         self.scheduler.commit(plan)
@@ -399,6 +453,9 @@ class LLMEngine:
             num_generation_tokens=self.num_generation_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.scheduler.num_steps,
+            num_prefix_cache_queries=self.block_manager.num_cache_queries,
+            num_prefix_cache_hits=self.block_manager.num_cache_hits,
+            num_kv_evictions=self.block_manager.num_evicted_blocks,
         )
 
 

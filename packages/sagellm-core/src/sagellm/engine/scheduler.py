@@ -191,9 +191,7 @@ class Scheduler:
             bm.acquire_cached_prefix(seq)
         n = min(seq.num_uncomputed_tokens, budget.tokens, budget.prefill)
         if n <= 0 or not bm.can_allocate(seq, n):
-            if seq.block_table:  # give the cached prefix back until it can run
-                bm.free(seq)
-                seq.num_computed_tokens = 0
+            bm.release_cached_prefix(seq)  # give the cached prefix back until it can run
             return 0
         return n
 

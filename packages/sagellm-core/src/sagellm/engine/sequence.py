@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sagellm.kv_cache.block_hash import check_cache_salt
 from sagellm.sampling_params import MAX_SEED, SamplingParams
 
 if TYPE_CHECKING:
@@ -53,10 +54,13 @@ class SequenceState:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: frozenset[int] = frozenset(), *, index: int = 0,
-                 group_id: str | None = None, constraint: TokenConstraint | None = None) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), cache_salt: str | None = None, *,
+                 index: int = 0, group_id: str | None = None,
+                 constraint: TokenConstraint | None = None) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
+        #: Only requests with the same salt share cached KV blocks (``None``: the common cache).
+        self.cache_salt = check_cache_salt(cache_salt)
         self.request_id = request_id
         self.index = index
         self.group_id = request_id if group_id is None else group_id
@@ -66,8 +70,9 @@ class SequenceState:
         self.eos_token_ids = eos_token_ids
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        #: Content hashes of the full blocks at the head of ``block_table`` (prefix caching).
-        self.block_hashes: list[int] = []
+        #: Keys of the full blocks at the head of ``block_table`` (prefix caching;
+        #: ``sagellm.kv_cache.block_hash``).
+        self.block_hashes: list[bytes] = []
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None

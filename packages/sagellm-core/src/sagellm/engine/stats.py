@@ -31,10 +31,24 @@ class EngineStats:
     num_generation_tokens: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    #: Prompt tokens looked up in the prefix cache and those found there (tokens).
+    num_prefix_cache_queries: int = 0
+    num_prefix_cache_hits: int = 0
+    #: Cached KV blocks given back to make room (the eviction policy's choices and what hung
+    #: below them in the prefix tree).
+    num_kv_evictions: int = 0
 
     #: The fields that only grow: the server adds those of engines before a restart to them.
     COUNTERS: ClassVar[tuple[str, ...]] = ("num_prompt_tokens", "num_generation_tokens",
-                                           "num_preemptions", "num_steps")
+                                           "num_preemptions", "num_steps",
+                                           "num_prefix_cache_queries", "num_prefix_cache_hits",
+                                           "num_kv_evictions")
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens found in the prefix cache over those looked up (0 before any)."""
+        q = self.num_prefix_cache_queries
+        return self.num_prefix_cache_hits / q if q else 0.0
 
     def to_wire(self) -> dict[str, int | float]:
         """The stats fields by name (those of a subclass are left out: they are not the engine's)."""

@@ -50,7 +50,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
     if index is not None and index.numel() == 0:
         return
     words = bitmask[:batch] if index is None else bitmask.index_select(0, index)
-    allowed = _unpack(words.to(logits.device, non_blocking=True), vocab)
+    allowed = unpack_bitmask(words.to(logits.device, non_blocking=True), vocab)
     if index is None:
         logits.masked_fill_(~allowed, float("-inf"))
         return
@@ -60,7 +60,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
     logits.index_copy_(0, index, picked)
 
 
-def _unpack(words: torch.Tensor, vocab: int) -> torch.Tensor:
+def unpack_bitmask(words: torch.Tensor, vocab: int) -> torch.Tensor:
     """int32 words ``[r, w]`` -> allowed flags ``[r, vocab]`` (bool) on the words' device."""
     shifts = torch.arange(BITS_PER_WORD, device=words.device, dtype=torch.int32)
     # An arithmetic shift of a negative word still leaves bit j in position 0.
