@@ -591,3 +591,41 @@ class ChatCompletionRequest(_CommonRequest):
     @property
     def num_prompts(self) -> int:
         return 1
+
+
+# -- /v1/tokenize and /v1/detokenize (vLLM's shapes) -------------------------------------------
+
+#: Token ids one detokenize request may send (the body limit bounds the text of a tokenize one).
+MAX_DETOKENIZE_TOKENS = 1 << 20
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    #: Default: true for a prompt, false for messages (the template places its own).
+    add_special_tokens: StrictBool | None = None
+    add_generation_prompt: StrictBool = True
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    chat_template: str | None = None
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "send exactly one of 'prompt' and 'messages'", param="prompt",
+                           code="invalid_value")
+        if self.messages is not None and self.add_special_tokens:
+            raise ApiError(400, "add_special_tokens applies to 'prompt' only (the chat template "
+                           "places the special tokens of messages)", param="add_special_tokens",
+                           code="invalid_value")
+        if self.prompt is not None and (self.tools is not None or self.chat_template is not None):
+            raise ApiError(400, "tools and chat_template apply to 'messages' only",
+                           param="tools" if self.tools is not None else "chat_template",
+                           code="invalid_value")
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_DETOKENIZE_TOKENS)
+
+    def check_supported(self) -> None:
+        """Nothing to refuse beyond the model's fields."""
