@@ -10,6 +10,7 @@ import pytest
 
 # The root config uses --import-mode=importlib, which does not put test directories on sys.path.
 sys.path.insert(0, str(Path(__file__).parent))
+import core_standins  # noqa: E402,F401  # before any sagellm_server module is imported
 from server_harness import Server, serving, start_server  # noqa: E402
 
 
