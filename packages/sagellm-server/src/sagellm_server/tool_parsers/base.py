@@ -110,10 +110,15 @@ class ToolCallParser(ABC):
         """Everything still held back, now that the text is complete."""
         out = self._advance(final=True)
         call = self.call
-        if call is not None:  # an unfinished call: content if nothing of it went out
-            if not call.name_sent:
+        if call is not None:  # an unfinished call (the output was cut short)
+            if call.name_sent:  # announced: it stands, with the arguments written so far
+                assert call.args_start is not None
+                raw = self.text[call.args_start:]
+                self._send_args(out, call, raw)
+                self._close(call, raw)
+            else:
                 out.content += self.text[self.pos:]
-            self.call = None
+                self.call = None
             self.pos = len(self.text)
         return out
 
