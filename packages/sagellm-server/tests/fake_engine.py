@@ -43,7 +43,8 @@ class FakeEngine:
     max_model_len = 64
     vocab_size = 1000
 
-    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str) -> str:
+    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str, *,
+                    cache_salt: str | None = None) -> str:
         if REFUSE in prompt:
             raise ValueError(f"the fake engine refuses token {REFUSE}")
         if EXPLODE in prompt:

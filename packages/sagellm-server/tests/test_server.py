@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -12,6 +13,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, Field
 from server_harness import API_KEY, MODEL_NAME, Server, descendants, engine_pid, is_running
 
 from sagellm import SamplingParams
@@ -413,3 +415,46 @@ def test_throughput_log_line(server: Server) -> None:
     line = next(ln for ln in server.log_text().splitlines() if "generation throughput" in ln)
     for part in ("prompt throughput", "tokens/s", "running", "waiting", "KV usage"):
         assert part in line
+
+
+# -- structured output and logprobs through the real engine (embedded SmolLM2) ------------------
+
+
+class Capital(BaseModel):
+    city: str = Field(max_length=24)
+
+
+def test_sdk_parse_returns_a_valid_object(server: Server) -> None:
+    done = client(server).beta.chat.completions.parse(
+        model=MODEL_NAME, response_format=Capital, temperature=0, max_tokens=96,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}])
+    parsed = done.choices[0].message.parsed
+    assert isinstance(parsed, Capital) and parsed.city.strip()
+    assert done.choices[0].finish_reason == "stop"
+
+
+def test_regex_and_choice_constrain_the_real_model(server: Server) -> None:
+    c = client(server)
+    out = c.completions.create(model=MODEL_NAME, prompt="The year is", max_tokens=12,
+                               temperature=0, extra_body={"structured_outputs": {"regex": r" [12][0-9]{3}"}})
+    assert re.fullmatch(r" [12][0-9]{3}", out.choices[0].text), out.choices[0].text
+    out = c.chat.completions.create(
+        model=MODEL_NAME, max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": "Is the sky blue? yes or no"}],
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert out.choices[0].message.content in ("yes", "no")
+    bad = httpx.post(f"{server.url}/v1/completions", headers=server.headers, json={
+        "model": MODEL_NAME, "prompt": "x", "structured_outputs": {"grammar": "start: ("}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs"
+
+
+def test_chat_logprobs_are_the_models_own(server: Server) -> None:
+    out = client(server).chat.completions.create(
+        model=MODEL_NAME, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+        messages=[{"role": "user", "content": "Say hello."}])
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-4)

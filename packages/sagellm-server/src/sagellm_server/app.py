@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -21,11 +21,13 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import sagellm
-from sagellm.chat_template import ChatTemplateError, apply_chat_template
+from sagellm.chat_template import ChatTemplateError, apply_chat_template, resolve_chat_template
 from sagellm.outputs import RequestOutput
 from sagellm.prompt_validation import PromptError, validate_prompt
 from sagellm.sampling_params import SamplingParams
-from sagellm_server import __version__
+from sagellm.structured import StructuredOutputParams
+from sagellm.structured.compiler import compiler_for
+from sagellm_server import __version__, request_params
 from sagellm_server.async_engine import (
     EngineClient,
     EngineError,
@@ -34,6 +36,7 @@ from sagellm_server.async_engine import (
     ServerShuttingDownError,
 )
 from sagellm_server.body_timeout import BodyTimeoutError, timed_receive
+from sagellm_server.choices import ChatChoice, CompletionChoice, by_index
 from sagellm_server.http_limits import DEFAULT_BODY_TIMEOUT_S
 from sagellm_server.metrics import CONTENT_TYPE, ServerMetrics
 from sagellm_server.offload import TokenizerPool
@@ -41,10 +44,15 @@ from sagellm_server.openai_protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     parse_json_object,
     validation_error,
 )
+from sagellm_server.request_params import structured_output
 from sagellm_server.supervisor import EngineSupervisor
+from sagellm_server.token_table import TokenTable
+from sagellm_server.tool_parsers import PARSERS, detect_style
 
 logger = logging.getLogger("sagellm.server")
 
@@ -71,6 +79,10 @@ class ServerConfig:
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S
     #: Whether clients may send their own ``chat_template`` (rendered in the hardened sandbox).
     allow_request_chat_template: bool = True
+    #: Drop unknown top-level request fields instead of refusing them (clients that send extras).
+    lenient_request_fields: bool = False
+    #: How tool calls are read from the output: "auto" (from the chat template) or a style name.
+    tool_call_parser: str = "auto"
 
 
 # -- middleware ---------------------------------------------------------------------------
@@ -175,6 +187,9 @@ def _too_large(limit: int) -> ApiError:
 # -- streaming chunks ---------------------------------------------------------------------
 
 
+_INDEX_OPEN = '{"index":'
+
+
 class _ChunkFormatter:
     """Builds SSE events from a prefix serialized once per request (this runs per token)."""
 
@@ -201,6 +216,10 @@ class _ChunkFormatter:
         else:
             body = f'{index},"text":{json.dumps(text)},"logprobs":null,"finish_reason":{fr}{ids}}}]'
         return self.head + body + self.tail
+
+    def event(self, choice: dict[str, Any]) -> str:
+        """A chunk of one choice built as a dict (logprobs, tool calls, echo: the slower path)."""
+        return f"{self.head[:-len(_INDEX_OPEN)]}{json.dumps(choice)}]{self.tail}"
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         obj = {"id": self.request_id, "object": self.object, "created": self.created,
@@ -307,6 +326,7 @@ class _Server:
         self.tokenizers = TokenizerPool(tokenizer)
         self.metrics = metrics
         self.model_names = {config.served_model_name, *config.extra_model_names}
+        self._table: TokenTable | None = None
         self.started = int(time.time())
 
     # -- parsing and validation ------------------------------------------------------------
@@ -318,6 +338,11 @@ class _Server:
             logger.info("a client hung up while sending a request body (%s)", request.url.path)
             raise ApiError(499, "the client closed the connection", code="client_closed") from None
         obj = parse_json_object(raw)
+        if self.config.lenient_request_fields:
+            unknown = obj.keys() - model.model_fields.keys()
+            if unknown:
+                logger.debug("ignoring unknown request fields %s", sorted(unknown)[:20])
+                obj = {k: v for k, v in obj.items() if k not in unknown}
         try:
             req = model.model_validate(obj)
         except ValidationError as exc:
@@ -336,9 +361,9 @@ class _Server:
             raise ApiError(400, "this model has no tokenizer: send token ids", param="prompt")
         return await self.tokenizers.run(lambda tok: tok(text, add_special_tokens=True).input_ids)
 
-    async def render_chat(self, req: ChatCompletionRequest) -> list[int]:
-        """The prompt's token ids: the chat template renders, and its text tokenizes, in a
-        worker thread; the template under the sandbox's time and size limits."""
+    async def render_chat(self, req: ChatCompletionRequest) -> tuple[list[int], str]:
+        """The prompt's token ids and the template used: the chat template renders, and its text
+        tokenizes, in a worker thread; the template under the sandbox's time and size limits."""
         if self.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer, so it has no chat template")
         if req.chat_template is not None and not self.config.allow_request_chat_template:
@@ -346,17 +371,57 @@ class _Server:
                            "(--no-request-chat-template)", param="chat_template",
                            code="unsupported_value")
         messages = [m.as_template_dict() for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.uses_tools and req.tools else None
 
-        def work(tok: Any) -> list[int]:
-            text = apply_chat_template(tok, messages, chat_template=req.chat_template,
+        def work(tok: Any) -> tuple[list[int], str]:
+            template = resolve_chat_template(tok, req.chat_template, tools)
+            text = apply_chat_template(tok, messages, chat_template=template, tools=tools,
                                        add_generation_prompt=req.add_generation_prompt)
-            return list(tok(text, add_special_tokens=False).input_ids)
+            return list(tok(text, add_special_tokens=False).input_ids), template
 
         try:
             return await self.tokenizers.run(work)
         except ChatTemplateError as exc:
             param = "chat_template" if req.chat_template is not None else "messages"
             raise ApiError(400, str(exc), param=param, code="invalid_chat_template") from None
+
+    def tool_style(self, template: str) -> str:
+        """The tool-call parser for this request's template (``--tool-call-parser`` or detected)."""
+        style = self.config.tool_call_parser
+        if style == "auto":
+            detected = detect_style(template)
+            if detected is None:
+                raise ApiError(400, "the chat template shows no tool-call format this server can "
+                               "parse; start the server with --tool-call-parser "
+                               f"{{{','.join(PARSERS)}}}", param="tools", code="unsupported_value")
+            style = detected
+        return style
+
+    async def check_structured(self, structured: StructuredOutputParams | None, param: str) -> None:
+        """Compile the grammar in a worker thread before admission: a bad one is a 400 here, not a
+        failure inside the engine's step."""
+        if structured is None:
+            return
+        try:
+            vocab = self.config.vocab_size
+
+            def check(tok: Any) -> None:
+                eos = getattr(tok, "eos_token_id", None)
+                compiler_for(tok, vocab, None if eos is None else [eos]).validate(structured)
+
+            await self.tokenizers.run(check)
+        except ValueError as exc:
+            raise ApiError(400, f"invalid {param}: {exc}", param=param, code="invalid_value") from None
+
+    async def table(self) -> TokenTable:
+        """The token table for logprobs, built on first use in a worker thread."""
+        if self._table is None:
+            if self.tokenizer is None:
+                raise ApiError(400, "this model has no tokenizer, so logprobs cannot name tokens",
+                               param="logprobs")
+            vocab = self.config.vocab_size
+            self._table = await self.tokenizers.run(lambda tok: TokenTable(tok, vocab))
+        return self._table
 
     def check_prompt(self, ids: list[int], param: str) -> None:
         try:
@@ -365,14 +430,9 @@ class _Server:
         except PromptError as exc:
             raise ApiError(400, str(exc), param=param, code=exc.code) from None
 
-    def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int,
-                        requested: int | None, default: int | None) -> SamplingParams:
+    def max_tokens(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int,
+                   requested: int | None, default: int | None) -> int:
         limit = self.config.max_model_len
-        for t in req.stop_token_ids or ():
-            if not 0 <= t < self.config.vocab_size:
-                raise ApiError(400, f"stop token id {t} is outside the vocabulary "
-                               f"(0..{self.config.vocab_size - 1})", param="stop_token_ids",
-                               code="invalid_value")
         if requested is not None:
             max_tokens = requested
         else:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
@@ -385,21 +445,10 @@ class _Server:
         if req.min_tokens > max_tokens:
             raise ApiError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
                            param="min_tokens", code="invalid_value")
-        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "min_tokens": req.min_tokens,
-                                  "ignore_eos": req.ignore_eos, "seed": req.seed,
-                                  "include_stop_str_in_output": req.include_stop_str_in_output,
-                                  "skip_special_tokens": req.skip_special_tokens}
-        for name in ("temperature", "top_p", "top_k", "stop", "stop_token_ids"):
-            value = getattr(req, name)
-            if value is not None:
-                kwargs[name] = value
-        try:
-            return SamplingParams(**kwargs)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
+        return max_tokens
 
     def admit(self, base_id: str, prompts: list[list[int]], params: list[SamplingParams],
-              stream: bool) -> list[RequestHandle]:
+              stream: bool, cache_salt: str | None) -> list[RequestHandle]:
         try:
             self.engine.check_capacity(len(prompts))
         except QueueFullError as exc:
@@ -407,8 +456,8 @@ class _Server:
         except EngineError as exc:  # the engine is down, or the server is shutting down
             raise engine_api_error(exc, admitting=True) from None
         if len(prompts) == 1:
-            return [self.engine.add(base_id, prompts[0], params[0], stream)]
-        return [self.engine.add(f"{base_id}-{i}", p, sp, stream)
+            return [self.engine.add(base_id, prompts[0], params[0], stream, cache_salt)]
+        return [self.engine.add(f"{base_id}-{i}", p, sp, stream, cache_salt)
                 for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
 
     # -- generation ------------------------------------------------------------------------
@@ -416,9 +465,12 @@ class _Server:
     async def completions(self, request: Request) -> Response:
         req = await self.parse(request, CompletionRequest)
         p = req.prompt
+        texts: list[str] | None = None
         if isinstance(p, str):
+            texts = [p]
             prompts = [list(await self.tokenize(p))]
         elif isinstance(p[0], str):
+            texts = list(p)  # type: ignore[arg-type]
             prompts = [list(x) for x in await self.tokenize(p)]  # type: ignore[arg-type]
         elif isinstance(p[0], int):
             prompts = [list(p)]  # type: ignore[arg-type]
@@ -426,65 +478,92 @@ class _Server:
             prompts = [list(x) for x in p]  # type: ignore[union-attr]
         for ids in prompts:
             self.check_prompt(ids, "prompt")
-        params = [self.sampling_params(req, len(ids), req.max_tokens, 16) for ids in prompts]
+        if req.echo and texts is None:
+            texts = await self.detokenize_all(prompts)
+        structured, param = structured_output(req, None)
+        await self.check_structured(structured, param)
+        # max_tokens=0 (echo only): the engine samples one token, which is not returned.
+        echo_only = req.max_tokens == 0
+        requested = 1 if echo_only else req.max_tokens
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        params = [request_params.sampling_params(
+            req, max_tokens=self.max_tokens(req, len(ids), requested, 16),
+            vocab_size=self.config.vocab_size, logprobs=req.logprobs,
+            prompt_logprobs=prompt_logprobs, structured=structured) for ids in prompts]
+        table = await self.table() if req.logprobs is not None else None
         rid = f"cmpl-{uuid.uuid4().hex}"
-        handles = self.admit(rid, prompts, params, req.stream)
+        handles = self.admit(rid, prompts, params, req.stream, req.cache_salt)
+        choices = [CompletionChoice(i * req.n + j, prompts[i], texts[i] if req.echo and texts else None,
+                                     table, echo_only, req.return_token_ids)
+                   for i in range(len(prompts)) for j in range(req.n)]
         if req.stream:
             fmt = _ChunkFormatter(False, rid, int(time.time()), self.config.served_model_name,
                                   req.include_usage, req.return_token_ids)
-            return _sse(self._stream(fmt, handles, prompts, req.include_usage))
-        outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.result(h) for h in handles)))
-        choices = []
-        for i, out in enumerate(outs):
-            choice: dict[str, Any] = {"index": i, "text": out.text, "logprobs": None,
-                                      "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
-            if req.return_token_ids:
-                choice["token_ids"] = out.token_ids
-            choices.append(choice)
+            return _sse(self._stream(fmt, handles, prompts, req, choices))
+        results = await _unless_disconnected(request, asyncio.gather(*(self.engine.results(h) for h in handles)))
+        body_choices = []
+        for i, (handle, outs) in enumerate(zip(handles, results, strict=True)):
+            for out in outs:
+                c = choices[i * req.n + out.index]
+                body_choices.append(c.final(out, handle.logprobs.get(out.index, []), handle.prompt_logprobs))
         return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                             "model": self.config.served_model_name, "choices": choices,
-                             "usage": _usage(sum(map(len, prompts)), sum(len(o.token_ids) for o in outs))})
+                             "model": self.config.served_model_name, "choices": body_choices,
+                             "usage": _usage(sum(map(len, prompts)),
+                                             sum(c.num_generated for c in choices))})
 
     async def chat(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
-        ids = await self.render_chat(req)
+        ids, template = await self.render_chat(req)
         self.check_prompt(ids, "messages")
-        params = self.sampling_params(req, len(ids), req.requested_max_tokens, None)
+        style = self.tool_style(template) if req.uses_tools else None
+        structured, param = structured_output(req, style, self.tokenizer)
+        await self.check_structured(structured, param)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = request_params.sampling_params(
+            req, max_tokens=self.max_tokens(req, len(ids), req.requested_max_tokens, None),
+            vocab_size=self.config.vocab_size, logprobs=logprobs, prompt_logprobs=None,
+            structured=structured)
+        table = await self.table() if logprobs is not None else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        handles = self.admit(rid, [ids], [params], req.stream)
+        handles = self.admit(rid, [ids], [params], req.stream, req.cache_salt)
+        single = req.parallel_tool_calls is False
+        choices = [ChatChoice(j, style, single, table, req.return_token_ids) for j in range(req.n)]
         if req.stream:
             fmt = _ChunkFormatter(True, rid, int(time.time()), self.config.served_model_name,
                                   req.include_usage, req.return_token_ids)
-            return _sse(self._stream(fmt, handles, [ids], req.include_usage))
-        out = await _unless_disconnected(request, self.engine.result(handles[0]))
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                                  "logprobs": None, "finish_reason": out.finish_reason,
-                                  "stop_reason": out.stop_reason}
-        if req.return_token_ids:
-            choice["token_ids"] = out.token_ids
+            return _sse(self._stream(fmt, handles, [ids], req, choices))
+        outs = await _unless_disconnected(request, self.engine.results(handles[0]))
+        body_choices = [choices[o.index].final(o, handles[0].logprobs.get(o.index, [])) for o in outs]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
-                             "model": self.config.served_model_name, "choices": [choice],
-                             "usage": _usage(len(ids), len(out.token_ids))})
+                             "model": self.config.served_model_name, "choices": body_choices,
+                             "usage": _usage(len(ids), sum(c.num_generated for c in choices))})
 
-    async def _stream(self, fmt: _ChunkFormatter, handles: list[RequestHandle],
-                      prompts: list[list[int]], include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, fmt: _ChunkFormatter, handles: list[RequestHandle], prompts: list[list[int]],
+                      req: CompletionRequest | ChatCompletionRequest,
+                      choices: Sequence[CompletionChoice | ChatChoice]) -> AsyncIterator[str]:
         streams = [self.engine.stream(h) for h in handles]
         merged = _merge(streams)
-        num_generated = 0
+        n = req.n
+        # The plain case (no logprobs, tools or echo) keeps the pre-serialized fast path.
+        plain = all(c.plain for c in choices)
         try:
             if fmt.chat:
-                yield fmt.chunk(0, "", None, None, role=True)
+                for c in choices:
+                    yield fmt.chunk(c.index, "", None, None, role=True)
             async for i, batch in merged:
-                if len(batch) == 1:
-                    out = batch[0]
-                    text, ids = out.new_text, out.new_token_ids
-                else:
-                    text = "".join(o.new_text for o in batch)
-                    ids = [t for o in batch for t in o.new_token_ids]
-                num_generated += len(ids)
-                yield fmt.chunk(i, text, ids, batch[-1].finish_reason)
-            if include_usage:
-                yield fmt.usage(sum(map(len, prompts)), num_generated)
+                if plain and n == 1:
+                    out = batch[0] if len(batch) == 1 else None
+                    text = out.new_text if out else "".join(o.new_text for o in batch)
+                    ids = out.new_token_ids if out else [t for o in batch for t in o.new_token_ids]
+                    choices[i].num_generated += len(ids)
+                    yield fmt.chunk(i, text, ids, batch[-1].finish_reason)
+                    continue
+                for index, outs in by_index(batch).items():
+                    piece = choices[i * n + index].piece(outs)
+                    if piece is not None:
+                        yield fmt.event(piece)
+            if req.include_usage:
+                yield fmt.usage(sum(map(len, prompts)), sum(c.num_generated for c in choices))
         except (EngineError, ValueError) as exc:
             err = (engine_api_error(exc) if isinstance(exc, EngineError)
                    else ApiError(400, str(exc), type="invalid_request_error"))
@@ -499,6 +578,40 @@ class _Server:
                     await gen.aclose()  # type: ignore[attr-defined]
         yield "data: [DONE]\n\n"
 
+    async def detokenize_all(self, prompts: list[list[int]]) -> list[str]:
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer, so echo cannot give the prompt's text",
+                           param="echo")
+        return await self.tokenizers.run(lambda tok: [tok.decode(p) for p in prompts])
+
+    # -- tokenizer routes ------------------------------------------------------------------
+
+    async def tokenize_route(self, request: Request) -> dict[str, Any]:
+        req = await self.parse(request, TokenizeRequest)
+        if req.messages is not None:
+            chat = ChatCompletionRequest(messages=req.messages, tools=req.tools,
+                                         add_generation_prompt=req.add_generation_prompt,
+                                         chat_template=req.chat_template)
+            chat.check_supported()
+            ids, _ = await self.render_chat(chat)
+        else:
+            assert req.prompt is not None
+            if self.tokenizer is None:
+                raise ApiError(400, "this model has no tokenizer", param="prompt")
+            text, special = req.prompt, req.add_special_tokens is not False
+            ids = await self.tokenizers.run(lambda tok: list(tok(text, add_special_tokens=special).input_ids))
+        return {"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": ids}
+
+    async def detokenize_route(self, request: Request) -> dict[str, Any]:
+        req = await self.parse(request, DetokenizeRequest)
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer", param="tokens")
+        bad = next((t for t in req.tokens if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})",
+                           param="tokens", code="invalid_value")
+        tokens = req.tokens
+        return {"prompt": await self.tokenizers.run(lambda tok: tok.decode(tokens))}
     # -- information -----------------------------------------------------------------------
 
     def models(self) -> dict[str, Any]:
@@ -635,6 +748,14 @@ def create_app(engine: EngineClient, config: ServerConfig, tokenizer: Any,
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         return await server.chat(request)
+
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return await server.tokenize_route(request)
+
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return await server.detokenize_route(request)
 
     app.add_middleware(GuardMiddleware, api_key=config.api_key,  # type: ignore[arg-type]
                        max_body_bytes=config.max_request_body_bytes, body_timeout=config.body_timeout)

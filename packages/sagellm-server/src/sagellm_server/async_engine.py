@@ -38,7 +38,8 @@ STATS_INTERVAL = 0.1
 class EngineLike(Protocol):
     """The part of :class:`sagellm.engine.llm_engine.LLMEngine` the loop uses."""
 
-    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str) -> str: ...
+    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str, *,
+                    cache_salt: str | None = None) -> str: ...
     def abort_request(self, request_id: str) -> bool: ...
     def step(self) -> list[RequestOutput]: ...
     def has_unfinished_requests(self) -> bool: ...
@@ -94,16 +95,25 @@ class RequestHandle:
     """The event-loop side of one request."""
 
     __slots__ = ("request_id", "key", "num_prompt_tokens", "queue", "future", "arrival",
-                 "last_token_time", "done")
+                 "last_token_time", "done", "num_choices", "finals", "logprobs", "prompt_logprobs")
 
     def __init__(self, request_id: str, stream: bool, loop: asyncio.AbstractEventLoop, key: int = 0,
-                 num_prompt_tokens: int = 0) -> None:
+                 num_prompt_tokens: int = 0, num_choices: int = 1) -> None:
         self.request_id = request_id
+        #: ``SamplingParams.n``: the engine finishes each choice (``RequestOutput.index``) apart,
+        #: and the request is done once all have finished.
+        self.num_choices = num_choices
+        #: The final output of each finished choice (non-streaming requests).
+        self.finals: list[RequestOutput] = []
+        #: Non-streaming requests: each choice's ``new_logprobs`` gathered over its outputs (the
+        #: final output holds only its own step's), and the prompt's (from whichever output has them).
+        self.logprobs: dict[int, list[Any]] = {}
+        self.prompt_logprobs: list[Any] | None = None
         #: A small integer naming the request on the wire to an engine process.
         self.key = key
         self.num_prompt_tokens = num_prompt_tokens
         self.queue: asyncio.Queue[RequestOutput | BaseException] | None = asyncio.Queue() if stream else None
-        self.future: asyncio.Future[RequestOutput] | None = None if stream else loop.create_future()
+        self.future: asyncio.Future[list[RequestOutput]] | None = None if stream else loop.create_future()
         self.arrival = time.monotonic()
         self.last_token_time: float | None = None
         self.done = False
@@ -165,7 +175,8 @@ class EngineClient:
         transport allows."""
         raise NotImplementedError
 
-    def _send_add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _send_add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams,
+                  cache_salt: str | None) -> None:
         raise NotImplementedError
 
     def _send_abort(self, handle: RequestHandle) -> None:
@@ -195,16 +206,17 @@ class EngineClient:
                                      f"{self.max_queued_requests} queued; retry later")
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-            stream: bool) -> RequestHandle:
+            stream: bool, cache_salt: str | None = None) -> RequestHandle:
         """Admit a request (``check_capacity`` first); its outputs go to the returned handle."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         assert self._loop is not None, "start() the engine loop first"
-        handle = RequestHandle(request_id, stream, self._loop, num_prompt_tokens=len(prompt_token_ids))
+        handle = RequestHandle(request_id, stream, self._loop, num_prompt_tokens=len(prompt_token_ids),
+                               num_choices=params.n)
         if not self._requests:  # an idle engine owes no progress: the hang clock starts now
             self.last_progress = handle.arrival
         self._requests[request_id] = handle
-        self._send_add(handle, prompt_token_ids, params)
+        self._send_add(handle, prompt_token_ids, params, cache_salt)
         return handle
 
     def abort(self, request_id: str) -> None:
@@ -223,6 +235,7 @@ class EngineClient:
         consumer stops early (client disconnect, cancellation)."""
         q = handle.queue
         assert q is not None, "not a streaming request"
+        num_finished = 0
         try:
             while True:
                 item = await q.get()
@@ -233,20 +246,26 @@ class EngineClient:
                     if isinstance(it, BaseException):
                         raise it
                 yield batch  # type: ignore[misc]
-                if batch[-1].finished:  # type: ignore[union-attr]
+                num_finished += sum(1 for it in batch if it.finished)  # type: ignore[union-attr]
+                if num_finished >= handle.num_choices:
                     return
         finally:
             if not handle.done:
                 self.abort(handle.request_id)
 
-    async def result(self, handle: RequestHandle) -> RequestOutput:
-        """The final output of a non-streaming request; aborts it if cancelled."""
+    async def results(self, handle: RequestHandle) -> list[RequestOutput]:
+        """The final output of each choice of a non-streaming request, by ``index``; aborts it
+        if cancelled."""
         assert handle.future is not None, "a streaming request"
         try:
             return await handle.future
         finally:
             if not handle.done:
                 self.abort(handle.request_id)
+
+    async def result(self, handle: RequestHandle) -> RequestOutput:
+        """The final output of a request of one choice."""
+        return (await self.results(handle))[0]
 
     # -- routing outputs (event loop) ------------------------------------------------------
 
@@ -259,7 +278,16 @@ class EngineClient:
             else:
                 m.itl.observe(t - handle.last_token_time)
         handle.last_token_time = t
+        all_done = False
+        if handle.queue is None:
+            if out.new_logprobs:
+                handle.logprobs.setdefault(out.index, []).extend(out.new_logprobs)
+            if out.prompt_logprobs is not None:
+                handle.prompt_logprobs = out.prompt_logprobs
         if out.finished:
+            handle.finals.append(out)
+            all_done = len(handle.finals) >= handle.num_choices
+        if all_done:
             self._forget(handle)
             handle.done = True
             if m is not None:
@@ -267,8 +295,10 @@ class EngineClient:
                 m.finished(out.finish_reason)
         if handle.queue is not None:
             handle.queue.put_nowait(out)
-        elif out.finished and not handle.future.done():  # type: ignore[union-attr]
-            handle.future.set_result(out)  # type: ignore[union-attr]
+            if all_done:
+                handle.finals.clear()  # a stream's consumer has them already
+        elif all_done and not handle.future.done():  # type: ignore[union-attr]
+            handle.future.set_result(sorted(handle.finals, key=lambda o: o.index))  # type: ignore[union-attr]
 
     def _fail(self, handle: RequestHandle, exc: BaseException) -> None:
         if handle.done:
@@ -358,8 +388,9 @@ class AsyncEngine(EngineClient):
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
-    def _send_add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._commands.put(("add", handle.request_id, prompt_token_ids, params))
+    def _send_add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams,
+                  cache_salt: str | None) -> None:
+        self._commands.put(("add", handle.request_id, prompt_token_ids, params, cache_salt))
 
     def _send_abort(self, handle: RequestHandle) -> None:
         self._commands.put(("abort", handle.request_id))
@@ -403,9 +434,9 @@ class AsyncEngine(EngineClient):
 
     def _apply(self, cmd: tuple[Any, ...]) -> None:
         if cmd[0] == "add":
-            _, rid, ids, params = cmd
+            _, rid, ids, params, cache_salt = cmd
             try:
-                self.engine.add_request(ids, params, rid)
+                self.engine.add_request(ids, params, rid, cache_salt=cache_salt)
             except Exception as exc:  # validation the server missed: fail this request only
                 self._loop.call_soon_threadsafe(self._refused, rid, exc)  # type: ignore[union-attr]
         else:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sagellm.engine_flags import EngineFlags
 from sagellm_server import http_limits
 from sagellm_server.control_plane import server_flags
+from sagellm_server.tool_parsers import PARSERS
 
 if TYPE_CHECKING:
     from sagellm.config import EngineConfig
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-chat-template", action=argparse.BooleanOptionalAction, default=True,
                    help="accept a chat_template in chat requests (rendered in a sandbox with time "
                         "and size limits); --no-request-chat-template refuses them with 400")
+    s.add_argument("--lenient-request-fields", action="store_true",
+                   help="ignore unknown top-level request fields instead of refusing them with "
+                        "400 (for clients that send extras); fields the server knows but does not "
+                        "implement are still refused")
+    s.add_argument("--tool-call-parser", default="auto", choices=["auto", *PARSERS],
+                   help="how tool calls are read from the model's output: auto (from the chat "
+                        "template: <tool_call> tags for Hermes/Qwen2.5, JSON for Llama 3.x)")
     http_limits.add_arguments(s)
     server_flags.add_arguments(p)
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
@@ -150,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_key=args.api_key or None, max_request_body_bytes=args.max_request_body_bytes,
             log_interval=args.log_interval, backend=info.backend, device_name=info.device_name,
             registry=registry, body_timeout=args.body_timeout,
-            allow_request_chat_template=args.request_chat_template)
+            allow_request_chat_template=args.request_chat_template,
+            lenient_request_fields=args.lenient_request_fields, tool_call_parser=args.tool_call_parser)
         exit_request = ExitRequest()
         policy = SupervisionPolicy(
             on_engine_death=args.on_engine_death, max_restarts=args.engine_restarts,

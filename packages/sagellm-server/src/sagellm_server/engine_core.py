@@ -16,7 +16,7 @@ message for a dead engine.
 
 Parent to child (commands)::
 
-    ["add", key, request_id, prompt_token_ids, sampling_params_dict]
+    ["add", key, request_id, prompt_token_ids, sampling_params_dict, cache_salt | null]
     ["abort", key]
     ["stop"]                                 (closing the pipe means the same)
 
@@ -32,11 +32,16 @@ Child to parent::
                                              one); error_type "EngineError": RequestOutput.error
     ["dead", error_type, message]            the engine loop raised; the child exits
 
-    output, running:  [key, new_token_ids, new_text, num_output_tokens]
-    output, finished: [key, new_token_ids, new_text, num_output_tokens, finish_reason, stop_reason,
-                       text, token_ids, num_prompt_tokens,
+    output, running:  [key, new_token_ids, new_text, num_output_tokens, index, new_logprobs,
+                       prompt_logprobs]
+    output, finished: the same, then [finish_reason, stop_reason, text, token_ids,
+                       num_prompt_tokens,
                        [arrival, first_scheduled, first_token, last_token, finished_time] | null,
                        num_preemptions]
+    index: the choice (``SamplingParams.n`` > 1: each choice finishes apart; the request's key
+           lives until all ``n`` have)
+    new_logprobs, prompt_logprobs: null, or one [token_id, logprob, rank, [[id, logprob], ...]]
+           per token (null for a prompt token without one); logprobs may be -Infinity
     stats: {"num_running": n, "num_waiting": n, "kv_usage": x, ...}: every field of
            sagellm.engine.stats.EngineStats by name (EngineStats.to_wire); the parent ignores
            names it does not know and gives missing ones their defaults (EngineStats.from_wire)
@@ -70,6 +75,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from sagellm.config import EngineConfig
+from sagellm.outputs import TokenLogprob
 from sagellm.sampling_params import SamplingParams
 from sagellm_server.async_engine import STATS_INTERVAL, EngineLike
 from sagellm_server.frames import encode_frame
@@ -84,6 +90,20 @@ ENGINE_ERROR = "EngineError"
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 loads = json.loads
+
+
+def encode_logprobs(entries: list[TokenLogprob | None] | None) -> list[Any] | None:
+    if entries is None:
+        return None
+    return [None if e is None else [e.token_id, e.logprob, e.rank, [list(t) for t in e.top]]
+            for e in entries]
+
+
+def decode_logprobs(wire: list[Any] | None) -> list[TokenLogprob | None] | None:
+    if wire is None:
+        return None
+    return [None if e is None else TokenLogprob(e[0], e[1], e[2], tuple((t, lp) for t, lp in e[3]))
+            for e in wire]
 
 
 def frame(msg: list[Any]) -> bytes:
@@ -151,6 +171,7 @@ class EngineCore:
         self.outputs = outputs
         self.keys: dict[str, int] = {}  # request id -> key
         self.ids: dict[int, str] = {}  # key -> request id
+        self.unfinished: dict[int, int] = {}  # key -> choices not finished yet
         self.last_stats: dict[str, Any] | None = None
         self.last_stats_time = 0.0
 
@@ -162,18 +183,20 @@ class EngineCore:
         msg = loads(raw)
         op = msg[0]
         if op == "add":
-            _, key, rid, ids, params = msg
+            _, key, rid, ids, params, cache_salt = msg
             try:
-                self.engine.add_request(ids, SamplingParams.model_validate(params), rid)
+                sp = SamplingParams.model_validate(params)
+                self.engine.add_request(ids, sp, rid, cache_salt=cache_salt)
             except Exception as exc:  # validation the server missed: fail this request only
                 self.send(["err", key, type(exc).__name__, str(exc)])
                 return True
             self.keys[rid] = key
             self.ids[key] = rid
+            self.unfinished[key] = sp.n
         elif op == "abort":
             rid = self.ids.pop(msg[1], None)
             if rid is not None:
-                del self.keys[rid]
+                del self.keys[rid], self.unfinished[msg[1]]
                 self.engine.abort_request(rid)
         elif op == "stop":
             return False
@@ -202,18 +225,22 @@ class EngineCore:
             if m is not None and m.last_token_time is not None:
                 t = m.last_token_time
             if o.finished:
-                del keys[o.request_id], ids[key]
+                self.unfinished[key] -= 1
                 error = getattr(o, "error", None)  # RequestOutput.error, on cores that have it
-                if error:
+                if error or not self.unfinished[key]:
+                    del keys[o.request_id], ids[key], self.unfinished[key]
+                if error:  # one choice failed: the request fails (its other choices are dropped)
                     errors.append(["err", key, ENGINE_ERROR, str(error)])
                     continue
                 times = None if m is None else [m.arrival_time, m.first_scheduled_time, m.first_token_time,
                                                 m.last_token_time, m.finished_time]
-                items.append([key, o.new_token_ids, o.new_text, o.num_output_tokens, o.finish_reason,
-                              o.stop_reason, o.text, o.token_ids, o.num_prompt_tokens, times,
-                              o.num_preemptions])
+                items.append([key, o.new_token_ids, o.new_text, o.num_output_tokens, o.index,
+                              encode_logprobs(o.new_logprobs), encode_logprobs(o.prompt_logprobs),
+                              o.finish_reason, o.stop_reason, o.text, o.token_ids, o.num_prompt_tokens,
+                              times, o.num_preemptions])
             else:
-                items.append([key, o.new_token_ids, o.new_text, o.num_output_tokens])
+                items.append([key, o.new_token_ids, o.new_text, o.num_output_tokens, o.index,
+                              encode_logprobs(o.new_logprobs), encode_logprobs(o.prompt_logprobs)])
         return t or time.monotonic(), items, errors
 
     def run(self) -> None:

@@ -39,6 +39,7 @@ from sagellm_server.engine_core import (
     EngineInfo,
     EngineStartupError,
     build_engine,
+    decode_logprobs,
     describe_engine,
     engine_process_main,
     loads,
@@ -60,18 +61,21 @@ class WireOutput:
 
     __slots__ = ("request_id", "new_token_ids", "new_text", "num_output_tokens", "num_prompt_tokens",
                  "finished", "finish_reason", "stop_reason", "text", "token_ids", "metrics",
-                 "num_preemptions", "prompt")
+                 "num_preemptions", "prompt", "index", "new_logprobs", "prompt_logprobs")
 
     def __init__(self, request_id: str, item: list[Any], num_prompt_tokens: int) -> None:
         self.request_id = request_id
         self.new_token_ids: list[int] = item[1]
         self.new_text: str = item[2]
         self.num_output_tokens: int = item[3]
+        self.index: int = item[4]
+        self.new_logprobs = decode_logprobs(item[5])
+        self.prompt_logprobs = decode_logprobs(item[6])
         self.prompt = None
-        if len(item) > 4:
+        if len(item) > 7:
             self.finished = True
             (self.finish_reason, self.stop_reason, self.text, self.token_ids,
-             self.num_prompt_tokens, times, self.num_preemptions) = item[4:]
+             self.num_prompt_tokens, times, self.num_preemptions) = item[7:]
             self.metrics = RequestMetrics(*times) if times is not None else None
         else:
             self.finished = False
@@ -337,11 +341,12 @@ class EngineProcess(EngineClient):
 
     # -- commands (event loop) -------------------------------------------------------------
 
-    def _send_add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _send_add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams,
+                  cache_salt: str | None) -> None:
         self._next_key += 1
         handle.key = key = self._next_key
         self._by_key[key] = handle
-        self._send(["add", key, handle.request_id, prompt_token_ids, params.model_dump()])
+        self._send(["add", key, handle.request_id, prompt_token_ids, params.model_dump(), cache_salt])
 
     def _send_abort(self, handle: RequestHandle) -> None:
         self._send(["abort", handle.key])

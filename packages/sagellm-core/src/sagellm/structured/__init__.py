@@ -5,13 +5,30 @@ One concept per module: ``params`` (what a request asks for, bounded), ``protoco
 tokenizer), ``compiler`` (params -> cached grammar, off the step loop), ``constraint`` (one
 request's state), ``bitmask`` (masks applied to logits on their device), ``factory`` (the
 engine's entry point) and ``tools`` (grammars that force a tool call). The grammar engine is
-llguidance; only ``params`` and ``protocol`` import without it, so ``sampling_params`` stays
-light.
+llguidance; only ``params`` imports without it (and without torch), so ``sampling_params``
+stays light: the other names load on first use.
 """
 
 from __future__ import annotations
 
-from sagellm.structured.params import StructuredOutputParams
-from sagellm.structured.protocol import TokenConstraint
+from typing import TYPE_CHECKING
 
-__all__ = ["StructuredOutputParams", "TokenConstraint"]
+from sagellm.structured.params import StructuredOutputParams
+
+__all__ = ["StructuredOutputParams", "TokenConstraint", "tool_call_grammar"]
+
+if TYPE_CHECKING:
+    from sagellm.structured.protocol import TokenConstraint
+    from sagellm.structured.tools import tool_call_grammar
+
+
+def __getattr__(name: str) -> object:
+    if name == "TokenConstraint":
+        from sagellm.structured.protocol import TokenConstraint
+
+        return TokenConstraint
+    if name == "tool_call_grammar":
+        from sagellm.structured.tools import tool_call_grammar
+
+        return tool_call_grammar
+    raise AttributeError(f"module 'sagellm.structured' has no attribute {name!r}")

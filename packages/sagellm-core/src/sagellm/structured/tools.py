@@ -85,9 +85,10 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: str | Mapping[
 def _tag(tag: str, tokenizer: object | None) -> str:
     """A Lark expression for ``tag``: its text, or the one token that spells it, if any."""
     text = json.dumps(tag)
-    if tokenizer is None:
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    if convert is None:  # no tokenizer, or one without a token table (not an HF tokenizer)
         return text
-    tid = tokenizer.convert_tokens_to_ids(tag)  # type: ignore[attr-defined]
+    tid = convert(tag)
     if not isinstance(tid, int) or tid == getattr(tokenizer, "unk_token_id", None):
         return text
     if tokenizer.decode([tid]) != tag:  # type: ignore[attr-defined]
