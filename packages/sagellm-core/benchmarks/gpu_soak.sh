@@ -40,41 +40,16 @@ MODEL=${1:?usage: gpu_soak.sh MODEL_DIR [CLIENTS] [SECONDS]}
 CLIENTS=${2:-64,128,256}
 LEVEL_S=${3:-180}
 OUT=${OUT:-bench-results}; PORT=${PORT:-8765}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
-  # Entry points for the packages on PYTHONPATH (not pip-installed there), so discovery finds them.
-  for spec in "sagellm_core:sagellm-core:cpu = sagellm.backends.cpu" "sagellm_cuda:sagellm-cuda:cuda = sagellm_cuda.plugin"; do
-    IFS=: read -r mod dist ep <<<"$spec"; d=/tmp/site/$mod-0.1.0.dist-info; mkdir -p "$d"
-    printf 'Metadata-Version: 2.1\nName: %s\nVersion: 0.1.0\n' "$dist" > "$d/METADATA"
-    printf '[sagellm.backends]\n%s\n' "$ep" > "$d/entry_points.txt"
-  done
-fi
-export PYTHONPATH=/tmp/site:$(ls -d packages/*/src | tr '\n' ':')${PYTHONPATH:+:$PYTHONPATH}
+source "$(dirname "$0")/device_env.sh"
 python3 -c "import fastapi, uvicorn, pydantic, prometheus_client" || {
   echo "gpu_soak.sh: the server's dependencies are missing: carry .whl (shared/device/wheels.sh)"; exit 2; }
 KEY=soak-$RANDOM$RANDOM
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
-python3 -m sagellm_server.cli --model "$MODEL" --load-format dummy --backend "${BACKEND:-cuda}" \
-  --max-model-len 4096 --max-num-seqs 256 --port "$PORT" --api-key "$KEY" --log-interval 10 \
-  ${SERVER_ARGS:-} > "$OUT/soak_server.log" 2>&1 &
-SERVER=$!
-stop_server() {
-  kill -TERM "$SERVER" 2>/dev/null || return 0
-  for _ in $(seq 30); do kill -0 "$SERVER" 2>/dev/null || return 0; sleep 1; done
-  kill -KILL "$SERVER" 2>/dev/null
-}
-trap stop_server EXIT
-
-T0=$(date +%s)
-until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; do
-  if ! kill -0 "$SERVER" 2>/dev/null || (( $(date +%s) - T0 > ${STARTUP_TIMEOUT:-400} )); then
-    echo "gpu_soak.sh: the server did not come up"; tail -30 "$OUT/soak_server.log"; exit 2
-  fi
-  sleep 1
-done
-echo "server up after $(( $(date +%s) - T0 )) s; levels $CLIENTS x ${LEVEL_S} s"
+start_server "$OUT/soak_server.log" --model "$MODEL" --load-format dummy \
+  --backend "${BACKEND:-cuda}" --max-model-len 4096 --max-num-seqs 256 --api-key "$KEY" \
+  --log-interval 10 ${SERVER_ARGS:-}
+echo "levels $CLIENTS x ${LEVEL_S} s"
 
 SAGELLM_API_KEY=$KEY python3 -m sagellm.bench --workloads soak --serve-url "http://127.0.0.1:$PORT" \
   --soak-clients "$CLIENTS" --soak-seconds "$LEVEL_S" --soak-warmup-seconds "${SOAK_WARMUP:-30}" \
