@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sagellm.protocols import Platform
 from sagellm.testing import BackendSuite
+from sagellm_cuda.plugin import NO_FUSION_ENV
 
 # The root config uses --import-mode=importlib, which does not put test directories on sys.path.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,3 +29,17 @@ class TestCudaPartsOnCpu(BackendSuite):
                              "runs it); NcclComm is checked in test_comm.py")
     def test_comm_two_ranks(self) -> None:
         raise AssertionError("skipped")
+
+    # End to end with core's norm, activation and rotary layers: each fused layer is checked
+    # against core's by test_layer_replacements above (and test_layers.py), and interpreting them
+    # in every step would triple these tests' time. Attention and the graph runner are ours.
+
+    def test_model_runner_from_context(self, platform: Platform, tiny_model: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv(NO_FUSION_ENV, "1")
+        super().test_model_runner_from_context(platform, tiny_model)
+
+    def test_generate_matches_cpu(self, platform: Platform, tiny_model: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv(NO_FUSION_ENV, "1")
+        super().test_generate_matches_cpu(platform, tiny_model)
