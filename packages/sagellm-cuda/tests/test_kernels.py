@@ -238,6 +238,40 @@ def test_rotary(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) ->
     assert rel_err(q, rq) < same and rel_err(k, rk) < same
 
 
+def test_empty_batches_launch_nothing() -> None:
+    """A step without prefill (or decode) tokens calls the kernels with empty inputs: they return
+    empty results of the right shape and leave the cache alone."""
+    from sagellm_cuda.attention import paged_decode, paged_prefill, write_kv
+    from sagellm_cuda.fused import rotary_inplace
+
+    kc, vc = make_pool(4, 16, 2, 64, torch.float32)
+    before = kc.clone()
+    empty = torch.empty(0, 2, 64, device=DEV)
+    write_kv(empty, empty, kc, vc, torch.empty(0, dtype=torch.int64, device=DEV))
+    assert torch.equal(kc, before)
+    table = torch.zeros(0, 1, dtype=torch.int32, device=DEV)
+    q = torch.empty(0, 4, 64, device=DEV)
+    lens = torch.empty(0, dtype=torch.int32, device=DEV)
+    assert paged_decode(q, kc, vc, table, lens, 16, 0.125).shape == (0, 4, 64)
+    cu = torch.zeros(1, dtype=torch.int32, device=DEV)
+    assert paged_prefill(q, kc, vc, table, cu, lens, 0, 0.125).shape == (0, 4, 64)
+    rope = RotaryEmbedding(64, 128, 1e4).to(DEV)
+    rotary_inplace(lens.long(), q, empty, rope.cos_sin)  # nothing to rotate, nothing raised
+
+
+def test_fused_rotary_falls_back_on_strided_heads() -> None:
+    """q/k whose last dim is not contiguous (not how the models call it) take core's path."""
+    from sagellm_cuda.fused import FusedRotaryEmbedding
+
+    rope = FusedRotaryEmbedding(32, 64, 1e4).to(DEV)
+    pos = torch.arange(5, device=DEV)
+    q = torch.randn(5, 2, 32, 2, device=DEV)[..., 0]  # stride 2 along head_dim
+    k = torch.randn(5, 1, 32, 2, device=DEV)[..., 0]
+    ref_q, ref_k = RotaryEmbedding.forward(rope, pos, q.clone(), k.clone())
+    out_q, out_k = rope(pos, q, k)
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+
+
 @pytest.mark.gpu
 def test_decode_in_a_cuda_graph_follows_new_lengths() -> None:
     """The captured launch must read lengths and tables from memory, not from capture time."""

@@ -102,3 +102,56 @@ def test_decode_split_heuristic() -> None:
     assert decode_num_splits(1, 2, 64) == 1  # one tile: nothing to split
     assert 1 < decode_num_splits(1, 2, 4096) <= 128
     assert decode_num_splits(16, 2, 4096) > decode_num_splits(64, 2, 4096)
+
+
+class _Props:
+    def __init__(self, name: str, major: int, minor: int) -> None:
+        self.name, self.major, self.minor = name, major, minor
+
+
+def _one_device(monkeypatch: pytest.MonkeyPatch, props: _Props) -> None:
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: props.name)
+
+
+def test_a_usable_device_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    _one_device(monkeypatch, _Props("NVIDIA H200", 9, 0))
+    a = cuda_availability()
+    assert a.available and "1 device(s): NVIDIA H200" in a.reason and "CUDA 12.8" in a.reason
+    assert CudaPlatform.is_available().available
+
+
+def test_a_device_older_than_volta_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    _one_device(monkeypatch, _Props("Tesla P100", 6, 0))
+    a = cuda_availability()
+    assert not a.available and "compute capability 6.0" in a.reason and "7.0 or newer" in a.reason
+
+
+def test_without_triton_the_reason_says_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_triton(name: str, *args: object, **kwargs: object) -> object:
+        if name == "triton":
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    _one_device(monkeypatch, _Props("NVIDIA H200", 9, 0))
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    a = cuda_availability()
+    assert not a.available and "triton is not importable" in a.reason and "pip install triton" in a.reason
+
+
+def test_cuda_build_without_a_visible_device_but_a_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch sees CUDA but no device is visible (an empty CUDA_VISIBLE_DEVICES, say)."""
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    a = cuda_availability()
+    assert not a.available and a.reason == "no CUDA device visible"

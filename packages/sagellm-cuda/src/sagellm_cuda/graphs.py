@@ -21,9 +21,12 @@ through ``forward_context``, sample through ``compute_logits``/``sample`` and wa
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
+from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -45,9 +48,36 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
+class Replayable(Protocol):
+    def replay(self) -> None: ...
+
+
+class CudaGraphCapture:
+    """The runner's only CUDA graph calls: each forward captured as a graph, all graphs in one
+    memory pool."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, forward: Callable[[], None]) -> Replayable:
+        forward()  # compiles kernels for this shape outside the capture
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            forward()
+        return graph
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
 class CudaGraphModelRunner(ModelRunner):
     """Graphs for up to ``config.max_num_seqs`` decodes and prompts of up to
     ``min(2048, config.max_num_batched_tokens)`` tokens; none with ``config.enforce_eager``."""
+
+    #: Builds the graphs (CPU tests substitute a capture whose replay re-runs the forward).
+    graph_capture: ClassVar[type[CudaGraphCapture]] = CudaGraphCapture
 
     def __init__(self, ctx: RunnerContext) -> None:
         super().__init__(ctx)
@@ -57,17 +87,18 @@ class CudaGraphModelRunner(ModelRunner):
         enforce_eager = self.enforce_eager = ctx.config.enforce_eager
         max_prefill_graph_tokens = min(2048, ctx.config.max_num_batched_tokens)
         self.graph_sizes = graph_batch_sizes(max_batch_size)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, Replayable] = {}
         self.capture_seconds = 0.0
         self.num_graph_steps = 0
         self.num_eager_steps = 0
         mb = max(self.graph_sizes)
         self.table_width = -(-max_model_len // block_size)
+        pin = device.type == "cuda"  # page-locked host twins on the GPU (CPU tests have none)
         # One int32 staging buffer, device and pinned host twins:
         # [ids | positions | slots | seq_lens] each mb long, then the block table mb x width.
         n = 4 * mb + mb * self.table_width
         self._dev = torch.zeros(n, dtype=torch.int32, device=device)
-        self._host = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        self._host = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
         self._np = self._host.numpy()
         self._mb = mb
         self.out_ids = torch.zeros(mb, dtype=torch.int64, device=device)
@@ -78,12 +109,12 @@ class CudaGraphModelRunner(ModelRunner):
         # table row, then the index of the last real token.
         self.prefill_sizes = [b for b in PREFILL_BUCKETS
                               if b <= min(max_prefill_graph_tokens, max_model_len)]
-        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[int, Replayable] = {}
         self.num_prefill_graph_steps = 0
         pt = self._pt = max(self.prefill_sizes, default=0)
         pn = 3 * pt + self.table_width + 1
         self._pdev = torch.zeros(pn, dtype=torch.int32, device=device)
-        self._phost = torch.zeros(pn, dtype=torch.int32, pin_memory=True)
+        self._phost = torch.zeros(pn, dtype=torch.int32, pin_memory=pin)
         self._pnp = self._phost.numpy()
         self._pmeta = {b: (torch.tensor([0, b], dtype=torch.int32, device=device),
                            torch.tensor([b], dtype=torch.int32, device=device))
@@ -126,22 +157,12 @@ class CudaGraphModelRunner(ModelRunner):
         self._dev[2 * mb:3 * mb].fill_(-1)
         self._np[3 * mb:4 * mb] = 1
         self._np[2 * mb:3 * mb] = -1
-        pool = torch.cuda.graph_pool_handle()
+        capture = self.graph_capture(self.device)
         for bs in reversed(self.graph_sizes):
-            self._static_forward(bs)  # compiles kernels for this shape outside the capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._static_forward(bs)
-            self.graphs[bs] = graph
+            self.graphs[bs] = capture.capture(functools.partial(self._static_forward, bs))
         for tb in reversed(self.prefill_sizes):
-            self._static_prefill(tb)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._static_prefill(tb)
-            self.prefill_graphs[tb] = graph
-        torch.cuda.synchronize(self.device)
+            self.prefill_graphs[tb] = capture.capture(functools.partial(self._static_prefill, tb))
+        capture.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         logger.info("captured %d decode graphs (batch %d..%d) and %d prefill graphs (up to %d "
                     "tokens) in %.2f s", len(self.graphs), self.graph_sizes[0],

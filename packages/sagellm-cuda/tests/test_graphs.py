@@ -1,0 +1,173 @@
+"""The graph runner's host logic on the CPU: which steps replay which graph, bucket padding, the
+staging buffers and sampling from a graph's outputs.
+
+The runner is :class:`CudaGraphModelRunner` with the Triton kernels (interpreted) and a capture
+whose replay re-runs the captured forward (``cuda_on_cpu.py``); tokens are compared with core's
+CPU backend. Graph capture itself is checked on the GPU (``test_correctness.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sagellm.backends.cpu import CpuPlatform
+from sagellm.config import EngineConfig
+from sagellm.engine.llm_engine import LLMEngine
+from sagellm.plugins import Registry
+from sagellm.sampling_params import SamplingParams
+from sagellm.testing.tiny_model import make_tiny_llama
+from sagellm_cuda.graphs import CudaGraphModelRunner
+from sagellm_cuda.plugin import NO_FUSION_ENV
+
+# The root config uses --import-mode=importlib, which does not put test directories on sys.path.
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_on_cpu import CudaPartsOnCpu, ReplayedForward  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="hosted on the CPU only where there is no GPU")
+
+BLOCK = 4
+
+
+@pytest.fixture(autouse=True)
+def _core_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Core's norm, activation and rotary layers: the fused ones are checked elsewhere
+    (``test_layers.py``, the conformance suite) and would triple the interpreted launches."""
+    monkeypatch.setenv(NO_FUSION_ENV, "1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+def _engine(platform: object, model: Path, **kw: Any) -> LLMEngine:
+    settings: dict[str, Any] = dict(model=str(model), dtype="float32", block_size=BLOCK,
+                                    num_kv_blocks=64, max_num_seqs=4, max_model_len=96,
+                                    max_num_batched_tokens=64, enable_prefix_caching=False)
+    settings.update(kw)
+    return LLMEngine(EngineConfig(**settings), registry=Registry(), platform=platform)  # type: ignore[arg-type]
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]],
+         params: SamplingParams | list[SamplingParams], arrive_every: int = 0) -> list[list[int]]:
+    """Generate for ``prompts``: all at once, or with ``arrive_every`` > 0 one prompt joining
+    every that many steps (so prompts prefill alone or next to decodes, and decodes run at
+    several batch sizes). ``params``: one for all prompts, or one per prompt."""
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    pending, done = list(zip(prompts, per_prompt)), {}
+    ids = [] if arrive_every else [engine.add_request(p, sp) for p, sp in pending]
+    if not arrive_every:
+        pending.clear()
+    while pending or engine.has_unfinished_requests():
+        if pending:
+            ids.append(engine.add_request(*pending.pop(0)))
+        for _ in range(max(arrive_every, 1)):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = list(out.token_ids)
+    return [done[i] for i in ids]
+
+
+def _prompts(*lens: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(sum(lens))
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in lens]
+
+
+GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+
+
+def _runner(engine: LLMEngine) -> CudaGraphModelRunner:
+    runner = engine.runner
+    assert isinstance(runner, CudaGraphModelRunner)
+    return runner
+
+
+def test_buckets_follow_the_config(tiny: Path) -> None:
+    runner = _runner(_engine(CudaPartsOnCpu(), tiny, max_num_seqs=20, max_model_len=96))
+    assert runner.graph_sizes == [1, 2, 4, 8, 16, 20] and set(runner.graphs) == {1, 2, 4, 8, 16, 20}
+    # Prefill buckets stop at the step budget (64 tokens) and at the model length.
+    assert runner.prefill_sizes == [32, 64] and set(runner.prefill_graphs) == {32, 64}
+    short = _runner(_engine(CudaPartsOnCpu(), tiny, max_model_len=40, max_num_batched_tokens=64))
+    assert short.prefill_sizes == [32]
+    assert short.table_width == 10  # ceil(40 / 4) blocks per sequence
+
+
+def test_staggered_arrivals_use_both_graphs_and_match_cpu(tiny: Path) -> None:
+    """One prompt joins every 2 steps: it prefills through a prefill graph next to the decode
+    graph of the running ones (batch 1, 2, then 3 padded to 4). The 70-token prompt exceeds the
+    largest prefill bucket (64) and runs eagerly."""
+    prompts = _prompts(5, 20, 9, 70)
+    engine = _engine(CudaPartsOnCpu(), tiny)
+    runner = _runner(engine)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)  # long enough to overlap
+    got = _run(engine, prompts, params, arrive_every=2)
+    want = _run(_engine(CpuPlatform(), tiny), prompts, params, arrive_every=2)
+    assert got == want
+    assert runner.num_prefill_graph_steps == 3  # the 5-, 20- and 9-token prompts
+    assert runner.num_graph_steps > 0 and runner.num_eager_steps >= 1  # the 70-token prompt
+    replays = {bs: g.num_replays for bs, g in runner.graphs.items()
+               if isinstance(g, ReplayedForward)}
+    assert replays[4] > 0, "three decodes must replay the batch-4 graph (one padding row)"
+    assert runner.prefill_graphs[32].num_replays == 3  # type: ignore[attr-defined]
+
+
+def test_batched_prefill_and_chunked_prefill_run_eagerly_and_match_cpu(tiny: Path) -> None:
+    prompts = _prompts(7, 11, 50)
+    engine = _engine(CudaPartsOnCpu(), tiny, max_num_batched_tokens=32)  # 50 tokens: two chunks
+    runner = _runner(engine)
+    got = _run(engine, prompts, GREEDY)
+    assert got == _run(_engine(CpuPlatform(), tiny, max_num_batched_tokens=32), prompts, GREEDY)
+    assert runner.num_prefill_graph_steps == 0  # never one whole prompt alone in a step
+    assert runner.num_eager_steps >= 2 and runner.num_graph_steps > 0
+
+
+def test_enforce_eager_captures_nothing(tiny: Path) -> None:
+    engine = _engine(CudaPartsOnCpu(), tiny, enforce_eager=True)
+    runner = _runner(engine)
+    prompts = _prompts(6, 13)
+    got = _run(engine, prompts, GREEDY)
+    assert not runner.graphs and not runner.prefill_graphs
+    assert runner.num_graph_steps == runner.num_prefill_graph_steps == 0
+    assert runner.num_eager_steps > 0
+    assert got == _run(_engine(CpuPlatform(), tiny), prompts, GREEDY)
+
+
+def test_padding_rows_write_no_kv(tiny: Path) -> None:
+    """A 6-token prompt in the 32-token prefill graph and three decodes in the batch-4 graph:
+    blocks no sequence owns stay zero (padding rows have slot -1)."""
+    engine = _engine(CudaPartsOnCpu(), tiny)
+    runner = _runner(engine)
+    for p in _prompts(6, 3, 10):
+        engine.add_request(p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        engine.step()
+    for _ in range(2):
+        engine.step()
+    assert runner.num_prefill_graph_steps == 3 and runner.graphs[4].num_replays > 0  # type: ignore[attr-defined]
+    owned = {b for seq in engine.scheduler.running for b in seq.block_table}
+    assert owned
+    for k, v in engine.kv.kv_caches():
+        free = [b for b in range(k.shape[0]) if b not in owned]
+        assert k[free].eq(0).all() and v[free].eq(0).all()
+        assert k[sorted(owned)].ne(0).any()
+    # The staging rows past the three real decodes are padding: one token of context, no slot.
+    _, _, slots, seq_lens, _ = runner._views(runner._np, 4)
+    assert slots[3] == -1 and seq_lens[3] == 1
+    engine.shutdown()
+
+
+def test_non_greedy_requests_sample_the_graph_hidden_states(tiny: Path) -> None:
+    """Requests that are not plain greedy (min_tokens, temperature) take the graph's final hidden
+    states through core's sampler, alone in a prefill graph and together in a decode graph."""
+    prompts = _prompts(4, 9)
+    params = [SamplingParams(max_tokens=4, temperature=0.0, min_tokens=3, ignore_eos=True),
+              SamplingParams(max_tokens=4, temperature=0.9, top_k=20, seed=11, ignore_eos=True)]
+    engine = _engine(CudaPartsOnCpu(), tiny)
+    got = _run(engine, prompts, params, arrive_every=2)
+    assert _runner(engine).num_graph_steps > 0 and _runner(engine).num_prefill_graph_steps == 2
+    assert got == _run(_engine(CpuPlatform(), tiny), prompts, params, arrive_every=2)
