@@ -67,6 +67,9 @@ class ServerConfig:
     served_model_name: str
     max_model_len: int
     vocab_size: int
+    #: The engine's end-of-sequence ids (grammars are checked against them); empty: the
+    #: tokenizer's own.
+    eos_token_ids: list[int] = field(default_factory=list)
     api_key: str | None = None
     max_request_body_bytes: int = 4 << 20
     #: Seconds between throughput log lines; 0 disables them.
@@ -403,11 +406,12 @@ class _Server:
         if structured is None:
             return
         try:
-            vocab = self.config.vocab_size
+            vocab, eos_ids = self.config.vocab_size, self.config.eos_token_ids
 
             def check(tok: Any) -> None:
-                eos = getattr(tok, "eos_token_id", None)
-                compiler_for(tok, vocab, None if eos is None else [eos]).validate(structured)
+                eos = eos_ids or ([tok.eos_token_id] if getattr(tok, "eos_token_id", None)
+                                  is not None else None)
+                compiler_for(tok, vocab, eos).validate(structured)
 
             await self.tokenizers.run(check)
         except ValueError as exc:

@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server_config = ServerConfig(
             served_model_name=name, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+            eos_token_ids=list(info.eos_token_ids),
             api_key=args.api_key or None, max_request_body_bytes=args.max_request_body_bytes,
             log_interval=args.log_interval, backend=info.backend, device_name=info.device_name,
             registry=registry, body_timeout=args.body_timeout,

@@ -125,6 +125,9 @@ class EngineInfo:
     block_size: int
     startup_seconds: float
     pid: int
+    #: The ids that end a sequence (model config, generation config and tokenizer together):
+    #: grammars checked in the server allow exactly these at their end, as the engine does.
+    eos_token_ids: tuple[int, ...] = ()
 
 
 def describe_engine(engine: Any) -> EngineInfo:
@@ -145,7 +148,8 @@ def describe_engine(engine: Any) -> EngineInfo:
         num_kv_blocks=int(kv.num_blocks) if kv is not None else 0,
         block_size=int(cfg.block_size) if cfg is not None else 0,
         startup_seconds=float(getattr(engine, "startup_seconds", 0.0)),
-        pid=os.getpid())
+        pid=os.getpid(),
+        eos_token_ids=tuple(sorted(int(t) for t in getattr(engine, "eos_token_ids", ()) or ())))
 
 
 class EngineStartupError(RuntimeError):

@@ -144,7 +144,9 @@ def _spawn(config_json: str, factory: str | None, timeout: float | None) -> _Chi
     except BaseException:
         _stop_child(child, 10.0)
         raise
-    child.info = EngineInfo(**msg[1])
+    info = dict(msg[1])
+    info["eos_token_ids"] = tuple(info.get("eos_token_ids", ()))  # a list after the pipe's JSON
+    child.info = EngineInfo(**info)
     return child
 
 
