@@ -143,6 +143,10 @@ def engine_greedy(platform: Platform, model_dir: str | Path, prompts: Sequence[S
         return sample(logits, seqs)  # type: ignore[no-any-return]
 
     runner.sample = recording_sample  # type: ignore[attr-defined]
+    # A runner whose graphs end in an argmax skips ``sample`` for greedy rows; asking it to
+    # sample from the graph's hidden states instead keeps the graph's forward under test and
+    # lets every row's logits be recorded.
+    runner.argmax_suffices = lambda seqs: False  # type: ignore[attr-defined]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ids = [engine.add_request(list(p), params) for p in prompts]
     done: dict[str, list[int]] = {}
