@@ -156,3 +156,33 @@ def engine_greedy(platform: Platform, model_dir: str | Path, prompts: Sequence[S
                 done[out.request_id] = list(out.token_ids)
     engine.shutdown()
     return [done[i] for i in ids], [torch.stack(rows[i]) for i in ids]
+
+
+def check_fp32_parity(platform: Platform, model_dir: str | Path,
+                      prompts: Sequence[Sequence[int]], max_tokens: int, label: str = "") -> None:
+    """Assert that ``platform``'s greedy tokens equal transformers' (fp32, CPU) on ``prompts``
+    and that the logits each was picked from are close (1e-3)."""
+    want_tokens, want_logits = hf_greedy(model_dir, prompts, max_tokens)
+    got_tokens, got_logits = engine_greedy(platform, model_dir, prompts, max_tokens)
+    assert got_tokens == want_tokens, label
+    for got, want in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+@torch.no_grad()
+def check_bf16_parity(platform: Platform, model_dir: str | Path,
+                      prompts: Sequence[Sequence[int]], max_tokens: int, label: str = "") -> None:
+    """Assert that each token ``platform`` picks in bf16 is within bf16 rounding (0.1 standard
+    deviations of the logits) of the best token of the fp32 reference fed those tokens."""
+    from transformers import AutoModelForCausalLM
+
+    ours, _ = engine_greedy(platform, model_dir, prompts, max_tokens, dtype="bfloat16")
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                               attn_implementation="eager").eval()
+    for prompt, toks in zip(prompts, ours, strict=True):
+        assert len(toks) == max_tokens
+        logits = ref(torch.tensor([list(prompt) + toks[:-1]])).logits[0, len(prompt) - 1:].float()
+        best = logits.max(-1).values
+        picked = logits.gather(-1, torch.tensor(toks)[:, None])[:, 0]
+        gap = ((best - picked) / logits.std(-1)).max().item()
+        assert gap <= 0.1, f"{label}: a token {gap:.4f} std below the reference's best"
