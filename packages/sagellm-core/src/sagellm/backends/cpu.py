@@ -20,6 +20,7 @@ from sagellm.protocols import (
     KVCacheSpec,
     MemoryInfo,
     Platform,
+    QuantizationRegister,
 )
 
 #: Prefill tokens per step by default. SmolLM2-135M on two (shared) cores, best of three: a
@@ -67,6 +68,13 @@ class CpuPlatform(Platform):
 
     def make_comm_backend(self, rank: int, world_size: int) -> TorchDistributedComm:
         return TorchDistributedComm(self.device)
+
+    def register_quantizations(self, register: QuantizationRegister) -> None:
+        from sagellm.quant.int4 import Int4Weight
+        from sagellm.quant.int8 import Int8Weight
+
+        register(Int8Weight)
+        register(Int4Weight)
 
 
 @hookimpl
