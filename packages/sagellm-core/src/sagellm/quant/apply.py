@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sagellm.layers.linear import ParallelLMHead
 from sagellm.layers.quant_linear import QUANTIZABLE, QuantizedWeight, quantize_linear
 from sagellm.quant.grids import Int4Grid
 
@@ -112,27 +113,30 @@ def _fused_grid(module: nn.Module, weight: torch.Tensor, parts: list[tuple[str, 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, weight_cls: type[QuantizedWeight],
-                   grids: Mapping[str, Int4Grid] | None = None) -> QuantReport:
-    """Give every quantizable linear of ``model`` (the head included) a ``weight_cls`` weight."""
+                   grids: Mapping[str, Int4Grid] | None = None,
+                   head_cls: type[QuantizedWeight] | None = None) -> QuantReport:
+    """Give every quantizable linear of ``model`` a ``weight_cls`` weight, and the LM head a
+    ``head_cls`` one (``None``: ``weight_cls`` too)."""
     grids = grids or {}
     num = from_ckpt = before = after = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, QUANTIZABLE):
             continue
+        cls = head_cls or weight_cls if isinstance(module, ParallelLMHead) else weight_cls
         weight = module.weight
         n, k = weight.shape
-        if not weight_cls.supports(n, k):
+        if not cls.supports(n, k):
             logger.info("%s [%d, %d] stays unquantized (%s does not fit it)", name, n, k,
-                        weight_cls.scheme)
+                        cls.scheme)
             continue
         qweight = None
         if grids:
             grid = _fused_grid(module, weight, _checkpoint_parts(model, name), grids)
-            qweight = weight_cls.from_grid(grid) if grid is not None else None
+            qweight = cls.from_grid(grid) if grid is not None else None
         from_ckpt += qweight is not None
         if qweight is None:
             # A head's rows past the vocabulary (TP padding) are zeros and stay so.
-            qweight = weight_cls.from_float(weight)
+            qweight = cls.from_float(weight)
         before += weight.numel() * weight.element_size()
         after += qweight.nbytes
         quantize_linear(module, qweight)
@@ -150,7 +154,8 @@ def apply_quantization(model: nn.Module, requested: str,
         return None
     cls = offered[scheme]
     grids = checkpoint_grids(source, hf_config) if scheme == "int4" and stored == "int4" else {}
-    report = quantize_model(model, cls, grids)
+    head = offered.get(cls.head_scheme) if cls.head_scheme else None
+    report = quantize_model(model, cls, grids, head)
     logger.info("%s: %d linears in %s (%d from the checkpoint's blocks), %.0f -> %.0f MB",
                 backend, report.num_linears, scheme, report.num_from_checkpoint,
                 report.bytes_before / 2**20, report.bytes_after / 2**20)

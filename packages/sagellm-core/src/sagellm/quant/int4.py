@@ -23,6 +23,9 @@ ROW_BLOCK = 16
 
 class Int4Weight(QuantizedWeight):
     scheme = "int4"
+    #: SmolLM2-135M on the shipped text (tests/test_perplexity.py): the head in int4 raised
+    #: perplexity 5.8% over float, in int8 0.2%, for about 2 ms more per decode step on 2 cores.
+    head_scheme = "int8"
 
     def __init__(self, grid: Int4Grid) -> None:
         n, k = grid.codes.shape
