@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from sagellm.backends.torch_attention import TorchAttentionBackend
+from sagellm.backends.cpu_attention import CpuAttentionBackend
 from sagellm.backends.torch_comm import TorchDistributedComm
 from sagellm.backends.torch_kv import TorchKVBackend
 from sagellm.hookspecs import hookimpl
@@ -63,8 +63,8 @@ class CpuPlatform(Platform):
     def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> TorchKVBackend:
         return TorchKVBackend(spec, num_blocks, self.device)
 
-    def make_attention_backend(self) -> TorchAttentionBackend:
-        return TorchAttentionBackend()
+    def make_attention_backend(self) -> CpuAttentionBackend:
+        return CpuAttentionBackend()
 
     def make_comm_backend(self, rank: int, world_size: int) -> TorchDistributedComm:
         return TorchDistributedComm(self.device)
