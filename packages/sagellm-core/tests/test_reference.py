@@ -45,11 +45,14 @@ def test_tiny_random_models_match_transformers(prompts, arch: str, request: pyte
     assert [o.token_ids for o in outs] == expected
 
 
-def test_smollm2_matches_transformers(smol_llm: LLM, smollm2_dir: Path) -> None:
-    tok = smol_llm.tokenizer
-    prompts = [smol_llm.apply_chat_template([{"role": "user", "content": p}]) for p in SMOL_PROMPTS]
+def test_smollm2_matches_transformers(smollm2_dir: Path) -> None:
+    # float32 weights as loaded: the default (quantization=auto) runs int4 kernels on bfloat16
+    # activations, which test_perplexity.py bounds instead of token equality.
+    fp32 = LLM(model=None, quantization="none")
+    tok = fp32.tokenizer
+    prompts = [fp32.apply_chat_template([{"role": "user", "content": p}]) for p in SMOL_PROMPTS]
     expected = hf_greedy(smollm2_dir, prompts, 32)
-    outs = smol_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+    outs = fp32.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
                              use_tqdm=False)
     for out, exp in zip(outs, expected):
         assert out.token_ids == exp, (tok.decode(out.token_ids), tok.decode(exp))

@@ -20,14 +20,15 @@ from sagellm.sampling_params import SamplingParams
 
 
 @torch.inference_mode()
-def token_logprobs(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
-    """``log p(token_ids[i] | token_ids[:i])`` for ``i >= 1``, float32 ``[len - 1]``.
+def prompt_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
+    """Float32 logits ``[len, vocab]`` of every position of ``token_ids`` (row ``i`` predicts
+    token ``i + 1``), on the host.
 
     Takes KV blocks from the engine's pool for the duration (the engine must be idle) and gives
     them back.
     """
-    if len(token_ids) < 2:
-        raise ValueError("perplexity needs at least two tokens")
+    if not token_ids:
+        raise ValueError("no tokens")
     runner = ModelRunner(engine.parts.runner_context())
     bs = engine.config.block_size
     blocks = engine.kv.allocate_blocks(-(-len(token_ids) // bs))
@@ -41,12 +42,18 @@ def token_logprobs(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
             inp = runner.prepare(StepPlan(step_id=0, prefills=[PrefillOp(seq, start, end)]))
             hidden = runner.model(inp.input_ids, inp.positions,
                                   runner.forward_context(inp.attn_metadata))
-            logp = torch.log_softmax(runner.compute_logits(hidden), dim=-1)
-            targets = torch.tensor(token_ids[start + 1:end + 1], dtype=torch.long)
-            out.append(logp[: len(targets)].gather(1, targets[:, None].to(logp.device))[:, 0].cpu())
+            out.append(runner.compute_logits(hidden).cpu())
     finally:
         engine.kv.free_blocks(blocks)
     return torch.cat(out)
+
+
+def token_logprobs(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
+    """``log p(token_ids[i] | token_ids[:i])`` for ``i >= 1``, float32 ``[len - 1]``."""
+    if len(token_ids) < 2:
+        raise ValueError("perplexity needs at least two tokens")
+    logp = torch.log_softmax(prompt_logits(engine, token_ids)[:-1], dim=-1)
+    return logp.gather(1, torch.tensor(token_ids[1:])[:, None])[:, 0]
 
 
 def perplexity(engine: LLMEngine, token_ids: list[int]) -> float:
