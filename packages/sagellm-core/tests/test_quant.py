@@ -112,7 +112,7 @@ def test_quantize_linear_keeps_bias_and_class(w: torch.Tensor) -> None:
 
 
 def test_flag_validation() -> None:
-    assert EngineConfig().quantization == "auto"
+    assert EngineConfig().quantization == "none"
     with pytest.raises(ValidationError, match="quantization"):
         EngineConfig(quantization="fp8")
     with pytest.raises(ValueError, match="not a scheme"):

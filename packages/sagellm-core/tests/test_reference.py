@@ -45,25 +45,18 @@ def test_tiny_random_models_match_transformers(prompts, arch: str, request: pyte
     assert [o.token_ids for o in outs] == expected
 
 
-def test_smollm2_matches_transformers(smollm2_dir: Path) -> None:
-    # float32 weights as loaded: the default (quantization=auto) runs int4 kernels on bfloat16
-    # activations, which test_perplexity.py bounds instead of token equality.
-    fp32 = LLM(model=None, quantization="none")
-    tok = fp32.tokenizer
-    prompts = [fp32.apply_chat_template([{"role": "user", "content": p}]) for p in SMOL_PROMPTS]
+def test_smollm2_matches_transformers(smol_llm: LLM, smollm2_dir: Path) -> None:
+    tok = smol_llm.tokenizer
+    prompts = [smol_llm.apply_chat_template([{"role": "user", "content": p}]) for p in SMOL_PROMPTS]
     expected = hf_greedy(smollm2_dir, prompts, 32)
-    outs = fp32.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+    outs = smol_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
                              use_tqdm=False)
     for out, exp in zip(outs, expected):
         assert out.token_ids == exp, (tok.decode(out.token_ids), tok.decode(exp))
 
 
-def test_smollm2_answers_capital_of_france() -> None:
-    # float32 weights: under the default int4 path (bfloat16 activations) this one greedy
-    # answer drifts to "L'Etoile, la Marseillaise, ..." although perplexity stays within 0.3%
-    # (test_perplexity.py); see the issue-16 report.
-    fp32 = LLM(model=None, quantization="none")
-    out = fp32.chat([{"role": "user", "content": "What is the capital of France?"}],
+def test_smollm2_answers_capital_of_france(smol_llm: LLM) -> None:
+    out = smol_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                         SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # stopped at <|im_end|>, not by length
