@@ -15,6 +15,7 @@ FIELDS: tuple[dict[str, Any], ...] = (
     {'name': 'backend', 'kind': 'str', 'default': 'auto', 'help': 'hardware backend by name (see `sagellm backends`); auto picks the single available accelerator, else the CPU', 'choices': None},
     {'name': 'dtype', 'kind': 'str', 'default': 'auto', 'help': "weights and activations: auto (the backend's default), float32, bfloat16 or float16", 'choices': None},
     {'name': 'load_format', 'kind': 'str', 'default': 'auto', 'help': 'how to read the weights (dummy: random weights, for load tests)', 'choices': ('auto', 'hf', 'safetensors', 'gguf', 'dummy')},
+    {'name': 'quantization', 'kind': 'str', 'default': 'none', 'help': 'weight-only quantization on load: int8 (per output channel) or int4 (groups of 32), where the backend runs it; auto runs a GGUF file from its stored 4/8-bit weights where the backend has fast kernels for them (the embedded model on the CPU: int4), anything else as loaded; none: as loaded', 'choices': ('auto', 'none', 'int8', 'int4')},
     {'name': 'seed', 'kind': 'int', 'default': 0, 'help': 'engine random seed (also the random weights of load_format dummy)', 'choices': None},
     {'name': 'max_model_len', 'kind': 'int', 'default': None, 'help': "context length (prompt + completion); default: the model's own", 'choices': None},
     {'name': 'block_size', 'kind': 'int', 'default': 16, 'help': 'tokens per KV cache block', 'choices': None},

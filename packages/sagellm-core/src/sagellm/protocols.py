@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from sagellm.engine.model_runner import ModelRunner
     from sagellm.engine.runner_context import RunnerContext
+    from sagellm.layers.quant_linear import QuantizedWeight
     from sagellm.layers.registry import LayerKind
 
 #: Version 2: ``make_model_runner(ctx: RunnerContext)`` (was ``**kwargs``), ``register_layers``,
@@ -40,6 +41,8 @@ OLDEST_CONTRACT_VERSION = 1
 
 #: ``register(kind, replacement)``, the callback :meth:`Platform.register_layers` receives.
 LayerRegister = Callable[["LayerKind", "type[nn.Module]"], None]
+#: ``register(weight_cls)``, the callback :meth:`Platform.register_quantizations` receives.
+QuantizationRegister = Callable[["type[QuantizedWeight]"], None]
 
 
 class KVPoolExhausted(RuntimeError):
@@ -536,6 +539,16 @@ class Platform(abc.ABC):
         engine rank right after weights are loaded (before :meth:`prepare_model` and memory
         profiling), which then swaps every exact instance of the core class in the model.
         Default: nothing.
+        """
+
+    def register_quantizations(self, register: QuantizationRegister) -> None:
+        """Offer the weight-only quantized linears this device runs (``EngineConfig.quantization``).
+
+        Call ``register(WeightClass)`` once per scheme, with a
+        :class:`~sagellm.layers.quant_linear.QuantizedWeight` subclass (its ``scheme`` is the
+        name users select). Called once by every engine rank after the layer swap of
+        :meth:`register_layers`; a scheme the backend does not register is refused with a
+        message naming the backend. Default: nothing (weights run as loaded).
         """
 
     def prepare_model(self, model: torch.nn.Module) -> None:

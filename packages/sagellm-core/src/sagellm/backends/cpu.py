@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from sagellm.backends.torch_attention import TorchAttentionBackend
+from sagellm.backends.cpu_attention import CpuAttentionBackend
 from sagellm.backends.torch_comm import TorchDistributedComm
 from sagellm.backends.torch_kv import TorchKVBackend
 from sagellm.hookspecs import hookimpl
@@ -20,6 +20,7 @@ from sagellm.protocols import (
     KVCacheSpec,
     MemoryInfo,
     Platform,
+    QuantizationRegister,
 )
 
 #: Prefill tokens per step by default. SmolLM2-135M on two (shared) cores, best of three: a
@@ -64,11 +65,18 @@ class CpuPlatform(Platform):
     def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> TorchKVBackend:
         return TorchKVBackend(spec, num_blocks, self.device)
 
-    def make_attention_backend(self) -> TorchAttentionBackend:
-        return TorchAttentionBackend()
+    def make_attention_backend(self) -> CpuAttentionBackend:
+        return CpuAttentionBackend()
 
     def make_comm_backend(self, rank: int, world_size: int) -> TorchDistributedComm:
         return TorchDistributedComm(self.device)
+
+    def register_quantizations(self, register: QuantizationRegister) -> None:
+        from sagellm.quant.int4 import Int4Weight
+        from sagellm.quant.int8 import Int8Weight
+
+        register(Int8Weight)
+        register(Int4Weight)
 
 
 @hookimpl

@@ -27,11 +27,12 @@ from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.sequence import SequenceState
 from sagellm.layers.attention import unsupported_attention
 from sagellm.layers.parallel import SINGLE, TPGroup
-from sagellm.layers.registry import layer_overrides, swap_layers
+from sagellm.layers.registry import layer_overrides, swap_layers, weight_quantizations
 from sagellm.loader import load_model
 from sagellm.loader.loader import LoadedModel
 from sagellm.models.llama import head_dim_of
 from sagellm.protocols import AttentionBackend, KVBackend, KVCacheSpec, Platform
+from sagellm.quant.apply import apply_quantization
 from sagellm.sampling_params import SamplingParams
 
 logger = logging.getLogger("sagellm.engine")
@@ -109,6 +110,8 @@ def build_parts(config: EngineConfig, platform: Platform, tp: TPGroup = SINGLE) 
     swapped = swap_layers(model, layer_overrides(platform))
     if swapped:
         logger.debug("%s replaced %d layers", platform.name, swapped)
+    apply_quantization(model, config.quantization, weight_quantizations(platform), platform.name,
+                       loaded.source, loaded.hf_config)
     platform.prepare_model(model)
     hf = loaded.hf_config
     max_model_len = config.max_model_len or int(hf.max_position_embeddings)  # type: ignore[attr-defined]

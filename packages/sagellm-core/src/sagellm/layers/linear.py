@@ -2,6 +2,10 @@
 
 Each parameter carries a ``weight_loader(param, loaded, shard_id)`` that copies this rank's part of
 a full checkpoint tensor, so loaders stay unaware of parallelism.
+
+Every matrix product goes through one method, ``matmul(x, bias)``: a weight-only quantized linear
+(:mod:`sagellm.layers.quant_linear`) overrides that method only, so sharding, the all-reduce and
+the bias order stay written once, here.
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ class ColumnParallelLinear(nn.Module):
         n = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp.rank * n, n))
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T (+ bias)`` on this rank's weight."""
+        return nn.functional.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -109,8 +117,13 @@ class RowParallelLinear(nn.Module):
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         param.data.copy_(loaded)
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T (+ bias)`` on this rank's weight (``forward`` passes no bias: it is added
+        after the all-reduce)."""
+        return nn.functional.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight)
+        y = self.matmul(x, None)
         if self.tp.size > 1:
             assert self.tp.comm is not None
             y = self.tp.comm.all_reduce(y)
@@ -149,8 +162,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection over a split vocabulary; logits gathered from all ranks."""
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T`` on this rank's vocabulary rows (the head has no bias)."""
+        return nn.functional.linear(x, self.weight, bias)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(hidden, self.weight)
+        y = self.matmul(hidden, None)
         if self.tp.size > 1:
             assert self.tp.comm is not None
             y = self.tp.comm.all_gather(y, dim=-1)

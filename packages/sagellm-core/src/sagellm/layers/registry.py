@@ -18,6 +18,7 @@ from torch import nn
 from sagellm.layers.activation import SiluAndMul
 from sagellm.layers.moe import MoEExperts
 from sagellm.layers.norm import RMSNorm
+from sagellm.layers.quant_linear import QuantizedWeight
 from sagellm.layers.rotary import RotaryEmbedding
 from sagellm.protocols import Platform
 
@@ -109,3 +110,23 @@ def swap_layers(model: nn.Module, overrides: dict[type[nn.Module], type[nn.Modul
             module.__class__ = replacement
             n += 1
     return n
+
+
+def weight_quantizations(platform: Platform) -> dict[str, type[QuantizedWeight]]:
+    """The quantized weight formats ``platform`` registers, by scheme name, checked."""
+    found: dict[str, type[QuantizedWeight]] = {}
+
+    def register(weight_cls: type[QuantizedWeight]) -> None:
+        if not (isinstance(weight_cls, type) and issubclass(weight_cls, QuantizedWeight)):
+            raise TypeError(f"a quantization must subclass sagellm.layers.quant_linear."
+                            f"QuantizedWeight, got {weight_cls!r}")
+        scheme = getattr(weight_cls, "scheme", None)
+        if not isinstance(scheme, str) or scheme in ("auto", "none"):
+            raise TypeError(f"{weight_cls.__qualname__}.scheme must name a scheme, got {scheme!r}")
+        if scheme in found:
+            raise ValueError(f"{type(platform).__name__} registered two {scheme} quantizations: "
+                             f"{found[scheme].__qualname__} and {weight_cls.__qualname__}")
+        found[scheme] = weight_cls
+
+    platform.register_quantizations(register)
+    return found

@@ -1,0 +1,88 @@
+"""The CPU backend's attention: the torch reference, with a decode that copies less.
+
+The reference decode (:class:`~sagellm.backends.torch_attention.TorchAttentionBackend`) gathers
+every sequence's blocks into a padded ``[B, blocks x block_size]`` copy in every layer and
+repeats the key/value heads for grouped-query attention, so each layer copies about four times
+the batch's KV. Here, per step (the plan is worked out once, on the first layer, and reused by
+the others through the metadata object they share):
+
+* a sequence whose blocks are consecutive in the pool is attended to in place, through a view
+  of the pool (no copy at all); that is the common case at batch 1, where one sequence takes
+  fresh blocks in order;
+* otherwise the batch is gathered once per layer by token slot, padded only to the longest
+  sequence, never repeated per head: the query heads of a group become the query rows of their
+  key/value head (``[B, kv_heads, group, D]``), which is exact for one query token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sagellm.backends.torch_attention import TorchAttentionBackend
+from sagellm.protocols import DecodeMetadata
+
+_PLAN_ATTR = "_cpu_decode_plan"
+
+
+@dataclass
+class DecodePlan:
+    block_size: int
+    #: ``(first slot, length)`` per sequence when every sequence's blocks are consecutive.
+    spans: list[tuple[int, int]] | None
+    #: ``[B, max_len]`` slot of each context token (0 past a sequence's end), and its mask.
+    slots: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+def decode_plan(meta: DecodeMetadata, block_size: int) -> DecodePlan:
+    """The gather plan of ``meta``, made on the first call of a step and kept on ``meta``."""
+    plan = getattr(meta, _PLAN_ATTR, None)
+    if plan is not None and plan.block_size == block_size:
+        return plan  # type: ignore[no-any-return]
+    lens = meta.seq_lens.to("cpu", torch.long)
+    tables = meta.block_tables.to("cpu", torch.long)
+    nblocks = (lens + block_size - 1) // block_size
+    width = int(nblocks.max())
+    steps = tables[:, 1:width] - tables[:, : width - 1]
+    inside = torch.arange(1, width)[None, :] < nblocks[:, None]
+    if bool(((steps == 1) | ~inside).all()):
+        starts = (tables[:, 0] * block_size).tolist()
+        plan = DecodePlan(block_size, list(zip(starts, lens.tolist())), None, None)
+    else:
+        max_len = int(lens.max())
+        pos = torch.arange(max_len)
+        mask = pos[None, :] < lens[:, None]
+        slots = tables[:, pos // block_size] * block_size + pos % block_size
+        dev = meta.block_tables.device
+        plan = DecodePlan(block_size, None, torch.where(mask, slots, 0).to(dev), mask.to(dev))
+    setattr(meta, _PLAN_ATTR, plan)
+    return plan
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    name = "cpu-sdpa"
+
+    def decode(self, query, key_cache, value_cache, meta: DecodeMetadata, scale):  # type: ignore[override]
+        bsz, heads, dim = query.shape
+        kv_heads = key_cache.shape[2]
+        plan = decode_plan(meta, key_cache.shape[1])
+        q = query.view(bsz, kv_heads, heads // kv_heads, dim)
+        keys = key_cache.view(-1, kv_heads, dim)
+        values = value_cache.view(-1, kv_heads, dim)
+        if plan.spans is not None:
+            out = torch.empty_like(query)
+            for i, (start, length) in enumerate(plan.spans):
+                k = keys[start:start + length].transpose(0, 1)  # [Hkv, L, D], a view
+                v = values[start:start + length].transpose(0, 1)
+                out[i] = F.scaled_dot_product_attention(
+                    q[i], k.to(q.dtype), v.to(q.dtype), scale=scale).view(heads, dim)
+            return out
+        assert plan.slots is not None and plan.mask is not None
+        k = keys[plan.slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+        v = values[plan.slots].to(q.dtype).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask[:, None, None, :],
+                                             scale=scale)
+        return out.reshape(bsz, heads, dim)

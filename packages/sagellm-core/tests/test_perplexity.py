@@ -1,0 +1,63 @@
+"""Perplexity of the embedded SmolLM2 with real weights, per weight format, on a fixed text.
+
+The text (``data/declaration_of_independence.txt``) is the opening of the US Declaration of
+Independence (1776; public domain), after the National Archives transcription, dashes dropped.
+The reference is float32 with the weights as loaded (the GGUF's Q4_1 dequantized), so int4
+repacks those very codes and differs by bfloat16 activations and the int8 head only; int8 is a
+real requantization (per output row, of the dequantized floats).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sagellm import LLM
+from sagellm.layers.quant_linear import QuantizedMatmul
+from sagellm.testing.perplexity import perplexity
+
+TEXT = (Path(__file__).parent / "data" / "declaration_of_independence.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def text_ids(smol_llm: LLM) -> list[int]:
+    return smol_llm.tokenizer(TEXT).input_ids
+
+
+@pytest.fixture(scope="module")
+def ref_ppl(smollm2_dir: Path, text_ids: list[int]) -> float:
+    return perplexity(LLM(model=None, quantization="none").engine, text_ids)
+
+
+def test_reference_perplexity_is_sane(ref_ppl: float, text_ids: list[int]) -> None:
+    # A 135M model on 18th-century prose: well under the vocabulary, well above 1.
+    assert len(text_ids) > 500
+    assert 5 < ref_ppl < 60
+
+
+def test_int8_within_2_percent(ref_ppl: float, text_ids: list[int]) -> None:
+    ppl = perplexity(LLM(model=None, quantization="int8").engine, text_ids)
+    assert abs(ppl / ref_ppl - 1) < 0.02, (ppl, ref_ppl)
+
+
+@pytest.fixture(scope="module")
+def auto_llm(smollm2_dir: Path) -> LLM:
+    """``quantization=auto``: int4 from the stored Q4_1 blocks on a CPU with fast bfloat16."""
+    return LLM(model=None, quantization="auto")
+
+
+def test_int4_within_10_percent(auto_llm: LLM, ref_ppl: float, text_ids: list[int]) -> None:
+    # auto is int4 on a CPU with fast bfloat16, float32 elsewhere; both must pass.
+    ppl = perplexity(auto_llm.engine, text_ids)
+    assert abs(ppl / ref_ppl - 1) < 0.10, (ppl, ref_ppl)
+
+
+def test_auto_runs_int4_from_the_stored_blocks(auto_llm: LLM) -> None:
+    from sagellm.quant.cpu_features import has_fast_bf16
+
+    if not has_fast_bf16():
+        pytest.skip("auto keeps float32 weights on a CPU without fast bfloat16")
+    mods = [m for m in auto_llm.engine.model.modules() if isinstance(m, QuantizedMatmul)]
+    assert len(mods) == 30 * 4 + 1
+    assert {m.qweight.scheme for m in mods} == {"int4", "int8"}  # the head is int8
