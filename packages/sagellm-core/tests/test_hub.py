@@ -186,18 +186,24 @@ def test_no_weights_at_all_is_clear(tmp_path: Path) -> None:
 
 
 def test_cli_generate_from_offline_cache(tmp_path: Path) -> None:
-    """The user's path: ``sagellm generate --model owner/name`` with HF_HUB_OFFLINE=1, a fresh
-    process reading the cache location from the environment."""
+    """The user's path, as the issue states it: ``sagellm generate --model Qwen/Qwen3-0.6B`` with
+    HF_HUB_OFFLINE=1 in a fresh process that reads the cache location from the environment. The
+    cached snapshot is a tiny random Qwen3 (same architecture, with a byte-level tokenizer)."""
+    from sagellm.testing.families import save_tiny_family
+
+    snap = save_tiny_family(tmp_path / "qwen3", "qwen3")
+    tok = make_tiny_llama(tmp_path / "tok", tokenizer=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / f, snap / f)
     cache = tmp_path / "hub"
-    fill_cache(cache, REPO, {"c" * 40: make_tiny_llama(tmp_path / "c", tokenizer=True)},
-               {"main": "c" * 40})
+    fill_cache(cache, "Qwen/Qwen3-0.6B", {"c" * 40: snap}, {"main": "c" * 40})
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "sagellm.cli", "generate", "--model", REPO, "--no-chat",
-           "--max-tokens", "4", "--temperature", "0", "hi"]
+    cmd = [sys.executable, "-m", "sagellm.cli", "generate", "--model", "Qwen/Qwen3-0.6B",
+           "--no-chat", "--max-tokens", "4", "--temperature", "0", "hi"]
     ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    cmd[cmd.index(REPO)] = "sagellm-test/absent"
+    cmd[cmd.index("Qwen/Qwen3-0.6B")] = "Qwen/Qwen3-8B"
     missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0
-    assert "huggingface-cli download sagellm-test/absent" in missing.stderr
-    assert "Traceback" not in missing.stderr
+    assert "huggingface-cli download Qwen/Qwen3-8B" in missing.stderr
+    assert "HF_HUB_OFFLINE" in missing.stderr and "Traceback" not in missing.stderr
