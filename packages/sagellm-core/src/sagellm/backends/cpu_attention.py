@@ -12,6 +12,9 @@ the others through the metadata object they share):
 * otherwise the batch is gathered once per layer by token slot, padded only to the longest
   sequence, never repeated per head: the query heads of a group become the query rows of their
   key/value head (``[B, kv_heads, group, D]``), which is exact for one query token.
+
+Layers with a sliding window or a logit soft-cap (``AttentionLayerSpec``) take the reference
+decode, which implements both.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sagellm.backends.torch_attention import TorchAttentionBackend
-from sagellm.protocols import DecodeMetadata
+from sagellm.protocols import FULL_ATTENTION, AttentionLayerSpec, DecodeMetadata
 
 _PLAN_ATTR = "_cpu_decode_plan"
 
@@ -65,7 +68,10 @@ def decode_plan(meta: DecodeMetadata, block_size: int) -> DecodePlan:
 class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu-sdpa"
 
-    def decode(self, query, key_cache, value_cache, meta: DecodeMetadata, scale):  # type: ignore[override]
+    def decode(self, query, key_cache, value_cache, meta: DecodeMetadata, scale,  # type: ignore[override]
+               layer: AttentionLayerSpec = FULL_ATTENTION):
+        if layer != FULL_ATTENTION:
+            return super().decode(query, key_cache, value_cache, meta, scale, layer=layer)
         bsz, heads, dim = query.shape
         kv_heads = key_cache.shape[2]
         plan = decode_plan(meta, key_cache.shape[1])
