@@ -288,19 +288,33 @@ class BackendSuite:
         self._check_pool(case, kc, vc, tol)
 
     @staticmethod
-    def _require(platform: Platform, layer: AttentionLayerSpec) -> None:
+    def _lacks(platform: Platform, layer: AttentionLayerSpec) -> list[str]:
+        """What of ``layer`` the platform's capabilities do not claim (empty: all of it)."""
         caps = platform.capabilities()
+        lacking = []
         if layer.sliding_window is not None and not caps.supports_sliding_window:
-            pytest.skip(f"{platform.name} does not support sliding windows (Capabilities)")
+            lacking.append("sliding-window")
         if layer.logits_soft_cap is not None and not caps.supports_logits_soft_cap:
-            pytest.skip(f"{platform.name} does not support soft-capping (Capabilities)")
+            lacking.append("soft-capping")
+        return lacking
 
     @pytest.mark.parametrize("case_id,layer", LAYER_SPEC_CASES, ids=[c[0] for c in LAYER_SPEC_CASES])
     def test_attention_layer_spec(self, platform: Platform, test_dtype: torch.dtype, case_id: str,
                                   layer: AttentionLayerSpec) -> None:
         """Prefill (with and without a cached prefix) and decode honour a layer's sliding
-        window and soft-cap, where the platform's capabilities claim them."""
-        self._require(platform, layer)
+        window and soft-cap, where the platform's capabilities claim them; where they do not,
+        a model with such a layer is refused for the platform (never run as full attention)."""
+        lacking = self._lacks(platform, layer)
+        if lacking:
+            from sagellm.layers.attention import Attention, unsupported_attention
+
+            model = torch.nn.ModuleList([Attention(0, 4, 2, self.head_dim, self.head_dim ** -0.5,
+                                                   sliding_window=layer.sliding_window,
+                                                   logits_soft_cap=layer.logits_soft_cap)])
+            found = " ".join(unsupported_attention(model, platform.capabilities()))
+            for feature in lacking:
+                assert feature in found, (feature, found)
+            return
         attn = platform.make_attention_backend()
         scale = self.head_dim ** -0.5
         tol = TOLERANCES.get(test_dtype, 6e-2)
