@@ -122,17 +122,10 @@ def engine_greedy(platform: Platform, model_dir: str | Path, prompts: Sequence[S
                   max_tokens: int, **config: Any) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of an ``LLMEngine`` on ``platform`` and the logits each token was picked
     from (``[max_tokens, vocab]`` per prompt, on the CPU). Settings as in
-    :func:`~sagellm.testing.tiny_model.greedy_generate` (chunked prefill, block size 4)."""
-    from sagellm.config import EngineConfig
-    from sagellm.engine.llm_engine import LLMEngine
-    from sagellm.plugins import Registry
-    from sagellm.sampling_params import SamplingParams
+    :func:`~sagellm.testing.tiny_model.greedy_engine` (chunked prefill, block size 4)."""
+    from sagellm.testing.tiny_model import greedy_engine, run_greedy
 
-    settings: dict[str, Any] = dict(model=str(model_dir), dtype="float32", block_size=4,
-                                    num_kv_blocks=128, max_num_batched_tokens=32,
-                                    max_prefill_tokens=16)
-    settings.update(config)
-    engine = LLMEngine(EngineConfig(**settings), registry=Registry(), platform=platform)
+    engine = greedy_engine(platform, model_dir, **config)
     runner = engine.runner
     rows: dict[str, list[torch.Tensor]] = {}
     sample = runner.sample  # type: ignore[attr-defined]
@@ -147,15 +140,9 @@ def engine_greedy(platform: Platform, model_dir: str | Path, prompts: Sequence[S
     # sample from the graph's hidden states instead keeps the graph's forward under test and
     # lets every row's logits be recorded.
     runner.argmax_suffices = lambda seqs: False  # type: ignore[attr-defined]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    ids = [engine.add_request(list(p), params) for p in prompts]
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.token_ids)
+    ids, tokens = run_greedy(engine, prompts, max_tokens)
     engine.shutdown()
-    return [done[i] for i in ids], [torch.stack(rows[i]) for i in ids]
+    return tokens, [torch.stack(rows[i]) for i in ids]
 
 
 def check_fp32_parity(platform: Platform, model_dir: str | Path,

@@ -83,18 +83,21 @@ def _write_byte_tokenizer(path: Path) -> None:
                          "{% if add_generation_prompt %}assistant: {% endif %}"}))
 
 
-def greedy_generate(platform: Platform, model_dir: str | Path, prompts: Sequence[Sequence[int]],
-                    max_tokens: int = 8, **config: Any) -> list[list[int]]:
-    """Greedy-decode token-id ``prompts`` on ``platform``; returns the generated ids per prompt.
-
-    Builds an ``LLMEngine`` around the given platform instance (no discovery), so it works for
-    a platform that is not installed as a plugin.
-    """
+def greedy_engine(platform: Platform, model_dir: str | Path, **config: Any) -> LLMEngine:
+    """An ``LLMEngine`` around the given platform instance (no discovery, so it works for a
+    platform that is not installed as a plugin), with small blocks and chunked prefill (block
+    size 4, 16-token prefill chunks, 32 tokens a step) so a few short prompts exercise paging;
+    ``config`` overrides any setting."""
     settings: dict[str, Any] = dict(model=str(model_dir), dtype="float32", block_size=4,
                                     num_kv_blocks=128, max_num_batched_tokens=32,
                                     max_prefill_tokens=16)
     settings.update(config)
-    engine = LLMEngine(EngineConfig(**settings), registry=Registry(), platform=platform)
+    return LLMEngine(EngineConfig(**settings), registry=Registry(), platform=platform)
+
+
+def run_greedy(engine: LLMEngine, prompts: Sequence[Sequence[int]], max_tokens: int
+               ) -> tuple[list[str], list[list[int]]]:
+    """Greedy-decode token-id ``prompts`` to completion; their request ids and generated ids."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ids = [engine.add_request(list(p), params) for p in prompts]
     done: dict[str, list[int]] = {}
@@ -102,4 +105,11 @@ def greedy_generate(platform: Platform, model_dir: str | Path, prompts: Sequence
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = list(out.token_ids)
-    return [done[i] for i in ids]
+    return ids, [done[i] for i in ids]
+
+
+def greedy_generate(platform: Platform, model_dir: str | Path, prompts: Sequence[Sequence[int]],
+                    max_tokens: int = 8, **config: Any) -> list[list[int]]:
+    """Greedy-decode token-id ``prompts`` on ``platform``; returns the generated ids per prompt
+    (engine settings as in :func:`greedy_engine`)."""
+    return run_greedy(greedy_engine(platform, model_dir, **config), prompts, max_tokens)[1]
