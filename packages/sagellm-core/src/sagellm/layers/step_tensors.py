@@ -16,11 +16,6 @@ from collections.abc import Sequence
 import torch
 
 
-def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                fill: int | float = 0) -> torch.Tensor:
-    """A CPU tensor filled with ``fill``, page-locked when it is bound for a CUDA device."""
-    return torch.full(shape, fill, dtype=dtype, pin_memory=device.type == "cuda")
-
 
 def step_tensor(values: Sequence[int] | Sequence[float], dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
