@@ -85,7 +85,7 @@ class CudaGraphModelRunner(ModelRunner):
 
     def __init__(self, ctx: RunnerContext) -> None:
         super().__init__(ctx)
-        model, device, block_size = self.model, self.device, self.block_size
+        device, block_size = self.device, self.block_size
         max_model_len = self.max_model_len
         max_batch_size = self.max_batch_size = ctx.config.max_num_seqs
         enforce_eager = self.enforce_eager = ctx.config.enforce_eager

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 
 
-
 def step_tensor(values: Sequence[int] | Sequence[float], dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
     """``values`` as a 1-D ``dtype`` tensor on ``device``; never waits for the device."""
