@@ -113,3 +113,58 @@ def test_gather_logprobs_rank_and_top() -> None:
     assert out[0].logprob == pytest.approx(math.log(0.2))
     assert [t for t, _ in out[0].top] == [1, out[0].top[1][0]] and out[0].top[1][0] in (2, 3)
     assert out[1].rank == 1 and out[1].top == ()
+
+
+def test_packed_logprobs_come_back_exactly_as_the_tensors_hold_them() -> None:
+    """One int64 copy (float32 values by their bits) gives the same numbers as reading each
+    tensor on its own, per row's own number of alternatives."""
+    from sagellm.layers.logprobs import unpack_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    lps = (torch.randn(3, V, generator=g) * 4).log_softmax(-1)
+    ids = torch.tensor([4, 0, 10])
+    t = gather_logprobs(lps, ids, 4)
+    got = unpack_logprobs(t.pack().tolist(), 4, [4, 0, 2])
+    for r, (lp, n) in enumerate(zip(got, [4, 0, 2], strict=True)):
+        assert lp.token_id == ids[r].item() and lp.rank == t.ranks[r].item()
+        assert lp.logprob == t.logprobs[r].item()  # bit-exact
+        assert list(lp.top) == list(zip(t.top_ids[r, :n].tolist(), t.top_logprobs[r, :n].tolist()))
+    assert t.to_list([4, 0, 2]) == got
+    assert unpack_logprobs([], 4, []) == []
+    with pytest.raises(ValueError, match="do not hold 2 rows"):
+        unpack_logprobs(t.pack().tolist()[:-1], 4, [4, 0])
+
+
+def test_fetch_sampled_brings_ids_and_logprobs_in_one_copy() -> None:
+    """``ModelRunner.fetch_sampled``: one ``fetch_ids`` call, the same ids and logprobs as the
+    waiting ``record_sampled_logprobs`` path."""
+    from types import SimpleNamespace
+
+    from sagellm.engine import request_logits
+    from sagellm.engine.model_runner import ModelRunner
+
+    class Platform:
+        calls = 0
+
+        def fetch_ids(self, ids: torch.Tensor) -> list[int]:
+            Platform.calls += 1
+            return ids.tolist()  # type: ignore[no-any-return]
+
+    def seq(k: int | None) -> SimpleNamespace:
+        return SimpleNamespace(params=SimpleNamespace(logprobs=k), sampled_logprob=None)
+
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(5))
+    ids = torch.tensor([2, 9, 4])
+    seqs, ref = [seq(2), seq(None), seq(0)], [seq(2), seq(None), seq(0)]
+    raw = request_logits.raw_logprobs(logits, seqs)  # type: ignore[arg-type]
+    assert raw is not None and raw[0] == [0, 2]
+    runner = object.__new__(ModelRunner)
+    runner.platform = Platform()  # type: ignore[assignment]
+    pending = request_logits.sampled_logprobs(raw, ids, seqs)  # type: ignore[arg-type]
+    assert runner.fetch_sampled(ids, pending, seqs) == [2, 9, 4]  # type: ignore[arg-type]
+    assert Platform.calls == 1
+    request_logits.record_sampled_logprobs(raw, ids, ref)  # type: ignore[arg-type]
+    assert [s.sampled_logprob for s in seqs] == [s.sampled_logprob for s in ref]
+    assert seqs[0].sampled_logprob.token_id == 2 and len(seqs[0].sampled_logprob.top) == 2
+    assert seqs[1].sampled_logprob is None and seqs[2].sampled_logprob.top == ()
+    assert runner.fetch_sampled(ids, None, seqs) == [2, 9, 4]  # type: ignore[arg-type]

@@ -205,3 +205,63 @@ def test_tokenizer_requirements(smol_tok: Any, byte_tok: Any) -> None:
 
     with pytest.raises(ValueError, match="fast"):
         guidance_tokenizer(Slow())
+
+
+def test_batch_fill_gives_the_per_row_masks(smol_tok: Any, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    """``fill_bitmask_batch`` (llguidance's parallel fill, the GIL released) writes the same
+    rows as ``fill_bitmask`` one row at a time: constraints in different states, a broken one
+    (EOS only) and rows in any order, with other rows left alone."""
+    from sagellm.engine.constraint import fill_bitmasks
+
+    params = P(json_schema=SCHEMA, strict=True)
+    cs = [constraint(params, smol_tok) for _ in range(4)]
+    for t in smol_tok('{"name": "ab').input_ids:
+        assert cs[1].accept_token(t)
+    assert all(cs[2].accept_token(t) for t in smol_tok('{"name": "x", "age": 4').input_ids)
+    assert not cs[3].accept_token(smol_tok("x").input_ids[0])  # broken: EOS only
+    want = allocate_bitmask(6, PADDED)
+    for row, c in zip([5, 0, 3, 2], cs, strict=True):
+        c.fill_bitmask(want, row)
+    got = allocate_bitmask(6, PADDED)
+    import sagellm.structured.constraint as mod
+
+    calls: list[int] = []
+    real = mod._executor()
+
+    class Spy:
+        def unsafe_compute_mask_ptr(self, matchers: Any, *args: Any) -> None:
+            calls.append(len(matchers))
+            real.unsafe_compute_mask_ptr(matchers, *args)
+
+    monkeypatch.setattr(mod, "_executor", lambda: Spy())
+    GrammarConstraint.fill_bitmask_batch(cs, got, [5, 0, 3, 2])
+    assert calls == [3]  # the three live grammars in one parallel call
+    assert torch.equal(got, want)
+    assert (got[1] == -1).all() and (got[4] == -1).all()  # untouched
+    # Through the engine's entry point, mixed with a constraint that has no batch fill.
+    class Nothing:
+        def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+            bitmask[row] = 0
+
+    mixed = allocate_bitmask(5, PADDED)
+    fill_bitmasks([cs[0], Nothing(), cs[1], cs[2], cs[3]], mixed)  # type: ignore[list-item]
+    for i, row in [(0, 5), (2, 0), (3, 3), (4, 2)]:
+        assert torch.equal(mixed[i], want[row])
+    assert (mixed[1] == 0).all()
+
+
+def test_batch_fill_refuses_bad_rows(smol_tok: Any) -> None:
+    cs = [constraint(P(regex="a+"), smol_tok) for _ in range(2)]
+    mask = allocate_bitmask(2, PADDED)
+    with pytest.raises(ValueError, match="distinct"):
+        GrammarConstraint.fill_bitmask_batch(cs, mask, [1, 1])
+    with pytest.raises(ValueError, match="distinct and in 0..1"):
+        GrammarConstraint.fill_bitmask_batch(cs, mask, [0, 2])
+    with pytest.raises(ValueError, match="distinct and in 0..1"):
+        GrammarConstraint.fill_bitmask_batch(cs, mask, [-1, 0])
+    with pytest.raises(ValueError, match="2 constraints for 1 bitmask rows"):
+        GrammarConstraint.fill_bitmask_batch(cs, mask, [0])
+    with pytest.raises(ValueError, match="int32 CPU"):
+        GrammarConstraint.fill_bitmask_batch(cs, mask.to(torch.int64), [0, 1])
+    GrammarConstraint.fill_bitmask_batch([], mask, [])  # nothing to do

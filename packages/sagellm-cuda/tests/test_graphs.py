@@ -171,3 +171,58 @@ def test_non_greedy_requests_sample_the_graph_hidden_states(tiny: Path) -> None:
     got = _run(engine, prompts, params, arrive_every=2)
     assert _runner(engine).num_graph_steps > 0 and _runner(engine).num_prefill_graph_steps == 2
     assert got == _run(_engine(CpuPlatform(), tiny), prompts, params, arrive_every=2)
+
+
+class _OnlyToken:
+    """A constraint without a batch fill: always token ``token``."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row] = 0
+        bitmask[row, self.token // 32] = 1 << (self.token % 32)
+
+    def accept_token(self, token_id: int) -> bool:
+        return token_id == self.token
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+def _run_mixed(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]
+               ) -> list[tuple[list[int], list[Any] | None]]:
+    ids = [engine.add_request(p, sp, constraint=(lambda: _OnlyToken(7)) if k == 3 else None)
+           for k, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    done: dict[str, Any] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [(list(done[i].token_ids), done[i].logprobs) for i in ids]
+
+
+def test_mixed_batch_samples_only_the_rows_that_need_it_from_the_graph_logits(tiny: Path) -> None:
+    """Plain greedy rows keep the graph's argmax; penalised, logprob, constrained and sampled rows
+    in the same decode graph sample the graph's own logits, and everything (logprobs included)
+    matches core's eager CPU steps."""
+    prompts = _prompts(5, 6, 7, 8)
+    params = [GREEDY,
+              SamplingParams(max_tokens=5, temperature=0.0, presence_penalty=0.8,
+                             frequency_penalty=0.4, repetition_penalty=1.3, ignore_eos=True),
+              SamplingParams(max_tokens=5, temperature=0.0, logprobs=3, ignore_eos=True),
+              SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)]  # constrained
+    engine = _engine(CudaPartsOnCpu(), tiny)
+    got = _run_mixed(engine, prompts, params)
+    assert _runner(engine).num_graph_steps > 0
+    want = _run_mixed(_engine(CpuPlatform(), tiny), prompts, params)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert got[3][0] == [7] * 5
+    lp_got, lp_want = got[2][1], want[2][1]
+    assert lp_got is not None and lp_want is not None and len(lp_got) == 5
+    for a, b in zip(lp_got, lp_want, strict=True):
+        assert (a.token_id, a.rank, [t for t, _ in a.top]) == (b.token_id, b.rank, [t for t, _ in b.top])
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    all_rows = [params[2]] * 4  # every row needs the logits: the whole-batch path
+    assert [g[0] for g in _run_mixed(_engine(CudaPartsOnCpu(), tiny), prompts, all_rows)] == \
+        [w[0] for w in _run_mixed(_engine(CpuPlatform(), tiny), prompts, all_rows)]

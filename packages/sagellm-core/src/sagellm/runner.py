@@ -6,8 +6,9 @@ returns it from ``Platform.make_model_runner(ctx)``; everything such a runner ne
 * :class:`RunnerContext` - what the runner is built from;
 * :class:`ModelRunner` - core's runner and its hooks: ``prepare`` (plan -> :class:`ModelInput`),
   ``forward_context``, ``forward``, ``compute_logits``, ``sample`` (with
-  ``suppress_early_stop``, structured-output masks, penalties, logit bias and logprobs),
-  ``fetch_ids`` and ``execute``, the one method the engine calls. A runner that picks tokens
+  ``suppress_early_stop``, structured-output masks, penalties, logit bias and logprobs; its
+  non-waiting half ``sample_tokens`` with ``fetch_sampled``, which brings ids and logprobs back in
+  one copy), ``fetch_ids`` and ``execute``, the one method the engine calls. A runner that picks tokens
   without ``sample`` (an argmax inside a CUDA graph) may do so only where
   ``argmax_suffices(seqs)`` holds, and must leave prefills of sequences whose
   ``needs_prompt_logits`` is true to core's path (their logits are needed at every position);

@@ -6,7 +6,11 @@ buffer: token ids, positions, KV slots, context lengths and a block table as wid
 ``max_model_len`` needs. A decode step then costs one host-to-device copy of that buffer (filled in
 pinned memory), one graph launch and one device-to-host copy of the sampled ids, which is the only
 synchronisation. The graph ends in the LM head and an argmax, so greedy requests never move
-logits; other sampling settings run core's sampler on the graph's final hidden states.
+logits. It also leaves its logits in a static buffer: rows with other settings (sampling,
+penalties, logit bias, logprobs, a grammar) run core's ``sample_tokens`` on those rows of it,
+not on a second LM head, while the other rows keep the graph's argmax; their host work (the
+grammar masks above all) runs while the graph does, and their logprobs come back in the
+ids' copy (``fetch_sampled``).
 
 A step that prefills exactly one prompt from its start (the common case of a request arriving
 alone: it decides time to first token) replays a prefill graph captured for the next token
@@ -15,8 +19,8 @@ the real rows, padded rows write no KV (slot -1), and the graph returns the last
 steps with prefill tokens run eagerly through core's :class:`ModelRunner`.
 
 Built only on the public runner contract (:mod:`sagellm.runner`): the graphs call the model
-through ``forward_context``, sample through ``compute_logits``/``sample`` and wait through
-``fetch_ids``, exactly as core's eager steps do.
+through ``forward_context``, sample through ``sample_tokens`` and wait through
+``fetch_sampled``, exactly as core's eager steps do.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class CudaGraphModelRunner(ModelRunner):
 
     def __init__(self, ctx: RunnerContext) -> None:
         super().__init__(ctx)
-        model, device, block_size = self.model, self.device, self.block_size
+        device, block_size = self.device, self.block_size
         max_model_len = self.max_model_len
         max_batch_size = self.max_batch_size = ctx.config.max_num_seqs
         enforce_eager = self.enforce_eager = ctx.config.enforce_eager
@@ -102,9 +106,10 @@ class CudaGraphModelRunner(ModelRunner):
         self._np = self._host.numpy()
         self._mb = mb
         self.out_ids = torch.zeros(mb, dtype=torch.int64, device=device)
-        hidden = int(model.config.hidden_size)  # type: ignore[union-attr]
-        dtype = next(model.parameters()).dtype
-        self.out_hidden = torch.zeros(mb, hidden, dtype=dtype, device=device)
+        #: The graphs' logits ([mb, vocab] and [1, vocab], the LM head's dtype), made by the
+        #: first forward, which runs before any capture.
+        self.out_logits: torch.Tensor | None = None
+        self.prefill_out_logits: torch.Tensor | None = None
         # Single-sequence prefill graphs: [ids | positions | slots] each pt long, the block
         # table row, then the index of the last real token.
         self.prefill_sizes = [b for b in PREFILL_BUCKETS
@@ -121,7 +126,6 @@ class CudaGraphModelRunner(ModelRunner):
                        for b in self.prefill_sizes}
         self._zero = torch.zeros(1, dtype=torch.int32, device=device)
         self.prefill_out_ids = torch.zeros(1, dtype=torch.int64, device=device)
-        self.prefill_out_hidden = torch.zeros(1, hidden, dtype=dtype, device=device)
         if not enforce_eager:
             self.capture()
         # Everything built so far (model, tokenizer, graphs) lives as long as the engine: move it
@@ -146,7 +150,8 @@ class CudaGraphModelRunner(ModelRunner):
         hidden = self.model(ids, pos, self.forward_context(meta))
         logits = self.model.compute_logits(hidden)  # type: ignore[operator]
         self.out_ids[:bs].copy_(logits.argmax(-1))
-        self.out_hidden[:bs].copy_(hidden)
+        self.out_logits = self._logits_buffer(self.out_logits, self._mb, logits)
+        self.out_logits[:bs].copy_(logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -186,7 +191,18 @@ class CudaGraphModelRunner(ModelRunner):
         hidden = self.model(ids, pos, self.forward_context(meta)).index_select(0, last)
         logits = self.model.compute_logits(hidden)  # type: ignore[operator]
         self.prefill_out_ids.copy_(logits.argmax(-1))
-        self.prefill_out_hidden.copy_(hidden)
+        self.prefill_out_logits = self._logits_buffer(self.prefill_out_logits, 1, logits)
+        self.prefill_out_logits.copy_(logits)
+
+    def _logits_buffer(self, buf: torch.Tensor | None, rows: int, logits: torch.Tensor
+                       ) -> torch.Tensor:
+        """``buf``, or a new ``[rows, vocab]`` buffer for ``logits`` (outside any capture: the
+        first forward of each kind is an uncaptured warm-up)."""
+        if buf is not None and buf.shape[1] == logits.shape[-1] and buf.dtype == logits.dtype:
+            return buf
+        if self.device.type == "cuda":
+            assert not torch.cuda.is_current_stream_capturing(), "logits buffer made in a capture"
+        return torch.empty(rows, logits.shape[-1], dtype=logits.dtype, device=logits.device)
 
     def _prefill_graph_size(self, plan: StepPlan) -> int | None:
         """The bucket for a step whose only prefill is one whole prompt (decodes may ride along)."""
@@ -212,7 +228,7 @@ class CudaGraphModelRunner(ModelRunner):
         self._pdev.copy_(self._phost, non_blocking=True)
         self.prefill_graphs[tb].replay()
         self.num_prefill_graph_steps += 1
-        return self._sample_from_graph([seq], self.prefill_out_ids, self.prefill_out_hidden)
+        return self._sample_from_graph([seq], self.prefill_out_ids, self.prefill_out_logits)
 
     def _padded(self, n: int) -> int | None:
         for bs in self.graph_sizes:
@@ -245,15 +261,26 @@ class CudaGraphModelRunner(ModelRunner):
         end = 4 * self._mb + bs * self.table_width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self.graphs[bs].replay()
-        return self._sample_from_graph(seqs, self.out_ids, self.out_hidden)
+        return self._sample_from_graph(seqs, self.out_ids, self.out_logits)
 
     def _sample_from_graph(self, seqs: list[SequenceState], out_ids: torch.Tensor,
-                           out_hidden: torch.Tensor) -> list[int]:
-        """Greedy ids straight from the graph; other settings sample its last hidden states."""
+                           out_logits: torch.Tensor | None) -> list[int]:
+        """Greedy ids straight from the graph; rows with other settings sample the graph's
+        logits (just those rows) and replace their ids."""
         n = len(seqs)
-        if self.argmax_suffices(seqs):
+        need = [i for i, s in enumerate(seqs) if not self.argmax_suffices([s])]
+        if not need:
             return self.fetch_ids(out_ids[:n])
-        return self.fetch_ids(self.sample(self.compute_logits(out_hidden[:n]), seqs))
+        assert out_logits is not None
+        if len(need) == n:
+            # The buffer is rewritten by the next replay, so it may be changed in place here.
+            ids, logprobs = self.sample_tokens(out_logits[:n].float(), seqs)
+            return self.fetch_sampled(ids, logprobs, seqs)
+        index = self.platform.to_device(torch.tensor(need, dtype=torch.int64))
+        sub = [seqs[i] for i in need]
+        sub_ids, logprobs = self.sample_tokens(out_logits.index_select(0, index).float(), sub)
+        ids = out_ids[:n].index_copy(0, index, sub_ids)
+        return self.fetch_sampled(ids, logprobs, sub)
 
     def _fill(self, seqs: list[SequenceState], bs: int) -> None:
         n = len(seqs)

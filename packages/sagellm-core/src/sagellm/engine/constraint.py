@@ -7,7 +7,10 @@ device-side mask. Who calls what, each step:
 * the model runner calls :meth:`TokenConstraint.fill_bitmask` for each sampling row whose
   sequence has a constraint (it only reads the constraint's state, so a step the engine reruns
   after a failure fills the same mask), then :func:`apply_token_bitmask` before any sampling,
-  greedy included;
+  greedy included. It does so through :func:`fill_bitmasks`, after the step's forward is queued
+  on the device and before its first wait, so the masks are computed while the device runs;
+  a constraint class with a ``fill_bitmask_batch(constraints, bitmask, rows)`` classmethod
+  fills all of its rows in one call (the grammar engine's parallel fill);
 * the engine calls :meth:`TokenConstraint.accept_token` once the token is committed to the
   sequence (in ``LLMEngine._advance``, never twice for one token), fails that request alone if
   it returns ``False``, and finishes it with ``finish_reason == "stop"`` once
@@ -47,18 +50,38 @@ from sagellm.structured.bitmask import bitmask_words, unpack_bitmask  # noqa: E4
 ConstraintFactory = Callable[[], TokenConstraint]
 
 
-def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
-    """An all-disallowed bitmask on the CPU, for :meth:`TokenConstraint.fill_bitmask`."""
-    return torch.zeros((rows, bitmask_words(vocab_size)), dtype=torch.int32)
+def new_bitmask(rows: int, vocab_size: int, *, pin_memory: bool = False) -> torch.Tensor:
+    """An all-disallowed bitmask on the CPU, for :meth:`TokenConstraint.fill_bitmask`
+    (``pin_memory``: page-locked, so its copy to a CUDA device does not wait)."""
+    return torch.zeros((rows, bitmask_words(vocab_size)), dtype=torch.int32, pin_memory=pin_memory)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+def fill_bitmasks(constraints: list[TokenConstraint], bitmask: torch.Tensor) -> None:
+    """Fill row ``i`` of ``bitmask`` from ``constraints[i]``: one ``fill_bitmask_batch`` call per
+    constraint class that has one, ``fill_bitmask`` for the others."""
+    batched: dict[type, list[int]] = {}
+    for i, c in enumerate(constraints):
+        if callable(getattr(type(c), "fill_bitmask_batch", None)):
+            batched.setdefault(type(c), []).append(i)
+        else:
+            c.fill_bitmask(bitmask, i)
+    for cls, rows in batched.items():
+        cls.fill_bitmask_batch([constraints[i] for i in rows], bitmask, rows)  # type: ignore[attr-defined]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                        rows: torch.Tensor | None) -> None:
     """Set to ``-inf``, in place, the logits of tokens the bitmask disallows.
 
-    Row ``i`` of ``bitmask`` applies to row ``rows[i]`` of ``logits`` ``[N, V]``. The mask is
-    moved to the logits' device and unpacked there with shifts (no loop over the vocabulary).
+    Row ``i`` of ``bitmask`` applies to row ``rows[i]`` of ``logits`` ``[N, V]`` (``rows``: an
+    index on any device; ``None``: row ``i`` of the logits). The mask is moved to the logits'
+    device and unpacked there with shifts (no loop over the vocabulary, no wait for the device
+    when ``bitmask`` is page-locked).
     """
     # A mask narrower than padded logits leaves the padding disallowed.
     allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
-    rows = rows.to(logits.device)
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    if rows is None:
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    rows = rows.to(logits.device, non_blocking=True)
+    logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(~allowed, float("-inf")))

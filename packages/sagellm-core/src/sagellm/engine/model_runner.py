@@ -20,6 +20,7 @@ from sagellm.engine.sequence import SequenceState
 from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.attention import ForwardContext
 from sagellm.layers.sampler import Sampler, SamplingBatch
+from sagellm.layers.step_tensors import step_tensor
 from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
 
 
@@ -188,16 +189,39 @@ class ModelRunner:
         Changes ``logits`` in place first: :meth:`suppress_early_stop`, the structured-output
         masks, penalties and logit bias (``sagellm.engine.request_logits``). Rows that ask for
         logprobs get them from the logits as they came in (``seq.sampled_logprob``); other rows
-        pay nothing for them.
+        pay nothing for them. Waits for the device when a row asks for logprobs; the runner's
+        own steps use :meth:`sample_tokens` and :meth:`fetch_sampled`, which never wait before
+        the step's one fetch.
         """
+        ids, logprobs = self.sample_tokens(logits, seqs)
+        if logprobs is not None:
+            logprobs.record(logprobs.tensors.pack().tolist(), seqs)
+        return ids
+
+    def sample_tokens(self, logits: torch.Tensor, seqs: list[SequenceState]
+                      ) -> tuple[torch.Tensor, request_logits.SampledLogprobs | None]:
+        """:meth:`sample` without waiting for the device: the ids and, if any row asks for
+        them, their logprobs, both still on the device (hand them to :meth:`fetch_sampled`).
+
+        Queues nothing that waits, so host work here (the grammar masks above all) overlaps the
+        forward the device is still running."""
         raw = request_logits.raw_logprobs(logits, seqs)
         self.suppress_early_stop(logits, seqs)
         request_logits.apply_constraints(logits, seqs)
         request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts)
         ids = self.sampler(logits, self.sampling_batch(seqs))
-        if raw is not None:
-            request_logits.record_sampled_logprobs(raw, ids, seqs)
-        return ids
+        return ids, (request_logits.sampled_logprobs(raw, ids, seqs) if raw is not None else None)
+
+    def fetch_sampled(self, ids: torch.Tensor, logprobs: request_logits.SampledLogprobs | None,
+                      seqs: list[SequenceState]) -> list[int]:
+        """:meth:`fetch_ids` of ``ids``, the step's one wait; the logprobs ride in the same copy
+        (appended to the ids) and are set on ``seqs``."""
+        if logprobs is None:
+            return self.fetch_ids(ids)
+        n = ids.shape[0]
+        values = self.fetch_ids(torch.cat([ids.to(torch.int64), logprobs.tensors.pack()]))
+        logprobs.record(values[n:], seqs)
+        return values[:n]
 
     @staticmethod
     def argmax_suffices(seqs: list[SequenceState]) -> bool:
@@ -227,18 +251,25 @@ class ModelRunner:
             logits = logits[inp.num_prompt_logits:]
         if not seqs:
             return []
-        return self.fetch_ids(self.sample(logits, seqs))
+        return self.fetch_sampled(*self.sample_tokens(logits, seqs), seqs)
 
     @staticmethod
     def suppress_early_stop(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
-        """Ban, in place, the stop and end-of-sequence ids of rows still short of ``min_tokens``."""
+        """Ban, in place, the stop and end-of-sequence ids of rows still short of ``min_tokens``
+        (one indexed write for the whole batch)."""
         vocab = logits.shape[-1]
+        rows: list[int] = []
+        ids: list[int] = []
         for i, s in enumerate(seqs):
             if s.params.min_tokens and s.num_output_tokens < s.params.min_tokens:
                 banned = set(s.params.stop_token_ids)
                 if not s.params.ignore_eos:
                     banned |= s.eos_token_ids
                 # An id past the vocabulary can never be sampled, so there is nothing to ban.
-                ids = [t for t in banned if t < vocab]
-                if ids:
-                    logits[i, ids] = float("-inf")
+                kept = [t for t in banned if t < vocab]
+                rows.extend([i] * len(kept))
+                ids.extend(kept)
+        if rows:
+            dev = logits.device
+            logits.index_put_((step_tensor(rows, torch.int64, dev), step_tensor(ids, torch.int64, dev)),
+                              logits.new_full((), float("-inf")))

@@ -8,27 +8,33 @@ function here loops over the vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from sagellm.engine.constraint import apply_token_bitmask, new_bitmask
+from sagellm.engine.constraint import apply_token_bitmask, fill_bitmasks, new_bitmask
 from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.sequence import SequenceState
 from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.logits_processors import apply_logit_bias, apply_penalties
-from sagellm.layers.logprobs import gather_logprobs
+from sagellm.layers.logprobs import LogprobTensors, gather_logprobs, unpack_logprobs
+from sagellm.layers.step_tensors import row_index, step_tensor
 
 RawLogprobs = tuple[list[int], torch.Tensor]
 
 
 def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
-    """Mask, in place, the tokens each constrained row's constraint disallows."""
+    """Mask, in place, the tokens each constrained row's constraint disallows.
+
+    The masks are computed on the host (:func:`~sagellm.engine.constraint.fill_bitmasks`) while
+    the device still runs the work queued before, then go over in one non-blocking copy."""
     rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
     if not rows:
         return
-    bitmask = new_bitmask(len(rows), logits.shape[-1])
-    for j, i in enumerate(rows):
-        seqs[i].constraint.fill_bitmask(bitmask, j)  # type: ignore[union-attr]
-    apply_token_bitmask(logits, bitmask, torch.tensor(rows, dtype=torch.int64))
+    dev = logits.device
+    bitmask = new_bitmask(len(rows), logits.shape[-1], pin_memory=dev.type == "cuda")
+    fill_bitmasks([seqs[i].constraint for i in rows], bitmask)  # type: ignore[misc]
+    apply_token_bitmask(logits, bitmask, row_index(rows, len(seqs), dev))
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
@@ -41,10 +47,11 @@ def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
         counts, seen = counts_cache.counts([seqs[i] for i in rows], vocab, dev)
         repetition = None
         if any(p.repetition_penalty != 1.0 for p in ps):
-            repetition = torch.tensor([p.repetition_penalty for p in ps], device=dev)
-        apply_penalties(logits, torch.tensor(rows, device=dev), counts, seen,
-                        torch.tensor([p.presence_penalty for p in ps], device=dev),
-                        torch.tensor([p.frequency_penalty for p in ps], device=dev), repetition)
+            repetition = step_tensor([p.repetition_penalty for p in ps], torch.float32, dev)
+        apply_penalties(logits, row_index(rows, len(seqs), dev), counts, seen,
+                        step_tensor([p.presence_penalty for p in ps], torch.float32, dev),
+                        step_tensor([p.frequency_penalty for p in ps], torch.float32, dev),
+                        repetition)
     bias_rows: list[int] = []
     bias_ids: list[int] = []
     biases: list[float] = []
@@ -62,17 +69,41 @@ def raw_logprobs(logits: torch.Tensor, seqs: list[SequenceState]) -> RawLogprobs
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not rows:
         return None
-    return rows, logits[rows].log_softmax(-1)
+    index = row_index(rows, len(seqs), logits.device)
+    return rows, (logits if index is None else logits.index_select(0, index)).log_softmax(-1)
+
+
+@dataclass
+class SampledLogprobs:
+    """The logprobs of one step's sampled tokens, still on the device: rows ``rows`` of the
+    step, each keeping ``num_top[i]`` alternatives. :meth:`record` sets them on the sequences
+    from the host values of ``tensors.pack()``."""
+
+    rows: list[int]
+    num_top: list[int]
+    tensors: LogprobTensors
+
+    def record(self, packed: list[int], seqs: list[SequenceState]) -> None:
+        entries = unpack_logprobs(packed, self.tensors.num_top, self.num_top)
+        for i, lp in zip(self.rows, entries, strict=True):
+            seqs[i].sampled_logprob = lp
+
+
+def sampled_logprobs(raw: RawLogprobs, ids: torch.Tensor, seqs: list[SequenceState]
+                     ) -> SampledLogprobs:
+    """The logprobs of the sampled ``ids`` for the rows in ``raw`` (no wait for the device)."""
+    rows, logprobs = raw
+    num_top = [seqs[i].params.logprobs or 0 for i in rows]
+    index = row_index(rows, ids.shape[0], ids.device)
+    picked = ids if index is None else ids.index_select(0, index)
+    return SampledLogprobs(rows, num_top, gather_logprobs(logprobs, picked, max(num_top)))
 
 
 def record_sampled_logprobs(raw: RawLogprobs, ids: torch.Tensor, seqs: list[SequenceState]) -> None:
-    """Set ``seq.sampled_logprob`` of the rows in ``raw`` for their sampled token ``ids[row]``."""
-    rows, logprobs = raw
-    num_top = [seqs[i].params.logprobs or 0 for i in rows]
-    picked = ids[torch.tensor(rows, device=ids.device)]
-    for i, lp in zip(rows, gather_logprobs(logprobs, picked, max(num_top)).to_list(num_top),
-                     strict=True):
-        seqs[i].sampled_logprob = lp
+    """Set ``seq.sampled_logprob`` of the rows in ``raw`` for their sampled token ``ids[row]``
+    (waits for the device; the model runner's own steps fetch them with the ids instead)."""
+    pending = sampled_logprobs(raw, ids, seqs)
+    pending.record(pending.tensors.pack().tolist(), seqs)
 
 
 def prompt_logit_span(op: PrefillOp) -> tuple[int, int]:
@@ -93,7 +124,7 @@ def record_prompt_logprobs(logits: torch.Tensor, plan: StepPlan) -> None:
     assert len(targets) == logits.shape[0]
     if not targets:
         return
-    ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+    ids = step_tensor(targets, torch.int64, logits.device)
     entries = gather_logprobs(logits.log_softmax(-1), ids, max(num_top)).to_list(num_top)
     k = 0
     for seq, first, count in spans:

@@ -10,7 +10,8 @@ or after a rerun) is built from its token ids once.
 
 It is a cache of a pure function of each sequence's token ids, checked on use (same sequence
 object, no fewer tokens than were counted), so a rerun step or an unusual call order gives the
-same counts as a rebuild.
+same counts as a rebuild. Its index lists reach the device without a wait
+(``sagellm.layers.step_tensors``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from sagellm.engine.sequence import SequenceState
+from sagellm.layers.step_tensors import step_tensor
 
 
 class TokenCountCache:
@@ -49,15 +51,15 @@ class TokenCountCache:
                 and old_counts.shape[0] == n and old_seen is not None:
             counts, seen = old_counts, old_seen  # the same batch as last step: update in place
         elif len(keep_dst) == n and old_counts is not None and old_seen is not None:
-            src = torch.tensor(keep_src, device=device)
+            src = step_tensor(keep_src, torch.int64, device)
             counts, seen = old_counts.index_select(0, src), old_seen.index_select(0, src)
         else:
             counts = torch.zeros((n, vocab_size), dtype=torch.float32, device=device)
             seen = torch.zeros((n, vocab_size), dtype=torch.bool, device=device)
             if keep_dst:
                 assert old_counts is not None and old_seen is not None
-                dst = torch.tensor(keep_dst, device=device)
-                src = torch.tensor(keep_src, device=device)
+                dst = step_tensor(keep_dst, torch.int64, device)
+                src = step_tensor(keep_src, torch.int64, device)
                 counts.index_copy_(0, dst, old_counts.index_select(0, src))
                 seen.index_copy_(0, dst, old_seen.index_select(0, src))
         out_flat: list[int] = []
@@ -66,12 +68,14 @@ class TokenCountCache:
             base = i * vocab_size
             seen_flat.extend(base + t for t in s.token_ids[start:])
             out_flat.extend(base + t for t in s.token_ids[max(start, s.num_prompt_tokens):])
-        if out_flat:
-            index = torch.tensor(out_flat, dtype=torch.int64).to(device, non_blocking=True)
-            counts.view(-1).scatter_add_(0, index, torch.ones(len(out_flat), device=device))
-        if seen_flat:
-            index = torch.tensor(seen_flat, dtype=torch.int64).to(device, non_blocking=True)
-            seen.view(-1)[index] = True
+        if out_flat or seen_flat:  # one copy for both index lists
+            index = step_tensor(out_flat + seen_flat, torch.int64, device)
+            num_out = len(out_flat)
+            if num_out:
+                counts.view(-1).scatter_add_(0, index[:num_out],
+                                             torch.ones(num_out, device=device))
+            if seen_flat:
+                seen.view(-1)[index[num_out:]] = True
         self._counts, self._seen = counts, seen
         self._rows = {id(s): (s, i, s.num_tokens) for i, s in enumerate(seqs)}
         return counts, seen

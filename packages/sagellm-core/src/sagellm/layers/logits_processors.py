@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from sagellm.layers.step_tensors import step_tensor
+
 
 def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """``[len(token_ids), vocab_size]`` float32 counts of each row's ids, built on ``device``."""
@@ -26,10 +28,10 @@ def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.devi
     return counts
 
 
-def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, output_counts: torch.Tensor,
+def apply_penalties(logits: torch.Tensor, rows: torch.Tensor | None, output_counts: torch.Tensor,
                     seen: torch.Tensor | None, presence: torch.Tensor, frequency: torch.Tensor,
                     repetition: torch.Tensor | None) -> None:
-    """Penalise, in place, the logits of ``rows``.
+    """Penalise, in place, the logits of ``rows`` (``None``: every row, without a gather).
 
     ``output_counts`` [R, V]: each token's count among the generated tokens of row ``rows[i]``;
     ``seen`` [R, V] bool: the token occurs in the prompt or output (for ``repetition``, ``None``
@@ -37,20 +39,23 @@ def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, output_counts: tor
     penalty if positive and multiplied by it if not. Then frequency and presence (OpenAI):
     ``logit -= frequency * count + presence * (count > 0)``.
     """
-    x = logits[rows]
+    x = logits if rows is None else logits.index_select(0, rows)
     if repetition is not None and seen is not None:
         r = repetition[:, None]
         x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
     x = x - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0).float()
-    logits[rows] = x
+    if rows is None:
+        logits.copy_(x)
+    else:
+        logits.index_copy_(0, rows, x)
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[int], token_ids: list[int],
                      biases: list[float]) -> None:
-    """Add ``biases[j]`` to ``logits[rows[j], token_ids[j]]``, in place, in one indexed add."""
+    """Add ``biases[j]`` to ``logits[rows[j], token_ids[j]]``, in place, in one indexed add
+    (no wait for the device)."""
     if not rows:
         return
     dev = logits.device
-    index = (torch.tensor(rows, dtype=torch.int64, device=dev),
-             torch.tensor(token_ids, dtype=torch.int64, device=dev))
-    logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=dev), accumulate=True)
+    index = (step_tensor(rows, torch.int64, dev), step_tensor(token_ids, torch.int64, dev))
+    logits.index_put_(index, step_tensor(biases, logits.dtype, dev), accumulate=True)

@@ -5,12 +5,19 @@ before the min-tokens ban, a structured-output mask, penalties, logit bias, temp
 top-k/top-p/min-p. So the logprobs of a sequence sum to its log-likelihood under the model
 whatever the sampling settings, and they match what vLLM reports by default; a token the
 sampler could not have chosen (masked out) still gets its model logprob.
+
+Getting them to the host is one copy: :meth:`LogprobTensors.pack` lays every field out in one
+int64 tensor (float32 values by their bits, so they come back exactly), which the model runner
+appends to the step's sampled ids and fetches with them in the step's single wait
+(``Platform.fetch_ids``); :func:`unpack_logprobs` turns the host values into
+:class:`~sagellm.outputs.TokenLogprob` objects.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sagellm.outputs import TokenLogprob
@@ -26,13 +33,40 @@ class LogprobTensors:
     top_ids: torch.Tensor  # [R, k] int64
     top_logprobs: torch.Tensor  # [R, k] float32
 
+    @property
+    def num_top(self) -> int:
+        return int(self.top_ids.shape[1])
+
+    def pack(self) -> torch.Tensor:
+        """Every field in one int64 device tensor, ``R * (3 + 2k)`` long, row after row:
+        ``[token, logprob bits, rank, k top ids, k top logprob bits]`` (no wait for the device)."""
+        lps = torch.cat([self.logprobs[:, None], self.top_logprobs], dim=1).float()
+        bits = lps.view(torch.int32).to(torch.int64)
+        k = self.num_top
+        return torch.cat([self.token_ids[:, None], bits[:, :1], self.ranks[:, None],
+                          self.top_ids, bits[:, 1:1 + k]], dim=1).flatten()
+
     def to_list(self, num_top: list[int]) -> list[TokenLogprob]:
         """One :class:`TokenLogprob` per row, row ``i`` keeping its first ``num_top[i]``
-        alternatives (one device-to-host copy per tensor)."""
-        ids, lps, ranks = self.token_ids.tolist(), self.logprobs.tolist(), self.ranks.tolist()
-        top_ids, top_lps = self.top_ids.tolist(), self.top_logprobs.tolist()
-        return [TokenLogprob(t, lp, r, tuple(zip(ti[:k], tl[:k], strict=True)))
-                for t, lp, r, ti, tl, k in zip(ids, lps, ranks, top_ids, top_lps, num_top, strict=True)]
+        alternatives (one device-to-host copy)."""
+        return unpack_logprobs(self.pack().tolist(), self.num_top, num_top)
+
+
+def unpack_logprobs(values: list[int], k: int, num_top: list[int]) -> list[TokenLogprob]:
+    """:meth:`LogprobTensors.pack`'s values, on the host, back to one :class:`TokenLogprob` per
+    row (row ``i`` keeping its first ``num_top[i] <= k`` alternatives)."""
+    width = 3 + 2 * k
+    if len(values) != width * len(num_top):
+        raise ValueError(f"{len(values)} packed values do not hold {len(num_top)} rows of "
+                         f"{k} alternatives")
+    if not num_top:
+        return []
+    table = np.asarray(values, dtype=np.int64).reshape(len(num_top), width)
+    lp = table[:, 1].astype(np.int32).view(np.float32).tolist()
+    top_lp = table[:, 3 + k:].astype(np.int32).view(np.float32).tolist()
+    ints = table[:, : 3 + k].tolist()
+    return [TokenLogprob(row[0], lp[i], row[2], tuple(zip(row[3:3 + n], top_lp[i][:n], strict=True)))
+            for i, (row, n) in enumerate(zip(ints, num_top, strict=True))]
 
 
 def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobTensors:

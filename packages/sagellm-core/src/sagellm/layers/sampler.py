@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sagellm.layers.step_tensors import step_tensor
+
 
 @dataclass
 class SamplingBatch:
@@ -66,21 +68,21 @@ class Sampler:
         if batch.all_greedy:
             return greedy_ids
         dev = logits.device
-        temps = torch.tensor(batch.temperatures, device=dev, dtype=torch.float32)
+        temps = step_tensor(batch.temperatures, torch.float32, dev)
         greedy = temps == 0
         # Shift each row's maximum to 0 before dividing: a tiny temperature (1e-40, say) then
         # sends the other logits to -inf instead of overflowing them all to inf (inf - inf is
         # NaN in the softmax), so it tends to greedy as it should.
         x = logits.float()
         x = (x - x.amax(-1, keepdim=True)) / torch.where(greedy, 1.0, temps)[:, None]
-        top_k = (torch.tensor(batch.top_ks, device=dev)
+        top_k = (step_tensor(batch.top_ks, torch.int64, dev)
                  if any(k > 0 for k in batch.top_ks) else None)
-        top_p = (torch.tensor(batch.top_ps, device=dev, dtype=torch.float32)
+        top_p = (step_tensor(batch.top_ps, torch.float32, dev)
                  if any(p < 1.0 for p in batch.top_ps) else None)
         x = apply_top_k_top_p(x, top_k, top_p)
         probs = x.softmax(-1)
         if batch.min_ps is not None and any(p > 0.0 for p in batch.min_ps):
-            min_p = torch.tensor(batch.min_ps, device=dev, dtype=torch.float32)
+            min_p = step_tensor(batch.min_ps, torch.float32, dev)
             probs = apply_min_p(probs, min_p)
         noise = self._exponential(probs.shape, batch.generators, dev)
         sampled = (probs / noise).argmax(-1)

@@ -3,6 +3,9 @@ sampler drives, backed by an llguidance matcher."""
 
 from __future__ import annotations
 
+import threading
+
+import llguidance
 import torch
 
 from sagellm.structured.compiler import CompiledGrammar
@@ -41,6 +44,34 @@ class GrammarConstraint:
         target[n:] = 0
         _clear_from(target, self._tokenizer.vocab_size)
 
+    @classmethod
+    def fill_bitmask_batch(cls, constraints: list[GrammarConstraint], bitmask: torch.Tensor,
+                           rows: list[int]) -> None:
+        """:meth:`fill_bitmask` of ``constraints[i]`` into row ``rows[i]``, the common rows (a
+        live grammar, rows as wide as its tokenizer's mask) in one llguidance call that computes
+        them on its own threads with the interpreter lock released."""
+        if not constraints:
+            return
+        if len(constraints) != len(rows):
+            raise ValueError(f"{len(constraints)} constraints for {len(rows)} bitmask rows")
+        if len(set(rows)) != len(rows) or not all(0 <= r < bitmask.shape[0] for r in rows):
+            raise ValueError(f"bitmask rows must be distinct and in 0..{bitmask.shape[0] - 1}, "
+                             f"got {rows}")
+        for c, row in zip(constraints, rows, strict=True):
+            c._check_bitmask(bitmask, row)
+        width = bitmask.shape[1]
+        together = [(c._matcher, row) for c, row in zip(constraints, rows, strict=True)
+                    if c._refused is None and c._tokenizer.num_words == width]
+        if len(together) > 1 and bitmask.is_contiguous():
+            _executor().unsafe_compute_mask_ptr(together, bitmask.data_ptr(), width * 4,
+                                                bitmask.shape[0])
+            done = {row for _, row in together}
+        else:
+            done = set()
+        for c, row in zip(constraints, rows, strict=True):
+            if row not in done:
+                c.fill_bitmask(bitmask, row)
+
     def accept_token(self, token_id: int) -> bool:
         if self._refused is not None:
             return False
@@ -76,6 +107,20 @@ class GrammarConstraint:
         for t in self._tokenizer.eos_token_ids:
             w, b = divmod(t, 32)
             target[w] |= _bit(b)
+
+
+#: Threads of the parallel mask fill (llguidance's default: most of the machine's cores, up to
+#: 32); one executor per process, made on first use.
+_EXECUTOR: llguidance.LLExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor() -> llguidance.LLExecutor:
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = llguidance.LLExecutor()
+        return _EXECUTOR
 
 
 def _bit(b: int) -> int:
