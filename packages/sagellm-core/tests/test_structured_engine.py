@@ -98,3 +98,28 @@ def test_model_without_tokenizer_refuses_structured_output(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="tokenizer"):
         llm.generate([[5, 6, 7]], sp(json_object=True), use_tqdm=False)
     assert llm.generate([[5, 6, 7]], sp(4), use_tqdm=False)[0].finish_reason == "length"
+
+
+def test_grammar_that_allows_only_a_stop_token_wins_over_min_tokens() -> None:
+    """A row whose grammar leaves only end-of-sequence keeps it despite ``min_tokens`` (banning
+    it would leave nothing to sample); an unconstrained row and a constrained row with other
+    choices still have it banned."""
+    from types import SimpleNamespace
+
+    from sagellm.engine.model_runner import ModelRunner
+
+    eos, vocab = 2, 8
+    params = SimpleNamespace(min_tokens=5, stop_token_ids=[], ignore_eos=False)
+
+    def seq(constrained: bool) -> SimpleNamespace:
+        return SimpleNamespace(params=params, num_output_tokens=0, eos_token_ids={eos},
+                               constraint=object() if constrained else None)
+
+    logits = torch.zeros(3, vocab)
+    logits[0] = float("-inf")
+    logits[0, eos] = 1.5  # the grammar allows only EOS
+    logits[2, 4:] = float("-inf")  # the grammar allows 0..3, EOS among them
+    ModelRunner.suppress_early_stop(logits, [seq(True), seq(False), seq(True)])  # type: ignore[list-item]
+    assert logits[0, eos].item() == 1.5
+    assert torch.isneginf(logits[1, eos]) and torch.isneginf(logits[2, eos])
+    assert torch.isfinite(logits[2, :eos]).all() and torch.isfinite(logits[1, eos + 1:]).all()

@@ -186,8 +186,8 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
         """One token id per row of ``logits`` (row ``i`` belongs to ``seqs[i]``), on the device.
 
-        Changes ``logits`` in place first: :meth:`suppress_early_stop`, the structured-output
-        masks, penalties and logit bias (``sagellm.engine.request_logits``). Rows that ask for
+        Changes ``logits`` in place first: the structured-output masks, :meth:`suppress_early_stop`,
+        penalties and logit bias (``sagellm.engine.request_logits``). Rows that ask for
         logprobs get them from the logits as they came in (``seq.sampled_logprob``); other rows
         pay nothing for them. Waits for the device when a row asks for logprobs; the runner's
         own steps use :meth:`sample_tokens` and :meth:`fetch_sampled`, which never wait before
@@ -206,8 +206,8 @@ class ModelRunner:
         Queues nothing that waits, so host work here (the grammar masks above all) overlaps the
         forward the device is still running."""
         raw = request_logits.raw_logprobs(logits, seqs)
-        self.suppress_early_stop(logits, seqs)
         request_logits.apply_constraints(logits, seqs)
+        self.suppress_early_stop(logits, seqs)
         request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts)
         ids = self.sampler(logits, self.sampling_batch(seqs))
         return ids, (request_logits.sampled_logprobs(raw, ids, seqs) if raw is not None else None)
@@ -256,7 +256,11 @@ class ModelRunner:
     @staticmethod
     def suppress_early_stop(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
         """Ban, in place, the stop and end-of-sequence ids of rows still short of ``min_tokens``
-        (one indexed write for the whole batch)."""
+        (one indexed write for the whole batch).
+
+        Runs after the structured-output masks: a row whose grammar allows nothing but a stop
+        or end-of-sequence token keeps those (the grammar wins over ``min_tokens``; banning them
+        would leave the row nothing to sample). Decided on the device, without a wait."""
         vocab = logits.shape[-1]
         rows: list[int] = []
         ids: list[int] = []
@@ -271,5 +275,10 @@ class ModelRunner:
                 ids.extend(kept)
         if rows:
             dev = logits.device
-            logits.index_put_((step_tensor(rows, torch.int64, dev), step_tensor(ids, torch.int64, dev)),
-                              logits.new_full((), float("-inf")))
+            index = (step_tensor(rows, torch.int64, dev), step_tensor(ids, torch.int64, dev))
+            kept_values = logits[index]
+            logits.index_put_(index, logits.new_full((), float("-inf")))
+            if any(seqs[i].constraint is not None for i in set(rows)):
+                emptied = torch.isneginf(logits).all(-1)
+                logits.index_put_(index, torch.where(emptied[index[0]], kept_values,
+                                                     float("-inf")))
