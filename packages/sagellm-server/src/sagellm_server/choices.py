@@ -45,7 +45,8 @@ class CompletionChoice:
         if prompt_logprobs is None:
             self.logprobs.skip_text(self.echo_text)
             return self.echo_text, None
-        return self.echo_text, self.logprobs.piece(self.prompt_ids, prompt_logprobs)
+        return self.echo_text, self.logprobs.piece(self.prompt_ids, prompt_logprobs,
+                                                  self.echo_text)
 
     def _body(self, text: str, ids: list[int], lps: list[TokenLogprob],
               prompt_logprobs: list[TokenLogprob | None] | None, finish_reason: str | None,
@@ -61,7 +62,7 @@ class CompletionChoice:
         lp = None
         if self.logprobs is not None:
             if ids:
-                pieces.append(self.logprobs.piece(ids, lps))
+                pieces.append(self.logprobs.piece(ids, lps, text))
             lp = logprobs_format.merge(pieces)
         choice: dict[str, Any] = {"index": self.index, "text": head + text, "logprobs": lp,
                                   "finish_reason": finish_reason}

@@ -40,25 +40,35 @@ class CompletionLogprobs:
         self.table = table
         self.offset = 0  # where the next token starts in the choice's text
 
-    def piece(self, token_ids: Sequence[int], entries: Sequence[TokenLogprob | None]) -> dict[str, Any]:
+    def piece(self, token_ids: Sequence[int], entries: Sequence[TokenLogprob | None],
+              text: str | None = None) -> dict[str, Any]:
         """The four lists for these tokens; ``entries[i]`` is None where a token has no logprob
-        (the first prompt token)."""
+        (the first prompt token).
+
+        ``text`` is what these tokens add to the choice's text, where known. Token strings need
+        not add up to it (a character split over two tokens, a stop string cut off, a
+        tokenizer's own clean-up), so each offset is clamped to it and the next piece starts at
+        its end: offsets never drift past the text they index."""
         assert len(token_ids) == len(entries), (len(token_ids), len(entries))
-        text = self.table.text
+        table_text = self.table.text
+        start = self.offset
+        end = None if text is None else start + len(text)
         tokens, lps, tops, offsets = [], [], [], []
         for tid, e in zip(token_ids, entries, strict=True):
-            s = text(tid)
+            s = table_text(tid)
             tokens.append(s)
-            offsets.append(self.offset)
+            offsets.append(self.offset if end is None else min(self.offset, end))
             self.offset += len(s)
             if e is None:
                 lps.append(None)
                 tops.append(None)
                 continue
             lps.append(_lp(e.logprob))
-            top = {text(t): _lp(lp) for t, lp in e.top}
+            top = {table_text(t): _lp(lp) for t, lp in e.top}
             top.setdefault(s, _lp(e.logprob))
             tops.append(top)
+        if end is not None:
+            self.offset = end
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     def skip_text(self, text: str) -> None:
