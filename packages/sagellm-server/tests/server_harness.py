@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import re
 import socket
 import subprocess
@@ -100,7 +101,9 @@ def start_server(tmp: Path, *extra: str, timeout: float = 240.0) -> Server:
     log = tmp / "server.log"
     cmd = [sys.executable, "-m", "sagellm_server.cli", "--port", str(port), "--api-key", API_KEY,
            "--served-model-name", MODEL_NAME, "--log-interval", "1", "--max-request-body-bytes",
-           str(256 * 1024), *extra]
+           str(256 * 1024), *extra,
+           # e.g. "--backend cuda": the same tests against a GPU backend on the device machine.
+           *shlex.split(os.environ.get("SAGELLM_TEST_SERVER_ARGS", ""))]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
