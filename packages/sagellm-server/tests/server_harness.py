@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import re
+import shlex
 import socket
 import subprocess
 import sys
