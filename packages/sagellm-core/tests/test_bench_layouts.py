@@ -51,7 +51,12 @@ def test_offline_workload_runs_on_a_multi_rank_engine(bench_dir: Path, tmp_path:
     assert len(row["ms_all"]) == 10 and row["ms_median"] > 0
     tp2 = layout[0] == "--tensor-parallel-size"
     assert result["layout"] == {"tensor_parallel_size": 2 if tp2 else 1,
-                                "disaggregate_prefill": not tp2}
+                                "disaggregate_prefill": not tp2,
+                                "ranks": result["layout"]["ranks"]}
+    assert result["layout"]["ranks"].startswith("2 ranks on 1 host(s)")
+    # The other rank really worked: all-reduces under TP, KV blocks moved when disaggregated.
+    op = "all_reduce" if tp2 else "kv_transfer"
+    assert result["comm"][op]["calls"] > 0 and result["comm"][op]["bytes"] > 0
     assert result["kv_capacity"]["num_blocks"] == 128
     assert not dist.is_initialized()  # the bench shut the engine's workers down
 

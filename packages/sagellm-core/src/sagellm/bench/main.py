@@ -167,6 +167,11 @@ def _run_offline(args: argparse.Namespace, names: list[str], result: dict[str, A
         runner = engine.runner
         result["runner"] = {k: getattr(runner, k) for k in ("num_graph_steps", "num_eager_steps")
                             if hasattr(runner, k)}
+        workers = engine.workers
+        if workers is not None:
+            # What the ranks exchanged over the whole run (all-reduces, broadcasts, KV transfers).
+            result["layout"]["ranks"] = workers.topology.describe()
+            result["comm"] = workers.comm.get_bandwidth_stats().as_dict()
     finally:
         engine.shutdown()
 
