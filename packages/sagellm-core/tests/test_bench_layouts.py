@@ -74,6 +74,10 @@ def test_prefix_chat_sweep_restarts_the_multi_rank_engine_per_policy(bench_dir: 
         assert row["requests"] == 8 and row["output_tokens"] == 8 * 3
         assert row["policy"] == {"lru": "LRUPolicy", "s3fifo": "S3FIFOPolicy"}[policy]
     assert rows["lru"]["prompt_tokens"] == rows["s3fifo"]["prompt_tokens"]
+    if layout[0] == "--tensor-parallel-size":
+        assert rows["lru"]["hit_rate"] > 0 and "note" not in rows["lru"]
+    else:  # no prefix cache across the prefill/decode pair yet, and the row says so
+        assert rows["lru"]["hit_rate"] == 0 and "prefill/decode pair" in rows["lru"]["note"]
     assert result["backend"] == "cpu"
     assert not dist.is_initialized()
 

@@ -189,6 +189,9 @@ def _prefix_sweep(args: argparse.Namespace, result: dict[str, Any],
             workloads.run_requests(engine, [list(range(2, 18))], [8])  # in any vocabulary
             engine.block_manager.reset_prefix_cache()
             rows[policy] = prefix_chat(engine, spec or PrefixChatSpec())
+            if args.disaggregate_prefill:
+                rows[policy]["note"] = ("prefix caching does not span the prefill/decode pair "
+                                        "yet (docs/distributed.md): no prefix is reused")
             result.setdefault("device", engine.platform.device_name())
             result.setdefault("backend", engine.platform.name)
         finally:
