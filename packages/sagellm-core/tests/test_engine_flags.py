@@ -72,3 +72,15 @@ def test_the_sagellm_command_has_every_field(command: str) -> None:
     assert set(kwargs) == set(EngineConfig.model_fields)
     assert (kwargs["block_size"], kwargs["seed"], kwargs["enable_prefix_caching"]) == (8, 3, False)
     assert args.seed == 5  # --seed stays the sampling seed
+
+
+def test_excluded_fields_are_neither_flags_nor_config_kwargs() -> None:
+    flags = EngineFlags(exclude={"kv_eviction"})
+    p = argparse.ArgumentParser()
+    flags.add_to(p)
+    p.add_argument("--kv-eviction", default="lru,lfu")  # the command's own flag of that name
+    args = p.parse_args(["--kv-eviction", "lfu,s3fifo", "--tensor-parallel-size", "2"])
+    kwargs = flags.config_kwargs(args)
+    assert "kv_eviction" not in kwargs and kwargs["tensor_parallel_size"] == 2
+    with pytest.raises(AssertionError, match="not EngineConfig fields"):
+        EngineFlags(exclude={"kv_evictoin"})

@@ -222,3 +222,64 @@ def test_torchrun_ranks_serve_as_workers(tiny_dirs: dict[str, Path], tmp_path: P
     expected = LLM(model=model, num_kv_blocks=64).generate(
         [[5, 6, 7, 8], [9, 10]], SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert lines[0] == f"TOKENS 0 {[o.token_ids for o in expected]}"
+
+
+_TWO_NODE_SCRIPT = """
+import os, sys
+from sagellm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], tensor_parallel_size=2, num_kv_blocks=64)
+topo = llm.engine.workers.topology
+outs = llm.generate([[5, 6, 7, 8], [9, 10, 11]],
+                    SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+print("TOPO", topo.num_hosts, topo.local_world_size, topo.same_host(0, 1), flush=True)
+print("TOKENS", os.environ["RANK"], [o.token_ids for o in outs], flush=True)
+llm.engine.shutdown()
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_torchrun_two_nodes_on_one_machine_match_tp1(tiny_dirs: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    """``torchrun --nnodes 2``, one rank per "node" (gloo, CPU): greedy tokens equal TP=1's.
+
+    Each node's processes get their own ``SAGELLM_HOST_ID``, so the engine sees two hosts: both
+    ranks have LOCAL_RANK 0 (device ``device_index + 0`` on its own node), and each node's rank
+    divides only its own node's cores.
+    """
+    import subprocess
+    import sys
+
+    model = str(tiny_dirs["llama"])
+    script = tmp_path / "two_nodes.py"
+    script.write_text(_TWO_NODE_SCRIPT)
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "SAGELLM_HOST_ID": f"node-{node}"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+             str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+             str(port), str(script), model],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    head, worker = results[0][0].splitlines(), results[1][0].splitlines()
+    assert not [ln for ln in worker if ln.startswith(("TOKENS", "TOPO"))]  # rank 1 only served
+    assert "TOPO 2 1 False" in head
+    expected = LLM(model=model, num_kv_blocks=64).generate(
+        [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+        use_tqdm=False)
+    assert f"TOKENS 0 {[o.token_ids for o in expected]}" in head

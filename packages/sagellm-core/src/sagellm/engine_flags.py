@@ -53,16 +53,19 @@ class EngineFlags:
 
     ``rename`` gives a field another flag where the command already uses its name for something
     else (the flag's ``dest`` follows it); ``defaults`` gives a field another default where the
-    command must differ from ``EngineConfig`` (say why beside the table).
+    command must differ from ``EngineConfig`` (say why beside the table); ``exclude`` leaves out
+    fields the command sets itself (neither a flag nor in :meth:`config_kwargs`).
     """
 
     def __init__(self, rename: Mapping[str, str] | None = None,
-                 defaults: Mapping[str, Any] | None = None) -> None:
-        self.specs = flag_specs()
-        names = {s.name for s in self.specs}
-        for table in (rename or {}, defaults or {}):
+                 defaults: Mapping[str, Any] | None = None,
+                 exclude: frozenset[str] | set[str] = frozenset()) -> None:
+        specs = flag_specs()
+        names = {s.name for s in specs}
+        for table in (rename or {}, defaults or {}, exclude):
             unknown = set(table) - names
             assert not unknown, f"not EngineConfig fields: {sorted(unknown)}"
+        self.specs = tuple(s for s in specs if s.name not in exclude)
         self.rename = dict(rename or {})
         self.defaults = dict(defaults or {})
 

@@ -2,6 +2,7 @@
 
 * :mod:`~sagellm.distributed.launcher` starts, watches and stops the other ranks (or joins them
   under ``torchrun``);
+* :mod:`~sagellm.distributed.topology` finds which ranks share a host (never assumed);
 * :mod:`~sagellm.distributed.wire` turns a step's inputs into tensors for ``CommBackend.broadcast``;
 * :mod:`~sagellm.distributed.tp_worker` runs tensor-parallel steps on every rank;
 * :mod:`~sagellm.distributed.disagg` splits prefill and decode between two workers and moves the

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from sagellm.config import EngineConfig
+from sagellm.distributed.topology import Topology, exchange
 from sagellm.distributed.wire import Channel
 from sagellm.layers.parallel import TPGroup
 from sagellm.protocols import CommBackend, Platform
@@ -61,11 +62,28 @@ class WorkerFailure(RuntimeError):
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when this process was started by ``torchrun``."""
+    """(rank, world size, local rank) when this process was started by ``torchrun``.
+
+    Also for any launcher that sets the same variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``, ``LOCAL_RANK``). ``LOCAL_RANK`` (the process's index on its host, which picks
+    its device) is required: ``RANK`` in its place would be right on one host only.
+    """
     env = os.environ
     if "TORCHELASTIC_RUN_ID" not in env and not ("RANK" in env and "MASTER_ADDR" in env):
         return None
-    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in env]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not set: a rank started by a launcher needs RANK, "
+                         "WORLD_SIZE and LOCAL_RANK (its index among the ranks on its host), as "
+                         "torchrun sets them")
+    try:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    except ValueError as exc:
+        raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {exc}") from None
+    if not (0 <= rank < world and 0 <= local <= rank):
+        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: need "
+                         "0 <= LOCAL_RANK <= RANK < WORLD_SIZE")
+    return rank, world, local
 
 
 def _describe_exit(rank: int, pid: int | None, exitcode: int | None, role: str) -> str:
@@ -85,8 +103,10 @@ class WorkerGroup:
     """Rank 0's view of the other ranks: the communicator, the step channel, the processes."""
 
     def __init__(self, role: str, config: EngineConfig, platform: Platform, comm: CommBackend,
-                 processes: dict[int, Any]) -> None:
+                 processes: dict[int, Any], topology: Topology) -> None:
         self.role = role
+        #: Which ranks share a host (see :mod:`sagellm.distributed.topology`).
+        self.topology = topology
         self.config = config
         self.platform = platform
         self.comm = comm
@@ -284,13 +304,21 @@ def launch(config: EngineConfig, platform: Platform) -> WorkerGroup:
         _wait_for_ranks(store, processes, role)
         _init_group(backend, 0, world, store, platform.device)
     comm = platform.make_comm_backend(0, world)
+    topo = join_topology(comm, platform, config.device_index)
     if role == "tensor-parallel":
         config = worker_config(config, role, platform, config.device_index)
     # (With disaggregation rank 0 is the decode worker and keeps the user's settings.)
-    logger.info("%s engine: %d ranks over %s (%s)", role, world, backend,
+    logger.info("%s engine: %s over %s (%s)", role, topo.describe(), backend,
                 "torchrun" if trun else "spawned")
-    _active = WorkerGroup(role, config, platform, comm, processes)
+    _active = WorkerGroup(role, config, platform, comm, processes, topo)
     return _active
+
+
+def join_topology(comm: CommBackend, platform: Platform, device_index: int) -> Topology:
+    """Collective, on every rank right after its communicator exists: who shares a host."""
+    topo = exchange(comm, device_index)
+    topo.check_devices(platform.device.type)
+    return topo
 
 
 def _check_divisible(config: EngineConfig) -> None:
@@ -384,9 +412,6 @@ def run_worker(role: str, config_json: str, platform_cls: type[Platform], rank: 
         config = EngineConfig.model_validate_json(config_json)
         platform = platform_cls(device_index)
         platform.set_device()
-        if platform.device.type == "cpu":
-            # The ranks share the host's cores; oversubscribed threads slow everyone down.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         store = None
         if host is not None:
             store = dist.TCPStore(host, port, world_size, False,
@@ -394,6 +419,10 @@ def run_worker(role: str, config_json: str, platform_cls: type[Platform], rank: 
             store.set(_ALIVE_KEY.format(rank), str(os.getpid()))
         _init_group(platform.capabilities().dist_backend, rank, world_size, store, platform.device)
         comm = platform.make_comm_backend(rank, world_size)
+        topo = join_topology(comm, platform, device_index)
+        if platform.device.type == "cpu":
+            # The ranks on this host share its cores; oversubscribed threads slow everyone down.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // topo.local_world_size))
         from sagellm.engine.builder import build_parts
 
         if role == "tensor-parallel":
