@@ -44,7 +44,7 @@ _GEMMA_LAYER = {**_LLAMA_LAYER, "post_attention_norm": "post_attention_layernorm
                 "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 _PHI3_LAYER = {**_LLAMA_LAYER, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-#: Stacked expert tensors -> (per-expert projection name in each family, index in MoE names).
+#: Stacked expert tensors [experts, out, in] -> index into a family's (gate, up, down) names.
 _EXPERTS = {"ffn_gate_exps": 0, "ffn_up_exps": 1, "ffn_down_exps": 2}
 
 
@@ -155,7 +155,7 @@ def hf_config(meta: GGUFMetadata, family: GGUFArch, tensor_shapes: dict[str, tup
             cfg.update(num_local_experts=experts, num_experts_per_tok=used)
         else:
             ff = int(g("{arch}.expert_feed_forward_length", 0)
-                     or tensor_shapes[f"blk.0.{'ffn_gate_exps'}.weight"][1])
+                     or tensor_shapes["blk.0.ffn_gate_exps.weight"][1])
             cfg.update(num_experts=experts, num_experts_per_tok=used, moe_intermediate_size=ff,
                        norm_topk_prob=bool(g("{arch}.expert_weights_norm", True)))
     if family.model_type in ("gemma2", "gemma3_text"):
