@@ -152,7 +152,8 @@ class PrefillMetadata:
     ``seq_lens`` [num_seqs] int32: total tokens of context after this step (cached + new).
     ``context_lens`` [num_seqs] int32: tokens already in the cache before this step (cached prefix
     or earlier chunks); the new tokens sit at positions ``context_lens .. seq_lens``.
-    ``block_tables`` [num_seqs, max_blocks] int32, padded with 0.
+    ``block_tables`` [num_seqs, max_blocks] int32, padded with 0; entries may be
+    :data:`NO_BLOCK` (see there).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -170,7 +171,8 @@ class PrefillMetadata:
 class DecodeMetadata:
     """The decode part of a batch: one new token per sequence.
 
-    ``seq_lens`` [num_seqs] int32 counts the new token; ``block_tables`` [num_seqs, max_blocks].
+    ``seq_lens`` [num_seqs] int32 counts the new token; ``block_tables`` [num_seqs, max_blocks]
+    (entries may be :data:`NO_BLOCK`, see there).
     """
 
     seq_lens: torch.Tensor
@@ -207,6 +209,13 @@ class AttentionLayerSpec:
 
 #: Plain causal attention over every earlier key, scores unchanged.
 FULL_ATTENTION = AttentionLayerSpec()
+
+#: A block-table entry whose block the engine freed: every token in it lies before the sliding
+#: window of every query of this step (``key <= first query position - window``). Only given to
+#: a platform whose :attr:`Capabilities.skips_out_of_window_blocks` is true, for a model whose
+#: every layer is windowed; its prefill and decode must read neither the entry nor any slot
+#: before the window start of the sequence's first query.
+NO_BLOCK = -1
 
 
 @dataclass
@@ -413,6 +422,12 @@ class Capabilities:
     #: (never run as full attention).
     supports_sliding_window: bool = False
     supports_logits_soft_cap: bool = False
+    #: Whether windowed prefill and decode never read a block-table entry (nor its slots) whose
+    #: tokens all lie before the window of the sequence's first query of the step. Then, for a
+    #: model whose every layer is windowed, the engine frees such blocks as a sequence moves on
+    #: and puts :data:`NO_BLOCK` in their entries (``BlockManager.release_out_of_window``);
+    #: otherwise every block stays held until the sequence ends. Read once at start-up.
+    skips_out_of_window_blocks: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ CUDA graph. With one split the first kernel writes the output directly.
 
 Prefill is a flash-attention forward whose keys and values come from the paged pool (they were
 written just before), so one kernel serves prompts with and without a cached prefix.
+
+With a sliding window neither kernel loads a block-table entry or slot before the window start
+of a program's first query, so the blocks the engine freed there (``NO_BLOCK`` entries) are
+never touched (``Capabilities.skips_out_of_window_blocks``).
 """
 
 from __future__ import annotations
@@ -268,10 +272,14 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, out_ptr, s
     # Tiles entirely below the diagonal of every query row need no causal mask.
     full_end = tl.where(mt * BLOCK_M < q_len, ctx + mt * BLOCK_M, 0)
     full_end = (full_end // BLOCK_N) * BLOCK_N
-    # With a window every tile is masked, from the tile of the first query's first key on.
+    # With a window every tile is masked, from the tile of the first query's first key on;
+    # keys before that first key are not loaded at all (their blocks may have been freed, and
+    # their entries hold NO_BLOCK).
     lo = full_end * 0
+    first_key = full_end * 0
     if HAS_WINDOW:
-        lo = (tl.maximum(ctx + mt * BLOCK_M - window + 1, 0) // BLOCK_N) * BLOCK_N
+        first_key = tl.maximum(ctx + mt * BLOCK_M - window + 1, 0)
+        lo = (first_key // BLOCK_N) * BLOCK_N
         full_end = lo
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -295,7 +303,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, out_ptr, s
         m_i = m_new
     for start in range(full_end, end, BLOCK_N):
         tok = start + n
-        valid = tok < end
+        valid = (tok < end) & (tok >= first_key)
         blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         off = blk * c_stride_blk + (tok % BLOCK_SIZE) * c_stride_tok + kvh * c_stride_h
         k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)

@@ -83,6 +83,7 @@ class CudaPlatform(TorchAcceleratorPlatform):
             priority=100,
             supports_sliding_window=True,
             supports_logits_soft_cap=True,
+            skips_out_of_window_blocks=True,
         )
 
     def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> CudaKVBackend:

@@ -48,6 +48,7 @@ class CpuPlatform(Platform):
             priority=0,
             supports_sliding_window=True,
             supports_logits_soft_cap=True,
+            skips_out_of_window_blocks=True,
             prefill_chunk_tokens=PREFILL_CHUNK_TOKENS,
         )
 

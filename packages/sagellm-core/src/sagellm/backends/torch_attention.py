@@ -1,7 +1,9 @@
 """Reference attention over the paged pool in plain torch.
 
 Correct on every device torch supports and the numerical reference for faster kernels: each
-backend's conformance tests compare against this module.
+backend's conformance tests compare against this module. With a sliding window it reads only
+the blocks from the window start of each sequence's first query on, so entries the engine
+freed (``NO_BLOCK``) are never touched.
 """
 
 from __future__ import annotations
@@ -90,10 +92,14 @@ class TorchAttentionBackend(AttentionBackend):
                     mask = _window_mask(pos, pos, window)
                 out[s:e] = _sdpa(q, key[s:e], value[s:e], mask, True, scale, cap)
                 continue
-            k = gather_kv(key_cache, meta.block_tables[i], seq_lens[i]).to(q.dtype)
-            v = gather_kv(value_cache, meta.block_tables[i], seq_lens[i]).to(q.dtype)
+            # With a window, start at the block of the first query's first key.
+            first = 0 if window is None else max(0, ctx_lens[i] - window + 1) // key_cache.shape[1]
+            start = first * key_cache.shape[1]
+            table = meta.block_tables[i][first:]
+            k = gather_kv(key_cache, table, seq_lens[i] - start).to(q.dtype)
+            v = gather_kv(value_cache, table, seq_lens[i] - start).to(q.dtype)
             q_pos = torch.arange(ctx_lens[i], seq_lens[i], device=q.device)
-            k_pos = torch.arange(seq_lens[i], device=q.device)
+            k_pos = torch.arange(start, seq_lens[i], device=q.device)
             out[s:e] = _sdpa(q, k, v, _window_mask(q_pos, k_pos, window), False, scale, cap)
         return out
 
@@ -103,19 +109,32 @@ class TorchAttentionBackend(AttentionBackend):
         bsz = query.shape[0]
         block_size = key_cache.shape[1]
         max_blocks = (meta.max_seq_len + block_size - 1) // block_size
-        tables = meta.block_tables[:, :max_blocks].long()
-        k = key_cache[tables].reshape(bsz, max_blocks * block_size, *key_cache.shape[2:])
-        v = value_cache[tables].reshape(bsz, max_blocks * block_size, *value_cache.shape[2:])
+        seq_lens = meta.seq_lens[:, None].to(query.device).long()
+        window = layer.sliding_window
+        if window is None:
+            idx = torch.arange(max_blocks, device=query.device)[None, :].expand(bsz, -1)
+            tables = meta.block_tables[:, :max_blocks].long()
+        else:
+            # Each row's blocks from the one of its first key (``seq_len - window``) on; past a
+            # row's last block its last block is read again (masked), never another's entry.
+            width = min(max_blocks, -(-window // block_size) + 1)
+            first = (seq_lens - window).clamp(min=0) // block_size
+            idx = first + torch.arange(width, device=query.device)[None, :]
+            last = (seq_lens - 1) // block_size
+            tables = meta.block_tables.long().gather(1, torch.minimum(idx, last))
+        span = tables.shape[1] * block_size
+        k = key_cache[tables].reshape(bsz, span, *key_cache.shape[2:])
+        v = value_cache[tables].reshape(bsz, span, *value_cache.shape[2:])
         k, v = k.to(query.dtype), v.to(query.dtype)
         groups = query.shape[1] // k.shape[2]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=2)
             v = v.repeat_interleave(groups, dim=2)
-        pos = torch.arange(max_blocks * block_size, device=query.device)
-        seq_lens = meta.seq_lens[:, None].to(query.device)
-        mask = pos[None, :] < seq_lens  # [B, L]
-        if layer.sliding_window is not None:
-            mask &= pos[None, :] >= seq_lens - layer.sliding_window
+        offset = torch.arange(block_size, device=query.device)
+        pos = (idx[:, :, None] * block_size + offset).reshape(bsz, span)  # [B, L] positions
+        mask = pos < seq_lens
+        if window is not None:
+            mask &= pos >= seq_lens - window
         out = _attend(query.unsqueeze(2),  # [B, H, 1, D]
                       k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :], False, scale,
                       layer.logits_soft_cap)

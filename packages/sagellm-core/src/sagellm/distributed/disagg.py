@@ -121,6 +121,10 @@ class DisaggScheduler(Scheduler):
 
     # The algorithm is Scheduler.schedule; these are the decisions disaggregation changes.
 
+    def _release_out_of_window(self) -> None:
+        """Nothing: a prompt's blocks move to the decode pool whole, so across the pair every
+        block stays held until its sequence ends (no sliding-window freeing yet)."""
+
     def _pools(self) -> list[tuple[BlockManager, str]]:
         return [(self.block_manager, "decode "), (self.prefill_block_manager, "prefill ")]
 

@@ -16,6 +16,17 @@ A prompt that matches only part of a cached block recomputes that block's tokens
 backend has no block copy (it left the contract), and a copy would have to reach every rank of
 a tensor-parallel engine through the step plan, for at most ``block_size - 1`` tokens.
 ``num_partial_hit_tokens`` counts the tokens recomputed that way.
+
+With ``kv_window`` (a model whose every layer has a sliding window, the largest of them), a
+query at position ``p`` reads only keys after ``p - kv_window``, so a running sequence's blocks
+wholly before the window of its next token are of no further use: :meth:`release_out_of_window`
+drops them and puts ``NO_BLOCK`` in their table entries (entries keep their positions, so
+``block_table[p // block_size]`` stays the block of position ``p``). A dropped block goes the way
+of any released one: freed, or, if the prefix cache indexes it, kept as evictable, so it is
+never handed out while the index can still give it to a request. A sequence with dropped blocks
+serves later requests only through the index, whose chains start at the first block: a chain
+whose head was evicted is gone with everything below it (``_evict``), and ``fork`` shares no
+block that the child would read past a dropped one.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from sagellm.engine.sequence import SequenceState
 from sagellm.kv_cache.block_hash import block_key, root_key
 from sagellm.kv_cache.eviction import EvictionPolicy, make_eviction_policy
 from sagellm.kv_cache.radix import RadixIndex
-from sagellm.protocols import KVBackend
+from sagellm.protocols import NO_BLOCK, KVBackend
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,17 @@ class BlockStats:
 
 class BlockManager:
     def __init__(self, kv: KVBackend, block_size: int, enable_caching: bool = False,
-                 eviction: str | EvictionPolicy = "lru") -> None:
+                 eviction: str | EvictionPolicy = "lru", kv_window: int | None = None) -> None:
+        if kv_window is not None and (isinstance(kv_window, bool) or not isinstance(kv_window, int)
+                                      or kv_window < 1):
+            raise ValueError(f"kv_window must be a positive integer or None, got {kv_window!r}")
         self.kv = kv
         self.block_size = block_size
         self.enable_caching = enable_caching
+        #: Keys a query sees at most (every layer windowed); ``None``: every block is kept.
+        self.kv_window = kv_window
+        #: Blocks given back by :meth:`release_out_of_window`.
+        self.num_window_released_blocks = 0
         self.ref_counts: dict[int, int] = {}
         self._holders: dict[str, SequenceState] = {}
         self.index = RadixIndex(block_size)
@@ -122,6 +140,7 @@ class BlockManager:
         self._partial_hits[seq.request_id] = found.num_partial_tokens
         if seq.block_table:
             self._holders[seq.request_id] = seq
+        self.release_out_of_window(seq)  # the hit's head may lie before the window already
         return seq.num_computed_tokens
 
     def release_cached_prefix(self, seq: SequenceState) -> None:
@@ -145,7 +164,7 @@ class BlockManager:
         for i, key in enumerate(self._keys(seq, start, full), start):
             parent = seq.block_hashes[-1] if i else root_key(seq.cache_salt)
             block = seq.block_table[i]
-            if self.index.insert(parent, key, seq.token_ids[i * bs:(i + 1) * bs], block,
+            if block != NO_BLOCK and self.index.insert(parent, key, seq.token_ids[i * bs:(i + 1) * bs], block,
                                  first=i == 0):
                 self.eviction.on_insert(block, key)
             seq.block_hashes.append(key)
@@ -182,6 +201,34 @@ class BlockManager:
             short -= self._evict(min(short, self.eviction.num_evictable))
         return self.kv.allocate_blocks(n)
 
+    # -- sliding window --------------------------------------------------------------------
+
+    def first_window_block(self, num_computed_tokens: int) -> int:
+        """Index of the first block that a query at ``num_computed_tokens`` or later can read
+        (0 without a window): the block of key ``num_computed_tokens - kv_window + 1``."""
+        if self.kv_window is None:
+            return 0
+        return max(0, num_computed_tokens - self.kv_window + 1) // self.block_size
+
+    def release_out_of_window(self, seq: SequenceState) -> int:
+        """Give back ``seq``'s blocks that no query from its next token on can read; their
+        entries become ``NO_BLOCK``. Returns how many went (0 without a window).
+
+        Called by the scheduler for each running sequence before it plans a step, and for a
+        sequence given a cached prefix: queries only move forward (a preempted sequence
+        recomputes from its first uncached block), so a dropped block is never needed again.
+        """
+        stop = min(self.first_window_block(seq.num_computed_tokens), len(seq.block_table))
+        start = seq.num_released_blocks
+        if stop <= start:
+            return 0
+        dropped = seq.block_table[start:stop]
+        seq.block_table[start:stop] = [NO_BLOCK] * (stop - start)
+        seq.num_released_blocks = stop
+        self._unref(dropped)
+        self.num_window_released_blocks += stop - start
+        return stop - start
+
     # -- allocation ------------------------------------------------------------------------
 
     def blocks_needed(self, seq: SequenceState, num_new_tokens: int) -> int:
@@ -213,10 +260,16 @@ class BlockManager:
         """
         assert not child.block_table, "fork into a sequence that holds no blocks"
         n = min(parent.num_computed_tokens, child.num_tokens - 1) // self.block_size
-        shared = parent.block_table[:n]
+        # With a window the child reads from ``first`` on; the parent may have dropped blocks
+        # before its own window, which starts later (then the child recomputes everything).
+        first = self.first_window_block(n * self.block_size)
+        if first < parent.num_released_blocks:
+            n = first = 0
+        shared = parent.block_table[first:n]
         for b in shared:
             self.ref_counts[b] += 1
-        child.block_table = list(shared)
+        child.block_table = [NO_BLOCK] * first + shared
+        child.num_released_blocks = first
         child.block_hashes = parent.block_hashes[:n]
         child.num_computed_tokens = n * self.block_size
         if shared:
@@ -233,8 +286,20 @@ class BlockManager:
         Cached (hashed) blocks become evictable instead, the tail of the sequence first in line
         for eviction, so shared prefixes survive longest.
         """
+        self._unref(list(reversed(seq.block_table)))
+        seq.block_table = []
+        seq.num_released_blocks = 0
+        seq.block_hashes = []
+        self._holders.pop(seq.request_id, None)
+        self._partial_hits.pop(seq.request_id, None)
+
+    def _unref(self, blocks: list[int]) -> None:
+        """Drop one reference to each of ``blocks`` (``NO_BLOCK`` entries skipped), in order;
+        a block nobody holds is freed, or becomes evictable if the prefix cache indexes it."""
         release = []
-        for i in reversed(seq.block_table):
+        for i in blocks:
+            if i == NO_BLOCK:
+                continue
             self.ref_counts[i] -= 1
             if self.ref_counts[i] == 0:
                 del self.ref_counts[i]
@@ -244,15 +309,18 @@ class BlockManager:
                     release.append(i)
         if release:
             self.kv.free_blocks(release)
-        seq.block_table = []
-        seq.block_hashes = []
-        self._holders.pop(seq.request_id, None)
-        self._partial_hits.pop(seq.request_id, None)
+
+    @property
+    def num_held_blocks(self) -> int:
+        """Blocks some sequence holds (neither free nor evictable)."""
+        return self.num_blocks - self.num_free_blocks
 
     def stats(self) -> BlockStats:
-        allocated = sum(len(s.block_table) for s in self._holders.values()) * self.block_size
-        used = sum(min(s.num_computed_tokens, len(s.block_table) * self.block_size)
-                   for s in self._holders.values())
+        bs = self.block_size
+        holders = self._holders.values()
+        allocated = sum(len(s.block_table) - s.num_released_blocks for s in holders) * bs
+        used = sum(max(0, min(s.num_computed_tokens, len(s.block_table) * bs)
+                       - s.num_released_blocks * bs) for s in holders)
         # Blocks reserved for tokens about to be computed this step count as used.
         return BlockStats(self.num_blocks, self.num_free_blocks, self.block_size,
                           num_wasted_slots=max(0, allocated - used), num_allocated_slots=allocated)

@@ -4,7 +4,8 @@ Every step: running sequences decode first (one token each, within ``max_num_seq
 remaining token budget, capped by ``max_prefill_tokens``, goes to prefills, resuming chunked
 prompts before admitting new ones. When the KV pool cannot hold a decode, the most recently
 admitted sequence is preempted by recompute: its blocks are freed and it goes back to the front
-of the waiting queue, keeping the tokens it generated.
+of the waiting queue, keeping the tokens it generated. Before planning, running sequences give
+back the blocks that fell out of the model's sliding window (when every layer has one).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class Scheduler:
         plan = StepPlan(step_id=self.num_steps)
         budget = Budget(self.max_num_batched_tokens, self.max_prefill_tokens)
         scheduled: set[str] = set()
+        self._release_out_of_window()
 
         # 1. Decodes of running sequences, oldest first; preempt the newest when out of blocks.
         for seq in [s for s in self.running if self._decodes(s)]:
@@ -151,6 +153,11 @@ class Scheduler:
         return True
 
     # -- the decisions a subclass may change (``sagellm.distributed.disagg`` does) -----------
+
+    def _release_out_of_window(self) -> None:
+        """Give back the blocks of running sequences that their next queries cannot read."""
+        for seq in self.running:
+            self.block_manager.release_out_of_window(seq)
 
     def _pools(self) -> list[tuple[BlockManager, str]]:
         """The pools a request must fit, each with its name in messages."""

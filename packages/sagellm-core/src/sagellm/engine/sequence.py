@@ -70,6 +70,9 @@ class SequenceState:
         self.eos_token_ids = eos_token_ids
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        #: Leading entries of ``block_table`` that are ``NO_BLOCK``: blocks wholly before the
+        #: sliding window, given back while the sequence runs (``BlockManager``).
+        self.num_released_blocks = 0
         #: Keys of the full blocks at the head of ``block_table`` (prefix caching;
         #: ``sagellm.kv_cache.block_hash``).
         self.block_hashes: list[bytes] = []

@@ -87,5 +87,16 @@ def unsupported_attention(model: nn.Module, caps: Capabilities) -> list[str]:
     return found
 
 
+def kv_window(model: nn.Module) -> int | None:
+    """The most keys any query of ``model`` reads when every attention layer has a sliding
+    window (the largest window): KV blocks wholly before it can be freed. ``None`` when some
+    layer attends to every earlier key (Gemma 2/3 and Qwen's ``max_window_layers`` mix global
+    and local layers), since the global layers read every block, or with no attention layer."""
+    windows = [m.spec.sliding_window for m in model.modules() if isinstance(m, Attention)]
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(w for w in windows if w is not None)
+
+
 def _layer_list(idx: list[int]) -> str:
     return ", ".join(map(str, idx[:8])) + (f", ... ({len(idx)} in all)" if len(idx) > 8 else "")

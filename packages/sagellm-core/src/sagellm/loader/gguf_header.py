@@ -65,6 +65,19 @@ class _Cursor:
             raise ValueError("GGUF metadata runs past the end of the file")
 
 
+def has_metadata_key(path: str | Path, key: bytes) -> bool:
+    """Whether ``path``'s metadata holds ``key`` (values skipped, as in :func:`read_layout`)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        cur = _Cursor(buf)
+        cur.pos = 4 + 4 + 8  # magic, version, tensor count
+        for _ in range(cur.take("Q")):
+            name, vtype = cur.string(), cur.take("I")
+            if name == key:
+                return True
+            cur.skip_value(vtype)
+        return False
+
+
 def read_layout(path: str | Path) -> GGUFLayout:
     """The offsets of ``path``'s metadata and tensor data; ValueError if it is not GGUF v2/v3."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:

@@ -1,4 +1,5 @@
-"""GGUF files: weights through the ``gguf`` package, config and tokenizer through transformers.
+"""GGUF files: weights and config through the ``gguf`` package (``gguf_arch`` maps each
+architecture), the tokenizer through transformers.
 
 The first load of a file converts it into an HF directory in the cache (``config.json``, tokenizer
 files, fp32 ``model.safetensors`` of the dequantized weights; see ``model_cache`` for how entries
@@ -10,7 +11,6 @@ transformers, so both sides see identical dequantized weights.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -20,71 +20,55 @@ from typing import Any
 import numpy as np
 import torch
 
-from sagellm.loader import model_cache
+from sagellm.loader import gguf_arch, model_cache
+from sagellm.loader.gguf_arch import GGUF_ARCHITECTURES, _unpermute  # noqa: F401 (gguf_blocks)
 from sagellm.loader.gguf_header import read_layout
 
 logger = logging.getLogger(__name__)
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_q_norm": "self_attn.q_norm",  # Qwen3
-    "attn_k_norm": "self_attn.k_norm",
-}
-#: GGUF ``general.architecture`` (as transformers names the model type) -> our architecture.
-#: Gemma 2/3 and Phi-3 GGUF files are not mapped yet: llama.cpp stores Gemma's norms as
-#: ``1 + w`` and Phi-3's fused projections in its own layout, which need checking against
-#: real files first.
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "qwen3": "Qwen3ForCausalLM"}
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
+#: Phi-3's long-rope factors, stored as tensors by llama.cpp: read into the config instead.
+ROPE_FACTOR_TENSORS = {"rope_factors_long.weight": "long", "rope_factors_short.weight": "short"}
 
 
 def hf_name(gguf_name: str) -> str:
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if m:
-        layer, part, kind = m.groups()
-        if part not in _LAYER_NAMES:
-            raise ValueError(f"GGUF tensor {gguf_name!r} is not supported")
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
-    base, _, kind = gguf_name.rpartition(".")
-    if base not in _GLOBAL_NAMES:
-        raise ValueError(f"GGUF tensor {gguf_name!r} is not supported")
-    return f"{_GLOBAL_NAMES[base]}.{kind}"
+    """The transformers name of a Llama-family GGUF tensor (``gguf_arch.hf_name``)."""
+    return gguf_arch.hf_name(GGUF_ARCHITECTURES["llama"], gguf_name)
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo the rotary row interleaving llama.cpp applies to Llama q/k projections."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _array(t: Any) -> np.ndarray:
+    """One GGUF tensor, dequantized to float32, in transformers' dimension order."""
+    import gguf
+
+    arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    return arr.reshape(tuple(int(x) for x in reversed(t.shape)))
 
 
-def iter_gguf_tensors(path: Path, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def read_gguf(path: Path) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]]]:
+    """The transformers config of a GGUF file and its checkpoint tensors (lazily dequantized);
+    ValueError naming the architecture when it is not one sageLLM maps (``gguf_arch``)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    permute = config.get("model_type") == "llama"
-    for t in reader.tensors:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        shape = tuple(int(x) for x in reversed(t.shape))
-        arr = arr.reshape(shape)
-        name = hf_name(t.name)
-        if permute and name.endswith("q_proj.weight"):
-            arr = _unpermute(arr, config["num_attention_heads"])
-        elif permute and name.endswith("k_proj.weight"):
-            arr = _unpermute(arr, config["num_key_value_heads"])
-        yield name, torch.from_numpy(np.ascontiguousarray(arr))
+    meta = gguf_arch.GGUFMetadata(reader.fields)
+    family = gguf_arch.resolve(meta)
+    shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
+    factors = {kind: _array(t).reshape(-1).tolist() for t in reader.tensors
+               if (kind := ROPE_FACTOR_TENSORS.get(t.name))}
+    cfg = gguf_arch.hf_config(meta, family, shapes, factors)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for t in reader.tensors:
+            if t.name in ROPE_FACTOR_TENSORS:
+                continue  # in the config already
+            for name, arr in gguf_arch.hf_tensors(family, t.name, _array(t), cfg):
+                yield name, torch.from_numpy(np.ascontiguousarray(arr))
+
+    return cfg, tensors()
+
+
+def iter_gguf_tensors(path: Path, config: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint tensors of a GGUF file (``config`` is unused: the file says it all)."""
+    return read_gguf(path)[1]
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -122,35 +106,41 @@ def gguf_to_hf_dir(path: str | Path) -> Path:
 
 def _convert(path: Path, tmp: Path, num_tensors: int) -> None:
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import AutoConfig
 
     # Steps: config, tokenizer, one per tensor, the safetensors write.
     with _progress(num_tensors + 3, f"converting {path.name} (first load only)") as bar:
         bar.set_postfix_str("config")
-        cfg = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
-        model_type = cfg.pop("model_type")
-        cfg.pop("_model_name_or_path", None)
-        hf_cfg = AutoConfig.for_model(model_type, **cfg)
-        arch = GGUF_ARCHITECTURES.get(model_type)
-        if arch is None:
-            raise ValueError(f"GGUF architecture {model_type!r} is not supported")
-        hf_cfg.architectures = [arch]
+        cfg, tensors_iter = read_gguf(path)
+        fields = dict(cfg)
+        model_type = fields.pop("model_type")
+        hf_cfg = AutoConfig.for_model(model_type, **fields)
         hf_cfg.dtype = "float32"
         bar.update(1)
         bar.set_postfix_str("tokenizer")
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        tok.save_pretrained(tmp)
+        _save_tokenizer(path, tmp)
         bar.update(1)
         bar.set_postfix_str("weights")
         tensors = {}
-        for name, tensor in iter_gguf_tensors(path, {"model_type": model_type, **cfg}):
+        for name, tensor in tensors_iter:
             tensors[name] = tensor
             bar.update(1)
-        if cfg.get("tie_word_embeddings") or "lm_head.weight" not in tensors:
+        if hf_cfg.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
-            hf_cfg.tie_word_embeddings = True
         hf_cfg.save_pretrained(tmp)
         bar.set_postfix_str("writing")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         bar.update(1)
+
+
+def _save_tokenizer(path: Path, out: Path) -> None:
+    """The file's tokenizer, through transformers; a file without one (``tokenizer.ggml.model``
+    absent: test files, bare weights) converts without, for token-id prompts only."""
+    from transformers import AutoTokenizer
+
+    from sagellm.loader.gguf_header import has_metadata_key
+
+    if not has_metadata_key(path, b"tokenizer.ggml.model"):
+        logger.warning("%s has no tokenizer: token-id prompts only", path.name)
+        return
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)

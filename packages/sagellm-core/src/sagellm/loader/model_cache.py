@@ -28,7 +28,7 @@ from pathlib import Path
 from sagellm.loader.gguf_header import read_layout
 
 #: Bumped when the conversion's output changes, so old entries are not reused.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: config from the GGUF metadata (gguf_arch), not transformers
 SOURCE_FILE = "sagellm_source.json"
 #: Tensor-data samples hashed into the key, each this many bytes.
 _NUM_SAMPLES, _SAMPLE_BYTES = 8, 1 << 16

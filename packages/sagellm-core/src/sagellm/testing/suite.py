@@ -338,6 +338,56 @@ class BackendSuite:
         torch.testing.assert_close(out.double().cpu(), case.expected(scale, layer),
                                    atol=tol, rtol=tol)
 
+    @pytest.mark.parametrize("variant", ["poisoned", "no-block"])
+    def test_window_reads_no_freed_block(self, platform: Platform, test_dtype: torch.dtype,
+                                         variant: str) -> None:
+        """Where ``Capabilities.skips_out_of_window_blocks`` is claimed, windowed prefill and
+        decode read no block the engine may have freed (wholly before the window of the
+        sequence's first query): those blocks are filled with NaN, and their table entries
+        either keep the block id (``poisoned``: any read shows in the output) or become
+        ``NO_BLOCK`` (as the engine passes them); the output matches the dense reference.
+        Windows below, at and above the block size."""
+        from sagellm.protocols import NO_BLOCK
+
+        if not platform.capabilities().skips_out_of_window_blocks:
+            pytest.skip(f"{platform.name} does not claim skips_out_of_window_blocks: the engine "
+                        f"keeps every block for it")
+        attn = platform.make_attention_backend()
+        scale = self.head_dim ** -0.5
+        tol = TOLERANCES.get(test_dtype, 6e-2)
+        bs = self.block_size
+        for window in sorted({max(1, bs // 2), bs, bs + 3}):
+            layer = AttentionLayerSpec(sliding_window=window)
+            for kind, seq_lens, ctx in (
+                    ("prefill", [4 * bs + 3, 3 * bs + 1, 2 * bs], [3 * bs + 1, 2 * bs + 2, bs]),
+                    ("decode", [4 * bs + 2, 3 * bs, 2], [4 * bs + 1, 3 * bs - 1, 1])):
+                case = self._case(seq_lens, ctx, 4, 2)
+                kc, vc = self._pool(platform, case, 2, test_dtype)
+                self._write(attn, case, kc, vc, [(0, c) for c in ctx])
+                key, value = self._write(attn, case, kc, vc, list(zip(ctx, seq_lens, strict=True)))
+                # The engine frees blocks before the first query's window: key <= ctx - window.
+                freed = [max(0, c - window + 1) // bs for c in ctx]
+                padded = any(len(t) < max(map(len, case.block_tables)) for t in case.block_tables)
+                for table, n in zip(case.block_tables, freed, strict=True):
+                    for blk in table[:n]:
+                        if not (blk == 0 and padded):  # block 0 is also the tables' padding
+                            kc[blk] = float("nan")
+                            vc[blk] = float("nan")
+                query = torch.cat(case.queries).to(kc.device, test_dtype)
+                meta = (case.prefill_metadata(kc.device) if kind == "prefill"
+                        else case.decode_metadata(kc.device))
+                if variant == "no-block":
+                    for row, n in enumerate(freed):
+                        meta.block_tables[row, :n] = NO_BLOCK
+                if kind == "prefill":
+                    out = attn.prefill(query, key, value, kc, vc, meta, scale, layer=layer)
+                else:
+                    out = attn.decode(query, kc, vc, meta, scale, layer=layer)
+                got = out.double().cpu()
+                assert torch.isfinite(got).all(), (
+                    f"{kind} with window {window} read a freed block ({variant})")
+                torch.testing.assert_close(got, case.expected(scale, layer), atol=tol, rtol=tol)
+
     def test_write_kv_skips_negative_slots(self, platform: Platform, test_dtype: torch.dtype) -> None:
         attn = platform.make_attention_backend()
         kv = platform.make_kv_backend(self._spec(test_dtype, num_layers=1), 3)

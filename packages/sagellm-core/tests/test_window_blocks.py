@@ -1,0 +1,222 @@
+"""Sliding-window attention in the paged KV cache: blocks wholly before every layer's window are
+given back as a sequence moves on, greedy tokens still equal transformers' (fp32), and the
+prefix cache, forks and preemption stay correct."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sagellm.backends.cpu import CpuPlatform
+from sagellm.backends.torch_kv import TorchKVBackend
+from sagellm.engine.block_manager import BlockManager
+from sagellm.engine.sequence import SequenceState
+from sagellm.protocols import NO_BLOCK, Capabilities, KVCacheSpec
+from sagellm.sampling_params import SamplingParams
+from sagellm.testing.families import hf_greedy, save_tiny_family
+from sagellm.testing.tiny_model import greedy_engine
+from sagellm.testing.window import run_windowed, window_block_bound
+
+BS = 4
+NEW_TOKENS = 20
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(2, 256, (n,), generator=g).tolist() for n in (21, 30, 6)]
+
+
+@pytest.fixture(scope="module", params=[3, 4], ids=lambda w: f"window-{w}")
+def mistral(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[int, Path, list[list[int]]]:
+    """A tiny Mistral with a window below and at the block size (4; above it: the long decode
+    test), and transformers' greedy tokens for it."""
+    window = request.param
+    path = save_tiny_family(tmp_path_factory.mktemp(f"mistral-w{window}"), "mistral",
+                            sliding_window=window)
+    want, _ = hf_greedy(path, _prompts(), NEW_TOKENS)
+    return window, path, want
+
+
+def test_mistral_matches_transformers_with_bounded_blocks(mistral) -> None:  # type: ignore[no-untyped-def]
+    window, path, want = mistral
+    run = run_windowed(CpuPlatform(), path, _prompts(), NEW_TOKENS)
+    assert run.tokens == want
+    assert run.violations == []
+    assert run.num_released_blocks > 0
+    # 3 sequences, none holding more than its window and one 16-token chunk span: far less
+    # than the 5 + 7 + 3 = 15 blocks the longest of them reach with every block kept.
+    assert run.max_held_blocks <= 3 * window_block_bound(window, BS, 16)
+    long_seq_blocks = -(-(30 + NEW_TOKENS) // BS)
+    assert run.max_held_blocks < long_seq_blocks
+
+
+@pytest.mark.parametrize("caching", [False, True], ids=["no-cache", "prefix-cache"])
+def test_preemption_mid_sequence(mistral, caching: bool) -> None:  # type: ignore[no-untyped-def]
+    """Sequences preempted while decoding, after they released blocks, recompute (from
+    scratch, or from what the prefix cache still chains from their first block) and still
+    produce transformers' tokens."""
+    window, path, want = mistral
+    run = run_windowed(CpuPlatform(), path, _prompts(), NEW_TOKENS, preempt_every=7,
+                       enable_prefix_caching=caching, num_kv_blocks=12)
+    assert run.tokens == want
+    assert run.num_preemptions >= 3
+    assert run.violations == []
+
+
+def test_prefix_caching_with_a_window(mistral) -> None:  # type: ignore[no-untyped-def]
+    """The same prompts twice with prefix caching: released blocks stay cached (evictable),
+    later requests reuse what the index still chains from the first block, tokens unchanged."""
+    window, path, want = mistral
+    prompts = _prompts()
+    run = run_windowed(CpuPlatform(), path, prompts + prompts, NEW_TOKENS,
+                       enable_prefix_caching=True, num_kv_blocks=24)
+    assert run.tokens == want + want
+    assert run.violations == []
+
+
+def test_long_decode_holds_a_constant_number_of_blocks(tmp_path: Path) -> None:
+    """One sequence decoding 120 tokens past its prompt holds at most window/block + 1 blocks
+    in every decode step, in a pool smaller than the sequence."""
+    path = save_tiny_family(tmp_path, "mistral", sliding_window=5)
+    prompt = [_prompts()[0]]
+    want, _ = hf_greedy(path, prompt, 120)
+    run = run_windowed(CpuPlatform(), path, prompt, 120, num_kv_blocks=33)
+    assert run.tokens == want
+    assert run.violations == []
+    assert run.max_held_blocks <= window_block_bound(5, BS, 16)
+    assert -(-(21 + 120) // BS) > 33  # the whole sequence would not fit the pool
+
+
+def test_mixed_global_and_local_layers_keep_every_block(tmp_path: Path) -> None:
+    """Gemma 2 alternates local and global layers: the global ones read every block, so none
+    is released (and Mistral without a window frees nothing either)."""
+    for family, extra in (("gemma2", {}), ("mistral", {"sliding_window": None})):
+        path = save_tiny_family(tmp_path / family, family, **extra)
+        engine = greedy_engine(CpuPlatform(), path)
+        assert engine.scheduler.block_manager.kv_window is None, family
+        engine.shutdown()
+
+
+class _KeepsBlocks(CpuPlatform):
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        from dataclasses import replace
+
+        return replace(super().capabilities(), skips_out_of_window_blocks=False)
+
+
+def test_a_backend_that_reads_the_whole_table_keeps_every_block(tmp_path: Path) -> None:
+    path = save_tiny_family(tmp_path, "mistral", sliding_window=3)
+    engine = greedy_engine(_KeepsBlocks(), path)
+    assert engine.scheduler.block_manager.kv_window is None
+    engine.shutdown()
+
+
+# -- the block manager on its own ----------------------------------------------------------
+
+
+def _bm(num_blocks: int = 16, window: int | None = 6, caching: bool = False) -> BlockManager:
+    pool = TorchKVBackend(KVCacheSpec(num_layers=0, num_kv_heads=1, head_dim=1, block_size=BS,
+                                      dtype=torch.float16), num_blocks, torch.device("cpu"))
+    return BlockManager(pool, BS, enable_caching=caching, kv_window=window)
+
+
+def _computed(bm: BlockManager, rid: str, tokens: list[int], n: int) -> SequenceState:
+    seq = SequenceState(rid, tokens, SamplingParams(max_tokens=1))
+    bm.acquire_cached_prefix(seq)
+    bm.allocate(seq, n - seq.num_computed_tokens)
+    seq.num_computed_tokens = n
+    bm.register_computed_blocks(seq)
+    return seq
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_bad_window_is_refused_naming_the_field(bad: object) -> None:
+    with pytest.raises(ValueError, match="kv_window"):
+        _bm(window=bad)  # type: ignore[arg-type]
+
+
+def test_release_frees_only_blocks_before_the_window() -> None:
+    bm = _bm(window=6)
+    seq = _computed(bm, "a", list(range(30)), 21)  # 6 blocks, next query at 21 reads 16..
+    assert bm.first_window_block(21) == 4
+    assert bm.release_out_of_window(seq) == 4
+    assert seq.block_table[:4] == [NO_BLOCK] * 4 and NO_BLOCK not in seq.block_table[4:]
+    assert bm.num_free_blocks == 16 - 2 and bm.release_out_of_window(seq) == 0
+    assert bm.stats().num_allocated_slots == 2 * BS
+    bm.free(seq)
+    assert bm.num_free_blocks == 16 and seq.num_released_blocks == 0
+
+
+def test_window_of_one_token_and_no_window() -> None:
+    bm = _bm(window=1)
+    seq = _computed(bm, "a", list(range(12)), 9)
+    assert bm.release_out_of_window(seq) == 2  # the query at 9 reads only itself (block 2)
+    keep = _bm(window=None)
+    seq = _computed(keep, "b", list(range(12)), 9)
+    assert keep.release_out_of_window(seq) == 0 and keep.first_window_block(9) == 0
+
+
+def test_released_cached_block_stays_indexed_until_evicted() -> None:
+    """A block the index holds is not handed out when its sequence drops it: it becomes
+    evictable, and leaves the pool only through eviction (which unindexes it first)."""
+    bm = _bm(num_blocks=8, window=3, caching=True)
+    a = _computed(bm, "a", list(range(20)), 17)
+    first = a.block_table[0]
+    assert bm.release_out_of_window(a) == 3
+    assert bm.num_cached_blocks == 3 and bm.index.node_of(first) is not None
+    # Everything left in the backend plus the evictable blocks must be taken before `first`.
+    b = SequenceState("b", list(range(100, 120)), SamplingParams())
+    bm.allocate(b, bm.kv.num_free_blocks * BS)
+    assert first not in b.block_table and bm.index.node_of(first) is not None
+    c = SequenceState("c", list(range(200, 204)), SamplingParams())
+    bm.allocate(c, 4)  # evicts `first`'s chain: unindexed before it is reused
+    assert bm.num_evicted_blocks >= 1 and bm.index.node_of(c.block_table[0]) is None
+
+
+def test_a_sequence_missing_its_head_serves_no_prefix() -> None:
+    """Once a released head block is evicted, the blocks after it, still held by their
+    sequence, are unindexed: a new request with the same prompt finds nothing."""
+    bm = _bm(num_blocks=16, window=3, caching=True)
+    tokens = list(range(24))
+    a = _computed(bm, "a", tokens, 21)
+    bm.release_out_of_window(a)
+    held_tail = a.block_table[-1]
+    assert bm.reset_prefix_cache() >= 1  # evicts the released head (and its chain)
+    assert bm.index.node_of(held_tail) is None
+    b = SequenceState("b", tokens, SamplingParams())
+    assert bm.acquire_cached_prefix(b) == 0
+    bm.free(a)
+    assert held_tail not in bm.ref_counts  # a plain block now, freed with its sequence
+
+
+def test_cache_hit_drops_the_part_before_the_window() -> None:
+    bm = _bm(num_blocks=16, window=3, caching=True)
+    tokens = list(range(22))
+    a = _computed(bm, "a", tokens, 20)
+    bm.free(a)
+    b = SequenceState("b", tokens, SamplingParams())
+    assert bm.acquire_cached_prefix(b) == 20
+    assert b.num_released_blocks == bm.first_window_block(20) == 4
+    assert b.block_table[:4] == [NO_BLOCK] * 4 and len(b.block_hashes) == 5
+
+
+def test_fork_shares_only_blocks_in_the_childs_window() -> None:
+    bm = _bm(num_blocks=32, window=6)
+    tokens = list(range(23))
+    parent = _computed(bm, "p", tokens, 23)
+    child = SequenceState("p/1", tokens, SamplingParams())
+    bm.fork(parent, child)  # child recomputes from 20, reads from 15 (block 3)
+    assert child.num_computed_tokens == 20 and child.num_released_blocks == 3
+    assert child.block_table[3:] == parent.block_table[3:5]
+    assert all(bm.ref_counts[b] == 2 for b in child.block_table[3:])
+    # A parent that already dropped blocks the child needs shares nothing.
+    bm.free(child)
+    parent.num_computed_tokens = 23
+    bm.release_out_of_window(parent)  # drops blocks 0..3 (reads from 18)
+    late = SequenceState("p/2", tokens, SamplingParams())
+    bm.fork(parent, late)
+    assert late.block_table == [] and late.num_computed_tokens == 0
