@@ -175,8 +175,11 @@ def test_wrong_block_scale_shape_names_it(tiny_llama_dir: Path, tmp_path: Path) 
 def _ct_checkpoint(tiny_llama_dir: Path, dst: Path, preset: str) -> Path:
     ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationConfig, apply_quantization_config,
-                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams
     from transformers import AutoModelForCausalLM
 

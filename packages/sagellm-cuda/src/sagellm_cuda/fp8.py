@@ -28,8 +28,11 @@ ALIGN = 16
 
 @functools.cache
 def fp8_capable(device_index: int = 0) -> bool:
-    """fp8 tensor cores (compute capability 8.9 or newer)."""
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+    """fp8 tensor cores (compute capability 8.9 or newer); false without a CUDA device."""
+    try:
+        return torch.cuda.get_device_capability(device_index) >= (8, 9)
+    except (RuntimeError, AssertionError):
+        return False
 
 
 class CudaFp8Weight(Fp8Weight):

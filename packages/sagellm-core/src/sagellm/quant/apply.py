@@ -25,8 +25,12 @@ from torch import nn
 
 from sagellm.layers.linear import ParallelLMHead
 from sagellm.layers.quant_linear import QUANTIZABLE, QuantizedWeight, quantize_linear
-from sagellm.quant.fp8_checkpoint import (checkpoint_fp8_grids, fused_fp8_grid, log_dequantized,
-                                          read_fp8_format)
+from sagellm.quant.fp8_checkpoint import (
+    checkpoint_fp8_grids,
+    fused_fp8_grid,
+    log_dequantized,
+    read_fp8_format,
+)
 from sagellm.quant.grids import Int4Grid
 
 logger = logging.getLogger(__name__)
