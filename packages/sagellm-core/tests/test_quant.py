@@ -114,7 +114,7 @@ def test_quantize_linear_keeps_bias_and_class(w: torch.Tensor) -> None:
 def test_flag_validation() -> None:
     assert EngineConfig().quantization == "none"
     with pytest.raises(ValidationError, match="quantization"):
-        EngineConfig(quantization="fp8")
+        EngineConfig(quantization="fp4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a scheme"):
         resolve_scheme("int3", {}, "cpu", None)
 
@@ -129,7 +129,10 @@ def test_unsupported_scheme_names_the_backend() -> None:
 
 
 def test_cpu_registers_int8_and_int4() -> None:
-    assert weight_quantizations(CpuPlatform()) == {"int8": Int8Weight, "int4": Int4Weight}
+    from sagellm.quant.fp8 import Fp8Weight
+
+    assert weight_quantizations(CpuPlatform()) == {"int8": Int8Weight, "int4": Int4Weight,
+                                                   "fp8": Fp8Weight}
 
 
 def test_registry_refuses_bad_registrations() -> None:

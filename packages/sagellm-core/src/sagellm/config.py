@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sagellm.kv_cache.eviction import EvictionName
 
 LoadFormat = Literal["auto", "hf", "safetensors", "gguf", "dummy"]
-Quantization = Literal["auto", "none", "int8", "int4"]
+Quantization = Literal["auto", "none", "int8", "int4", "fp8"]
 
 
 class EngineConfig(BaseModel):
@@ -36,10 +36,12 @@ class EngineConfig(BaseModel):
     # and within 0.3% perplexity, but changes some greedy answers (issue 16 report).
     quantization: Quantization = Field(
         "none", description="weight-only quantization on load: int8 (per output channel) or int4 "
-                            "(groups of 32), where the backend runs it; auto runs a GGUF file from "
-                            "its stored 4/8-bit weights where the backend has fast kernels for "
+                            "(groups of 32), where the backend runs it; fp8: fp8 weights (per "
+                            "output channel, or an FP8 checkpoint's own scales) and activations "
+                            "(per token); auto runs a GGUF file from its stored 4/8-bit weights, "
+                            "and an FP8 checkpoint as fp8, where the backend has fast kernels for "
                             "them (the embedded model on the CPU: int4), anything else as loaded; "
-                            "none: as loaded")
+                            "none: as loaded (an FP8 checkpoint dequantized)")
     seed: int = Field(0, description="engine random seed (also the random weights of load_format dummy)")
     max_model_len: int | None = Field(
         None, description="context length (prompt + completion); default: the model's own")

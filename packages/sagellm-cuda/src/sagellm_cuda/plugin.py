@@ -13,7 +13,7 @@ import torch
 
 from sagellm.backends.accelerator import Probe, TorchAcceleratorPlatform
 from sagellm.hookspecs import hookimpl
-from sagellm.protocols import Availability, Capabilities, KVCacheSpec, LayerRegister
+from sagellm.protocols import Availability, Capabilities, KVCacheSpec, LayerRegister, QuantizationRegister
 
 if TYPE_CHECKING:
     from sagellm.runner import RunnerContext
@@ -127,6 +127,14 @@ class CudaPlatform(TorchAcceleratorPlatform):
         from sagellm_cuda.fused import register_fused_layers
 
         register_fused_layers(register)
+
+    def register_quantizations(self, register: QuantizationRegister) -> None:
+        """fp8 (W8A8, :mod:`sagellm_cuda.fp8`) on GPUs with fp8 tensor cores (8.9+); elsewhere
+        ``--quantization fp8`` is refused, naming what the backend runs."""
+        from sagellm_cuda.fp8 import CudaFp8Weight, fp8_capable
+
+        if fp8_capable(self.device.index or 0):
+            register(CudaFp8Weight)
 
     def make_model_runner(self, ctx: RunnerContext) -> CudaGraphModelRunner:
         """A runner that replays decode and single-prompt prefill steps as CUDA graphs."""

@@ -73,11 +73,13 @@ class CpuPlatform(Platform):
         return TorchDistributedComm(self.device)
 
     def register_quantizations(self, register: QuantizationRegister) -> None:
+        from sagellm.quant.fp8 import Fp8Weight
         from sagellm.quant.int4 import Int4Weight
         from sagellm.quant.int8 import Int8Weight
 
         register(Int8Weight)
         register(Int4Weight)
+        register(Fp8Weight)  # the torch reference: accuracy checks, never picked by auto
 
 
 @hookimpl

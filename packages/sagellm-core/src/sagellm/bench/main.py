@@ -147,6 +147,7 @@ def _run_offline(args: argparse.Namespace, names: list[str], result: dict[str, A
                              "graph_capture_s": getattr(engine.runner, "capture_seconds", None)}
         result["device"] = engine.platform.device_name()
         result["backend"] = engine.platform.name
+        result["quantization"] = engine.config.quantization
         result["kv_capacity"] = workloads.kv_capacity(engine)
         table: dict[str, Callable[[], dict[str, Any]]] = {
             "ttft_512": lambda: workloads.ttft_512(engine),

@@ -103,6 +103,16 @@ def iter_torch_bin(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, tensor
 
 
+def checkpoint_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`iter_checkpoint` as float tensors: an FP8 checkpoint's weights dequantized (the
+    fp8 scheme reads them again as stored, :mod:`sagellm.quant.apply`)."""
+    from sagellm.quant.fp8_checkpoint import dequantized, read_fp8_format
+
+    fp8 = read_fp8_format(model_dir)
+    weights = iter_checkpoint(model_dir)
+    return weights if fp8 is None else dequantized(weights, fp8)
+
+
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights (normal, std 0.02; norms at 1) so benchmarks do realistic work."""
@@ -154,7 +164,7 @@ def load_model(config: EngineConfig, device: torch.device, default_dtype: torch.
     if fmt == "dummy":
         init_dummy_weights(model, config.seed)
     else:
-        loaded = model.load_weights(iter_checkpoint(model_dir))  # type: ignore[operator]
+        loaded = model.load_weights(checkpoint_weights(model_dir))  # type: ignore[operator]
         missing = {n for n, _ in model.named_parameters()} - loaded
         if getattr(model, "tie_word_embeddings", False):
             missing.discard("lm_head.weight")

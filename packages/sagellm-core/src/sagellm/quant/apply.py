@@ -6,9 +6,11 @@ scheme is ``EngineConfig.quantization``: ``none`` keeps the weights as loaded; `
 are refused otherwise, naming the backend and what it offers; ``auto`` runs a checkpoint from
 the scheme it is stored in (a GGUF file of Q4_0/Q4_1 linears runs int4, of Q8_0 int8) where the
 backend registers that scheme and says it runs it fast, and everything else as loaded.
+``fp8`` is W8A8 fp8; an FP8 checkpoint (:mod:`sagellm.quant.fp8_checkpoint`) is stored ``fp8``.
 
-4-bit GGUF blocks are repacked from the file's own codes and scales (no requantization); every
-other weight is quantized from its float values (round to nearest).
+4-bit GGUF blocks are repacked from the file's own codes and scales (no requantization), an FP8
+checkpoint's weights run from its own fp8 values and scales; every other weight is quantized
+from its float values (round to nearest).
 """
 
 from __future__ import annotations
@@ -23,11 +25,17 @@ from torch import nn
 
 from sagellm.layers.linear import ParallelLMHead
 from sagellm.layers.quant_linear import QUANTIZABLE, QuantizedWeight, quantize_linear
+from sagellm.quant.fp8_checkpoint import (
+    checkpoint_fp8_grids,
+    fused_fp8_grid,
+    log_dequantized,
+    read_fp8_format,
+)
 from sagellm.quant.grids import Int4Grid
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("auto", "none", "int8", "int4")
+SCHEMES = ("auto", "none", "int8", "int4", "fp8")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,9 @@ def resolve_scheme(requested: str, offered: Mapping[str, type[QuantizedWeight]],
 def checkpoint_grids(source: str, hf_config: object) -> dict[str, Int4Grid]:
     """The 4-bit grids stored in ``source`` (a GGUF file), by HF tensor name; ``{}`` otherwise."""
     path = Path(source)
+    fp8 = read_fp8_format(path)
+    if fp8 is not None:
+        return checkpoint_fp8_grids(path, fp8)  # type: ignore[return-value]
     if path.suffix != ".gguf" or not path.is_file():
         return {}
     from sagellm.quant.gguf_blocks import stored_int4_grids
@@ -69,6 +80,8 @@ def checkpoint_grids(source: str, hf_config: object) -> dict[str, Int4Grid]:
 
 def stored_scheme_of(source: str) -> str | None:
     path = Path(source)
+    if read_fp8_format(path) is not None:
+        return "fp8"
     if path.suffix != ".gguf" or not path.is_file():
         return None
     from sagellm.quant.gguf_blocks import stored_scheme
@@ -122,7 +135,10 @@ def quantize_model(model: nn.Module, weight_cls: type[QuantizedWeight],
     for name, module in list(model.named_modules()):
         if not isinstance(module, QUANTIZABLE):
             continue
-        cls = head_cls or weight_cls if isinstance(module, ParallelLMHead) else weight_cls
+        is_head = isinstance(module, ParallelLMHead)
+        if is_head and weight_cls.head_scheme == "none":
+            continue
+        cls = head_cls or weight_cls if is_head else weight_cls
         weight = module.weight
         n, k = weight.shape
         if not cls.supports(n, k):
@@ -131,7 +147,8 @@ def quantize_model(model: nn.Module, weight_cls: type[QuantizedWeight],
             continue
         qweight = None
         if grids:
-            grid = _fused_grid(module, weight, _checkpoint_parts(model, name), grids)
+            fuse = fused_fp8_grid if weight_cls.scheme == "fp8" else _fused_grid
+            grid = fuse(module, weight, _checkpoint_parts(model, name), grids)  # type: ignore[arg-type]
             qweight = cls.from_grid(grid) if grid is not None else None
         from_ckpt += qweight is not None
         if qweight is None:
@@ -148,12 +165,15 @@ def apply_quantization(model: nn.Module, requested: str,
                        offered: Mapping[str, type[QuantizedWeight]], backend: str,
                        source: str, hf_config: object) -> QuantReport | None:
     """Resolve ``requested`` and quantize ``model`` in place; ``None`` when it stays as loaded."""
-    stored = stored_scheme_of(source) if requested in ("auto", "int4") else None
+    stored = stored_scheme_of(source) if requested in ("auto", "int4", "fp8") else None
     scheme = resolve_scheme(requested, offered, backend, stored)
     if scheme == "none":
+        if read_fp8_format(Path(source)) is not None:
+            log_dequantized(source)
         return None
     cls = offered[scheme]
-    grids = checkpoint_grids(source, hf_config) if scheme == "int4" and stored == "int4" else {}
+    grids = checkpoint_grids(source, hf_config) if scheme in ("int4", "fp8") and stored == scheme \
+        else {}
     head = offered.get(cls.head_scheme) if cls.head_scheme else None
     report = quantize_model(model, cls, grids, head)
     logger.info("%s: %d linears in %s (%d from the checkpoint's blocks), %.0f -> %.0f MB",
