@@ -30,6 +30,8 @@ class QuantizedWeight(abc.ABC):
     #: The scheme of the LM head when this one is selected (``None``: this one), for formats
     #: too coarse for the logits; used where the backend registers it.
     head_scheme: ClassVar[str | None] = None
+    #: ``False``: the LM head keeps its loaded weight when this scheme is selected.
+    quantize_head: ClassVar[bool] = True
 
     @classmethod
     @abc.abstractmethod

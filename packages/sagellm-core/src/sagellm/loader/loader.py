@@ -18,6 +18,7 @@ from sagellm.config import EngineConfig
 from sagellm.layers.parallel import SINGLE, TPGroup
 from sagellm.loader.default_model import default_model_path
 from sagellm.models import resolve_model_class
+from sagellm.quant.int4_checkpoints import dequantized_weights, read_int4_format
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,11 @@ def load_model(config: EngineConfig, device: torch.device, default_dtype: torch.
     if fmt == "dummy":
         init_dummy_weights(model, config.seed)
     else:
-        loaded = model.load_weights(iter_checkpoint(model_dir))  # type: ignore[operator]
+        weights = iter_checkpoint(model_dir)
+        int4 = read_int4_format(model_dir)
+        if int4 is not None:  # GPTQ/AWQ/compressed-tensors: float here, repacked by quant.apply
+            weights = dequantized_weights(weights, int4)
+        loaded = model.load_weights(weights)  # type: ignore[operator]
         missing = {n for n, _ in model.named_parameters()} - loaded
         if getattr(model, "tie_word_embeddings", False):
             missing.discard("lm_head.weight")
