@@ -36,10 +36,11 @@ class EngineConfig(BaseModel):
     # and within 0.3% perplexity, but changes some greedy answers (issue 16 report).
     quantization: Quantization = Field(
         "none", description="weight-only quantization on load: int8 (per output channel) or int4 "
-                            "(groups of 32), where the backend runs it; auto runs a GGUF file from "
-                            "its stored 4/8-bit weights where the backend has fast kernels for "
-                            "them (the embedded model on the CPU: int4), anything else as loaded; "
-                            "none: as loaded")
+                            "(groups of 32 on the CPU, 128 on CUDA), where the backend runs it; "
+                            "auto runs a GGUF file or a GPTQ/AWQ/compressed-tensors 4-bit "
+                            "directory from its stored weights where the backend has fast kernels "
+                            "for them (the embedded model on the CPU: int4), anything else as "
+                            "loaded; none: as loaded (a GPTQ/AWQ directory: dequantized)")
     seed: int = Field(0, description="engine random seed (also the random weights of load_format dummy)")
     max_model_len: int | None = Field(
         None, description="context length (prompt + completion); default: the model's own")

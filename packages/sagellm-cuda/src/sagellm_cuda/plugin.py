@@ -13,7 +13,8 @@ import torch
 
 from sagellm.backends.accelerator import Probe, TorchAcceleratorPlatform
 from sagellm.hookspecs import hookimpl
-from sagellm.protocols import Availability, Capabilities, KVCacheSpec, LayerRegister
+from sagellm.protocols import (Availability, Capabilities, KVCacheSpec, LayerRegister,
+                               QuantizationRegister)
 
 if TYPE_CHECKING:
     from sagellm.runner import RunnerContext
@@ -126,6 +127,13 @@ class CudaPlatform(TorchAcceleratorPlatform):
         from sagellm_cuda.fused import register_fused_layers
 
         register_fused_layers(register)
+
+    def register_quantizations(self, register: QuantizationRegister) -> None:
+        """int4: 4-bit weights in groups, 16-bit activations, through the Triton dequant-GEMM
+        (GPTQ/AWQ/compressed-tensors checkpoints repacked, anything else quantized on load)."""
+        from sagellm_cuda.int4_gemm import TritonW4A16Weight
+
+        register(TritonW4A16Weight)
 
     def make_model_runner(self, ctx: RunnerContext) -> CudaGraphModelRunner:
         """A runner that replays decode and single-prompt prefill steps as CUDA graphs."""

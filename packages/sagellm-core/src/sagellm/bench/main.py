@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of baseline JSONs (per card: h100/vllm_offline.json ...)")
     p.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", default="none",
+                   help="EngineConfig.quantization: the random weights quantized on load")
     p.add_argument("--serve-extra-body", type=json.loads, default=None, metavar="JSON",
                    help="JSON object merged into every serve workload request (e.g. "
                         "'{\"logprobs\": 5}'), to measure what a feature costs")
@@ -65,6 +67,7 @@ def _make_engine(args: argparse.Namespace, kv_eviction: str | None = None) -> An
                           dtype="auto", max_model_len=args.max_model_len,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           enforce_eager=args.enforce_eager, num_kv_blocks=args.num_kv_blocks,
+                          quantization=args.quantization,
                           kv_eviction=kv_eviction or _policies(args)[0])
     platform = None
     if args.platform_class:
