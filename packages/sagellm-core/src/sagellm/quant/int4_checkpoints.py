@@ -112,7 +112,8 @@ def int4_format_of(qcfg: Mapping | None) -> Int4Format | None:
 
 
 def _compressed_tensors_format(qcfg: Mapping) -> Int4Format | None:
-    groups = qcfg.get("config_groups") or {}
+    groups = qcfg.get("config_groups")
+    groups = {} if groups is None else groups
     if not isinstance(groups, Mapping):
         raise ValueError("compressed-tensors.config_groups must be an object")
     found: list[Int4Format] = []
@@ -123,8 +124,9 @@ def _compressed_tensors_format(qcfg: Mapping) -> Int4Format | None:
             continue
         where = f"compressed-tensors.config_groups.{name}.weights"
         if (scheme.get("input_activations") or None) is not None:
-            raise ValueError(f"compressed-tensors.config_groups.{name}: 4-bit weights with "
-                             f"quantized activations are not supported (weight-only W4A16 is)")
+            raise ValueError(f"compressed-tensors.config_groups.{name}.input_activations: 4-bit "
+                             f"weights with quantized activations are not supported (weight-only "
+                             f"W4A16 is)")
         fmt = scheme.get("format") or qcfg.get("format")
         if fmt != "pack-quantized":
             raise ValueError(f"compressed-tensors.config_groups.{name}.format {fmt!r} is not "
