@@ -176,12 +176,12 @@ def test_smollm2_perplexity_on_gpu() -> None:
 def test_gptq_checkpoint_on_gpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A GPTQ act-order checkpoint: the engine's CUDA int4 (repacked) against the same
     checkpoint loaded as float, greedy tokens and logits."""
+    from sagellm.config import EngineConfig
+    from sagellm.engine.llm_engine import LLMEngine
     from sagellm.layers.quant_linear import QuantizedMatmul
     from sagellm.testing.int4_writer import write_int4_checkpoint
     from sagellm.testing.perplexity import prompt_logits
     from sagellm.testing.tiny_model import make_tiny_llama
-    from sagellm.config import EngineConfig
-    from sagellm.engine.llm_engine import LLMEngine
 
     qdir = write_int4_checkpoint(make_tiny_llama(tmp_path / "f"), tmp_path / "q", "gptq", 32,
                                  act_order=True)

@@ -13,8 +13,7 @@ import torch
 
 from sagellm.backends.accelerator import Probe, TorchAcceleratorPlatform
 from sagellm.hookspecs import hookimpl
-from sagellm.protocols import (Availability, Capabilities, KVCacheSpec, LayerRegister,
-                               QuantizationRegister)
+from sagellm.protocols import Availability, Capabilities, KVCacheSpec, LayerRegister, QuantizationRegister
 
 if TYPE_CHECKING:
     from sagellm.runner import RunnerContext
