@@ -35,13 +35,14 @@ class EngineConfig(BaseModel):
     # "none" by default for now: "auto" (int4 for the embedded model on the CPU) is 3x faster
     # and within 0.3% perplexity, but changes some greedy answers (issue 16 report).
     quantization: Quantization = Field(
-        "none", description="weight-only quantization on load: int8 (per output channel) or int4 "
-                            "(groups of 32), where the backend runs it; fp8: fp8 weights (per "
-                            "output channel, or an FP8 checkpoint's own scales) and activations "
-                            "(per token); auto runs a GGUF file from its stored 4/8-bit weights, "
-                            "and an FP8 checkpoint as fp8, where the backend has fast kernels for "
-                            "them (the embedded model on the CPU: int4), anything else as loaded; "
-                            "none: as loaded (an FP8 checkpoint dequantized)")
+        "none", description="quantization on load: int8 (weights only, per output channel) or int4 "
+                            "(groups of 32 on the CPU, 128 on CUDA), where the backend runs it; "
+                            "fp8: fp8 weights (per output channel, or an FP8 checkpoint's own "
+                            "scales) and activations (per token); auto runs a GGUF file, a "
+                            "GPTQ/AWQ/compressed-tensors 4-bit directory or an FP8 checkpoint "
+                            "from its stored weights where the backend has fast kernels for them "
+                            "(the embedded model on the CPU: int4), anything else as loaded; "
+                            "none: as loaded (a quantized checkpoint dequantized)")
     seed: int = Field(0, description="engine random seed (also the random weights of load_format dummy)")
     max_model_len: int | None = Field(
         None, description="context length (prompt + completion); default: the model's own")

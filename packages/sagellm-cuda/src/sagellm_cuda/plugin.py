@@ -129,10 +129,14 @@ class CudaPlatform(TorchAcceleratorPlatform):
         register_fused_layers(register)
 
     def register_quantizations(self, register: QuantizationRegister) -> None:
-        """fp8 (W8A8, :mod:`sagellm_cuda.fp8`) on GPUs with fp8 tensor cores (8.9+); elsewhere
+        """int4: 4-bit weights in groups, 16-bit activations, through the Triton dequant-GEMM
+        (GPTQ/AWQ/compressed-tensors checkpoints repacked, anything else quantized on load);
+        fp8 (W8A8, :mod:`sagellm_cuda.fp8`) on GPUs with fp8 tensor cores (8.9+), elsewhere
         ``--quantization fp8`` is refused, naming what the backend runs."""
         from sagellm_cuda.fp8 import CudaFp8Weight, fp8_capable
+        from sagellm_cuda.int4_gemm import TritonW4A16Weight
 
+        register(TritonW4A16Weight)
         if fp8_capable(self.device.index or 0):
             register(CudaFp8Weight)
 

@@ -28,7 +28,8 @@ class QuantizedWeight(abc.ABC):
     #: The ``EngineConfig.quantization`` value that selects this format.
     scheme: ClassVar[str]
     #: The scheme of the LM head when this one is selected (``None``: this one), for formats
-    #: too coarse for the logits; used where the backend registers it.
+    #: too coarse for the logits; used where the backend registers it. ``"none"``: the head
+    #: keeps its loaded weight.
     head_scheme: ClassVar[str | None] = None
 
     @classmethod

@@ -18,6 +18,7 @@ from sagellm.config import EngineConfig
 from sagellm.layers.parallel import SINGLE, TPGroup
 from sagellm.loader.default_model import default_model_path
 from sagellm.models import resolve_model_class
+from sagellm.quant.int4_checkpoints import dequantized_weights, read_int4_format
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +105,17 @@ def iter_torch_bin(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def checkpoint_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """:func:`iter_checkpoint` as float tensors: an FP8 checkpoint's weights dequantized (the
-    fp8 scheme reads them again as stored, :mod:`sagellm.quant.apply`)."""
+    """:func:`iter_checkpoint` as float tensors: an FP8 or a GPTQ/AWQ/compressed-tensors 4-bit
+    checkpoint's weights dequantized (the fp8 and int4 schemes read or repack them as stored,
+    :mod:`sagellm.quant.apply`)."""
     from sagellm.quant.fp8_checkpoint import dequantized, read_fp8_format
 
-    fp8 = read_fp8_format(model_dir)
     weights = iter_checkpoint(model_dir)
-    return weights if fp8 is None else dequantized(weights, fp8)
+    fp8 = read_fp8_format(model_dir)
+    if fp8 is not None:
+        return dequantized(weights, fp8)
+    int4 = read_int4_format(model_dir)
+    return weights if int4 is None else dequantized_weights(weights, int4)
 
 
 @torch.no_grad()

@@ -7,10 +7,13 @@ are refused otherwise, naming the backend and what it offers; ``auto`` runs a ch
 the scheme it is stored in (a GGUF file of Q4_0/Q4_1 linears runs int4, of Q8_0 int8) where the
 backend registers that scheme and says it runs it fast, and everything else as loaded.
 ``fp8`` is W8A8 fp8; an FP8 checkpoint (:mod:`sagellm.quant.fp8_checkpoint`) is stored ``fp8``.
+A GPTQ, AWQ or compressed-tensors 4-bit directory (:mod:`sagellm.quant.int4_checkpoints`) is
+stored ``int4``: its float weights load dequantized, and its grids repack from the files.
 
-4-bit GGUF blocks are repacked from the file's own codes and scales (no requantization), an FP8
-checkpoint's weights run from its own fp8 values and scales; every other weight is quantized
-from its float values (round to nearest).
+4-bit GGUF blocks and GPTQ/AWQ grids are repacked from the file's own codes and scales (no
+requantization) where the scheme's format takes their group size, an FP8 checkpoint's weights
+run from its own fp8 values and scales; every other weight is quantized from its float values
+(round to nearest).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sagellm.layers.linear import ParallelLMHead
+from sagellm.layers.linear import ParallelLMHead, RowParallelLinear
 from sagellm.layers.quant_linear import QUANTIZABLE, QuantizedWeight, quantize_linear
 from sagellm.quant.fp8_checkpoint import (
     checkpoint_fp8_grids,
@@ -65,12 +68,18 @@ def resolve_scheme(requested: str, offered: Mapping[str, type[QuantizedWeight]],
     return requested
 
 
-def checkpoint_grids(source: str, hf_config: object) -> dict[str, Int4Grid]:
-    """The 4-bit grids stored in ``source`` (a GGUF file), by HF tensor name; ``{}`` otherwise."""
+def checkpoint_grids(source: str, hf_config: object) -> Mapping[str, Int4Grid]:
+    """The 4-bit grids stored in ``source`` (a GGUF file, or a GPTQ/AWQ/compressed-tensors
+    directory), by HF tensor name; ``{}`` otherwise."""
     path = Path(source)
     fp8 = read_fp8_format(path)
     if fp8 is not None:
         return checkpoint_fp8_grids(path, fp8)  # type: ignore[return-value]
+    if path.is_dir():
+        from sagellm.quant.int4_checkpoints import StoredGrids, read_int4_format
+
+        fmt = read_int4_format(path)
+        return StoredGrids(path, fmt) if fmt is not None else {}
     if path.suffix != ".gguf" or not path.is_file():
         return {}
     from sagellm.quant.gguf_blocks import stored_int4_grids
@@ -82,6 +91,10 @@ def stored_scheme_of(source: str) -> str | None:
     path = Path(source)
     if read_fp8_format(path) is not None:
         return "fp8"
+    if path.is_dir():
+        from sagellm.quant.int4_checkpoints import read_int4_format
+
+        return "int4" if read_int4_format(path) is not None else None
     if path.suffix != ".gguf" or not path.is_file():
         return None
     from sagellm.quant.gguf_blocks import stored_scheme
@@ -112,8 +125,20 @@ def _fused_grid(module: nn.Module, weight: torch.Tensor, parts: list[tuple[str, 
     n, k = weight.shape
     if loader is None or k % group:
         return None
-    out = Int4Grid(torch.empty((n, k), dtype=torch.uint8), torch.empty((n, k // group)),
-                   torch.empty((n, k // group)))
+    perm = found[0].perm  # type: ignore[union-attr]
+    if any((g.perm is None) != (perm is None) or (perm is not None and not torch.equal(g.perm, perm))  # type: ignore[union-attr]
+           for g in found):
+        raise ValueError(f"{parts[0][0]}: the checkpoint tensors fused into one linear have "
+                         f"different act-order input orders (g_idx)")
+    if perm is not None and isinstance(module, RowParallelLinear) and module.tp.size > 1:
+        raise ValueError(f"{parts[0][0]}: an act-order (desc_act) weight cannot be split by "
+                         f"input across {module.tp.size} tensor-parallel ranks; run it with "
+                         f"tensor_parallel_size 1 or a checkpoint without desc_act")
+    dev = weight.device
+    out = Int4Grid(torch.empty((n, k), dtype=torch.uint8, device=dev),
+                   torch.empty((n, k // group), device=dev, dtype=torch.float32),
+                   torch.empty((n, k // group), device=dev, dtype=torch.float32),
+                   None if perm is None else perm.to(dev))
     for (_, sid), grid in zip(parts, found):
         assert grid is not None
         if grid.group != group:

@@ -5,7 +5,11 @@
 * int4, asymmetric, one scale and one minimum per ``group`` consecutive inputs of a row:
   ``w[n, k] ~ codes[n, k] * scale[n, k // group] + minimum[n, k // group]``, ``codes`` in
   ``[0, 15]``. This is GGUF's Q4_1 grid (``Q4_0`` is the special case ``minimum = -8 * scale``),
-  so those blocks map onto it without requantizing.
+  so those blocks map onto it without requantizing. GPTQ/AWQ/compressed-tensors' grid
+  ``(code - zero) * scale`` with an integer ``zero`` is the case ``minimum = -zero * scale``
+  (exact in float32 for float16 scales). Act-order checkpoints (GPTQ ``desc_act``) store the
+  inputs' groups out of order: the grid then holds the inputs sorted by group, column ``j`` being
+  input ``perm[j]``, so that every group is again ``group`` consecutive columns.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class Int4Grid:
     codes: torch.Tensor    # uint8 [N, K], values 0..15
     scale: torch.Tensor    # float32 [N, K // group]
     minimum: torch.Tensor  # float32 [N, K // group]
+    #: int64 [K]: column ``j`` holds input ``perm[j]``; ``None``: inputs in order.
+    perm: torch.Tensor | None = None
 
     @property
     def group(self) -> int:
@@ -40,7 +46,12 @@ class Int4Grid:
         n, k = self.codes.shape
         g = self.group
         w = self.codes.view(n, k // g, g).float() * self.scale[..., None] + self.minimum[..., None]
-        return w.view(n, k)
+        w = w.view(n, k)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Grid:
@@ -65,3 +76,18 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Grid:
     scale = ((hi - lo) / 15.0).clamp_min(1e-12)
     codes = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
     return Int4Grid(codes.view(n, k), scale, lo)
+
+
+def quantize_int4_zero_point(w: torch.Tensor, group: int) -> Int4Grid:
+    """Round-to-nearest with an integer zero point, GPTQ's and AWQ's grid: per group
+    ``scale = (max - min) / 15``, ``zero = round(-min / scale)`` in ``[0, 15]``,
+    ``code = clamp(round(w / scale) + zero, 0, 15)``; ``w ~ (code - zero) * scale``."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 needs input features ({k}) divisible by the group size ({group})")
+    wg = w.float().view(n, k // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-5)
+    zero = torch.round(-lo / scale).clamp_(0, 15)
+    codes = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp_(0, 15).to(torch.uint8)
+    return Int4Grid(codes.view(n, k), scale, -zero * scale)

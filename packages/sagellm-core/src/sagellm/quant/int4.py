@@ -1,5 +1,5 @@
-"""int4 weights, a scale and a zero per group of 32 inputs, on torch's CPU kernels
-``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4pack_mm_for_cpu``.
+"""int4 weights, a scale and a zero per group of 32 inputs (a checkpoint's 64-256 as stored),
+on torch's CPU kernels ``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4pack_mm_for_cpu``.
 
 The kernel computes ``w = (code - 8) * scale + zero``; our grid (:class:`Int4Grid`, GGUF's Q4_1)
 is ``w = code * scale + minimum``, so ``zero = minimum + 8 * scale``. Scales and zeros are
@@ -19,6 +19,8 @@ COMPUTE_DTYPE = torch.bfloat16
 INNER_K_TILES = 2
 #: The CPU packing works on blocks of 16 output rows.
 ROW_BLOCK = 16
+#: Group sizes the CPU kernel takes (a checkpoint's grid in another one is requantized).
+KERNEL_GROUPS = (32, 64, 128, 256)
 
 
 class Int4Weight(QuantizedWeight):
@@ -29,11 +31,13 @@ class Int4Weight(QuantizedWeight):
 
     def __init__(self, grid: Int4Grid) -> None:
         n, k = grid.codes.shape
-        if not self.supports(n, k) or grid.group != INT4_GROUP:
+        if not self.supports(n, k) or grid.group not in KERNEL_GROUPS:
             raise ValueError(f"int4 needs [out, in] with out divisible by {ROW_BLOCK}, in by "
-                             f"{INT4_GROUP}, and groups of {INT4_GROUP}; got [{n}, {k}], groups "
-                             f"of {grid.group}")
+                             f"{INT4_GROUP}, and groups of {KERNEL_GROUPS}; got [{n}, {k}], "
+                             f"groups of {grid.group}")
         self.out_features, self.in_features, self.group = n, k, grid.group
+        #: Act-order grids (GPTQ desc_act): the inputs in the grid's column order.
+        self.perm = grid.perm
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             grid.codes.to(torch.int32), INNER_K_TILES)
         zero = grid.minimum + 8.0 * grid.scale
@@ -50,7 +54,7 @@ class Int4Weight(QuantizedWeight):
 
     @classmethod
     def from_grid(cls, grid: object) -> Int4Weight | None:
-        if isinstance(grid, Int4Grid) and grid.group == INT4_GROUP:
+        if isinstance(grid, Int4Grid) and grid.group in KERNEL_GROUPS:
             return cls(grid)
         return None
 
@@ -60,16 +64,23 @@ class Int4Weight(QuantizedWeight):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE), self.packed, self.group,
-            self.scales_zeros)
+            x2.to(COMPUTE_DTYPE), self.packed, self.group, self.scales_zeros)
         return y.to(x.dtype).view(*lead, y.shape[-1])
 
     def dequantize(self) -> torch.Tensor:
         # Through the kernel itself (float32 identity), so a packing bug shows here too.
         eye = torch.eye(self.in_features)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        w = torch.ops.aten._weight_int4pack_mm_for_cpu(
             eye, self.packed, self.group, self.scales_zeros.float()).t().contiguous()
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,147 @@
+"""W4A16 on the GPU: one Triton dequant-GEMM over core's layout (:mod:`sagellm.quant.w4a16`).
+
+Each program multiplies a ``BLOCK_M`` x ``BLOCK_N`` output tile over one split of the inputs:
+it reads the packed int32 rows of its outputs (eight inputs a word, contiguous along the
+outputs, so loads are coalesced), unpacks the nibbles, applies the group's scale and zero in
+registers and multiplies; the 16-bit weight never exists in memory. Act-order weights gather
+their activation columns through ``perm`` inside the load.
+
+* Prefill (many rows): ``tl.dot`` tiles, no split.
+* Decode (``M <= 16``): the weight read is the whole cost, so the inputs are split (``SPLIT_K``)
+  until the programs fill the GPU a few times over; partial sums go to a float32 workspace that
+  one sum reduces. ``M == 1`` multiplies without ``tl.dot`` (no padding rows).
+
+Launch sizes depend on shapes only (never on values), and nothing reads the device from the
+host, so a captured CUDA graph replays it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from sagellm.quant.w4a16 import W4A16Weight
+
+
+@triton.jit
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, M, N, K, stride_xm,
+                  k_per_split, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
+                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[split, m, n] = sum over this split's k of x[m, perm[k]] * w[k, n]``,
+    ``w[k, n] = (code(k, n) - zeros[k // GROUP, n]) * scales[k // GROUP, n]``."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_begin = pid_k * k_per_split
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kk in range(0, k_per_split, BLOCK_K):
+        offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + offs_k, mask=k_ok, other=0)
+        else:
+            cols = offs_k
+        # Each input row of the tile loads its word; the eight rows of one word hit the cache.
+        words = tl.load(q_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0)
+        codes = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
+        if GROUP % BLOCK_K == 0:  # the whole tile is in one group
+            g = (k_begin + kk) // GROUP
+            scale = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0)[None, :]
+            zero = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0)[None, :]
+        else:
+            gk = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
+            kn_ok = k_ok[:, None] & n_ok[None, :]
+            scale = tl.load(s_ptr + gk, mask=kn_ok, other=0.0)
+            zero = tl.load(z_ptr + gk, mask=kn_ok, other=0.0)
+        w = (codes.to(scale.dtype) - zero) * scale
+        if USE_DOT:
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
+            else:
+                acc += tl.dot(a, w.to(a.dtype))
+        else:
+            a = tl.load(x_ptr + cols, mask=k_ok, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None], axis=0)
+    base = out_ptr + pid_k * M * N
+    if USE_DOT:
+        tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.store(base + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@functools.cache
+def _num_sms(device_index: int | None) -> int:
+    if not torch.cuda.is_available():
+        return 8  # Triton's interpreter: small grids, few splits
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+def launch_config(m: int, n: int, k: int, group: int, num_sms: int) -> dict[str, int]:
+    """Tile sizes and the input split for an ``[m, k] x [k, n]`` product."""
+    block_k = 128 if group % 128 == 0 else group if group in (32, 64) else 64
+    if m <= 16:
+        block_m = 1 if m == 1 else 16
+        block_n = 128 if n >= 2048 else 64
+        tiles = triton.cdiv(n, block_n)
+        k_blocks = triton.cdiv(k, block_k)
+        # A few waves of programs: the decode product is a pure weight read.
+        split = max(1, min(k_blocks, (4 * num_sms) // max(tiles, 1), 16))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                    num_warps=4, num_stages=4)
+    block_m = 64 if m <= 64 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64 if group % 64 == 0 else block_k,
+                SPLIT_K=1, num_warps=8 if block_m == 128 else 4, num_stages=3)
+
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, perm: torch.Tensor | None, group: int,
+                 config: dict[str, int] | None = None) -> torch.Tensor:
+    """``x [M, K] @ W`` -> ``[M, N]`` in ``x``'s dtype, ``W`` in core's W4A16 layout."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    assert qweight.shape[0] * 8 == k and scales.shape == zeros.shape == (k // group, n)
+    assert scales.dtype == x.dtype, "scales/zeros must be in the activation dtype"
+    x = x.contiguous()
+    if m == 0:
+        return x.new_empty((0, n))
+    cfg = dict(config or launch_config(m, n, k, group, _num_sms(x.device.index)))
+    split = cfg.pop("SPLIT_K")
+    block_k = cfg["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    dest = torch.empty((m, n) if split == 1 else (split, m, n),
+                       dtype=x.dtype if split == 1 else torch.float32, device=x.device)
+    use_dot = cfg["BLOCK_M"] > 1
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]) if use_dot else m,
+            split)
+    _w4a16_kernel[grid](
+        x, qweight, scales, zeros, perm if perm is not None else qweight, dest, m, n, k,
+        x.stride(0), k_per_split, GROUP=group, HAS_PERM=perm is not None, USE_DOT=use_dot,
+        IEEE=x.dtype == torch.float32, **cfg)
+    return dest if split == 1 else dest.sum(0).to(x.dtype)
+
+
+class TritonW4A16Weight(W4A16Weight):
+    """Core's W4A16 weight (``--quantization int4``) multiplied by :func:`w4a16_matmul`."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        self._for(x)
+        lead = x.shape[:-1]
+        y = w4a16_matmul(x.reshape(-1, x.shape[-1]), self.qweight, self.scales, self.zeros,
+                         self.perm, self.group)
+        return y.view(*lead, self.out_features)

@@ -1,0 +1,196 @@
+"""The Triton W4A16 dequant-GEMM against core's torch reference (:mod:`sagellm.quant.w4a16`).
+
+Without a GPU, ``conftest.py`` runs Triton in its interpreter: small shapes, float32, every
+path (GEMV without ``tl.dot``, split-K, prefill tiles, act-order gather, groups inside a tile).
+On an H200 (``pytest -m gpu packages/sagellm-cuda/tests/test_int4_gemm.py -s``) the same run in
+bf16/fp16, plus Llama-3.1-8B's shapes, CUDA-graph capture, a GPTQ checkpoint through the
+engine, SmolLM2's perplexity, and the decode product's achieved bandwidth (printed).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sagellm.quant.grids import Int4Grid, quantize_int4_zero_point
+from sagellm.quant.w4a16 import W4A16Weight
+from sagellm_cuda.int4_gemm import TritonW4A16Weight, launch_config, w4a16_matmul
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32]
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def weights(n: int, k: int, group: int, act_order: bool, seed: int = 0
+            ) -> tuple[W4A16Weight, TritonW4A16Weight]:
+    g = torch.Generator().manual_seed(seed)
+    grid = quantize_int4_zero_point(torch.randn(n, k, generator=g), group)
+    if act_order:
+        grid = Int4Grid(grid.codes, grid.scale, grid.minimum, torch.randperm(k, generator=g))
+    grid = Int4Grid(*(t.to(DEV) if t is not None else None for t in
+                      (grid.codes, grid.scale, grid.minimum, grid.perm)))
+    return W4A16Weight(grid), TritonW4A16Weight(grid)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any()
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+CASES = [  # m, n, k, group, act_order: odd n tests the masks, k not a tile multiple too
+    (1, 96, 256, 128, False), (1, 72, 192, 64, True), (4, 64, 256, 32, False),
+    (16, 40, 128, 128, True), (1, 64, 160, 32, False), (40, 48, 192, 64, False),
+    (70, 32, 128, 128, True), (3, 56, 96, 96, False),
+]
+pytestmark = pytest.mark.gpu if HAS_CUDA else pytest.mark.interpreted
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,group,act_order", CASES)
+def test_kernel_matches_reference(m: int, n: int, k: int, group: int, act_order: bool,
+                                  dtype: torch.dtype) -> None:
+    ref_w, tri_w = weights(n, k, group, act_order, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+    out, ref = tri_w.matmul(x), ref_w.matmul(x)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_forced_split_and_tile_configs_agree() -> None:
+    _, w = weights(64, 512, 128, True)
+    x = torch.randn(2, 512).to(DEV, DTYPES[-1])
+    w._for(x)
+    outs = [w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.perm, w.group,
+                         dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, SPLIT_K=s, num_warps=4,
+                              num_stages=2))
+            for bk, s in ((128, 1), (64, 3), (32, 16))]
+    for o in outs[1:]:
+        assert rel_err(o, outs[0]) < 1e-2
+
+
+def test_launch_config_fills_the_gpu_at_decode() -> None:
+    cfg = launch_config(1, 4096, 4096, 128, 132)
+    assert cfg["BLOCK_M"] == 1 and cfg["SPLIT_K"] > 1
+    assert (4096 // cfg["BLOCK_N"]) * cfg["SPLIT_K"] >= 2 * 132
+    assert launch_config(512, 4096, 4096, 128, 132)["SPLIT_K"] == 1
+    assert launch_config(8, 4096, 4096, 32, 132)["BLOCK_K"] == 32
+
+
+def test_empty_batch() -> None:
+    _, w = weights(32, 64, 32, False)
+    x = torch.zeros(0, 64, device=DEV)
+    assert w.matmul(x).shape == (0, 32)
+
+
+# -- GPU only ----------------------------------------------------------------------------------
+
+LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # qkv, o, gate_up, down
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 2, 8, 16, 512])
+@pytest.mark.parametrize("n,k", LLAMA_8B)
+def test_llama_8b_shapes_bf16(m: int, n: int, k: int) -> None:
+    ref_w, tri_w = weights(n, k, 128, act_order=m == 2)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    assert rel_err(tri_w.matmul(x), ref_w.matmul(x)) < 1e-2
+
+
+@gpu
+def test_cuda_graph_capture_and_replay() -> None:
+    _, w = weights(4096, 4096, 128, act_order=True)
+    x = torch.randn(1, 4096, device=DEV, dtype=torch.bfloat16)
+    expect = w.matmul(x)  # warm-up: compiles, converts scales
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = w.matmul(x)
+    x.copy_(torch.randn_like(x))
+    expect = w.matmul(x.clone())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, expect)
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_decode_bandwidth(m: int) -> None:
+    """Prints the achieved weight bandwidth of the decode product on Llama-3.1-8B's shapes
+    (the issue's 0.45x TPOT needs it near the device's); asserts only that it runs."""
+    for n, k in LLAMA_8B:
+        _, w = weights(n, k, 128, False)
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        w.matmul(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                w.matmul(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        sec = start.elapsed_time(end) / 1e3 / 200
+        dense = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
+        torch.nn.functional.linear(x, dense)
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(200):
+            torch.nn.functional.linear(x, dense)
+        t1.record()
+        t1.synchronize()
+        bf16 = t0.elapsed_time(t1) / 1e3 / 200
+        print(f"M={m} [{n}x{k}] int4 {sec * 1e6:.1f} us ({w.nbytes / sec / 1e9:.0f} GB/s), "
+              f"bf16 {bf16 * 1e6:.1f} us: {sec / bf16:.2f}x")
+        assert sec > 0
+
+
+@gpu
+def test_smollm2_perplexity_on_gpu() -> None:
+    """SmolLM2 on CUDA: bf16 as loaded vs ``quantization=auto`` (W4A16 from the GGUF's Q4_1
+    grids through the Triton kernel), within 10%."""
+    from pathlib import Path
+
+    from sagellm import LLM
+    from sagellm.layers.quant_linear import QuantizedMatmul
+    from sagellm.testing.perplexity import perplexity
+
+    text = (Path(__file__).parents[2] / "sagellm-core" / "tests" / "data" /
+            "declaration_of_independence.txt").read_text()
+    ref_llm = LLM(model=None, backend="cuda", quantization="none", enforce_eager=True)
+    ids = ref_llm.tokenizer(text).input_ids
+    ref = perplexity(ref_llm.engine, ids)
+    del ref_llm
+    q = LLM(model=None, backend="cuda", quantization="auto", enforce_eager=True)
+    mods = [m for m in q.engine.model.modules() if isinstance(m, QuantizedMatmul)]
+    assert len(mods) == 30 * 4 and all(isinstance(m.qweight, TritonW4A16Weight) for m in mods)
+    ppl = perplexity(q.engine, ids)
+    print(f"SmolLM2 on CUDA: bf16 {ref:.3f}, W4A16 {ppl:.3f} ({ppl / ref - 1:+.2%})")
+    assert abs(ppl / ref - 1) < 0.10
+
+
+@gpu
+def test_gptq_checkpoint_on_gpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A GPTQ act-order checkpoint: the engine's CUDA int4 (repacked) against the same
+    checkpoint loaded as float, greedy tokens and logits."""
+    from sagellm.config import EngineConfig
+    from sagellm.engine.llm_engine import LLMEngine
+    from sagellm.layers.quant_linear import QuantizedMatmul
+    from sagellm.testing.int4_writer import write_int4_checkpoint
+    from sagellm.testing.perplexity import prompt_logits
+    from sagellm.testing.tiny_model import make_tiny_llama
+
+    qdir = write_int4_checkpoint(make_tiny_llama(tmp_path / "f"), tmp_path / "q", "gptq", 32,
+                                 act_order=True)
+    ids = [1, 17, 33, 90, 5, 200, 44, 3]
+    outs = {}
+    for quant in ("none", "auto"):
+        e = LLMEngine(EngineConfig(model=str(qdir), backend="cuda", quantization=quant,
+                                   dtype="float16", num_kv_blocks=16, max_model_len=64))
+        n_q = sum(isinstance(m, QuantizedMatmul) for m in e.model.modules())
+        assert n_q == (2 * 4 if quant == "auto" else 0)
+        outs[quant] = prompt_logits(e, ids)
+    assert rel_err(outs["auto"], outs["none"]) < 1e-2
