@@ -65,7 +65,7 @@ def _one_hot(ids_ptr, chunk, num_pairs, CHUNK: tl.constexpr, EP: tl.constexpr):
     return offs, (ids[:, None] == tl.arange(0, EP)[None, :]).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _count_kernel(ids_ptr, counts_ptr, num_pairs, CHUNK: tl.constexpr, EP: tl.constexpr):
     """``counts[c, e]``: how many pairs of chunk ``c`` chose expert ``e``."""
     c = tl.program_id(0)
@@ -73,9 +73,11 @@ def _count_kernel(ids_ptr, counts_ptr, num_pairs, CHUNK: tl.constexpr, EP: tl.co
     tl.store(counts_ptr + c * EP + tl.arange(0, EP), tl.sum(hot, 0))
 
 
-@triton.jit
+# Sizes as plain arguments: one compiled kernel per (experts, FROM_COUNTS) whatever the batch
+# and block size, so the engine compiles it once at start-up.
+@triton.jit(do_not_specialize=["num_pairs", "num_chunks", "length", "num_experts", "block_m"])
 def _place_kernel(ids_ptr, counts_ptr, pairs_ptr, block_expert_ptr, num_padded_ptr, num_pairs,
-                  num_chunks, length, num_experts, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                  num_chunks, length, num_experts, block_m, CHUNK: tl.constexpr,
                   EP: tl.constexpr, FROM_COUNTS: tl.constexpr, COUNT_ROWS: tl.constexpr):
     """Program ``p`` places the pairs of chunk ``p`` and fills rows ``[p * CHUNK, (p + 1) *
     CHUNK)`` of ``sorted_pairs``'s padding and the block experts starting there."""
@@ -96,7 +98,7 @@ def _place_kernel(ids_ptr, counts_ptr, pairs_ptr, block_expert_ptr, num_padded_p
             counts = tl.sum(hot, 0)
             total += counts
             before += tl.where(c < p, counts, 0)
-    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded = (total + block_m - 1) // block_m * block_m
     padded_end = tl.cumsum(padded, 0)
     padded_start = padded_end - padded
     used = tl.sum(padded, 0)
@@ -116,8 +118,8 @@ def _place_kernel(ids_ptr, counts_ptr, pairs_ptr, block_expert_ptr, num_padded_p
     run_count = tl.sum(row_hot * total[None, :], 1)
     is_pad = (rows - run_start >= run_count) | (rows >= used)
     tl.store(pairs_ptr + rows, tl.zeros_like(rows) + num_pairs, mask=in_range & is_pad)
-    tl.store(block_expert_ptr + rows // BLOCK_M, tl.minimum(row_expert, num_experts),
-             mask=in_range & (rows % BLOCK_M == 0))
+    tl.store(block_expert_ptr + rows // block_m, tl.minimum(row_expert, num_experts),
+             mask=in_range & (rows % block_m == 0))
 
 
 def chunk_size(num_experts: int) -> int:
@@ -152,6 +154,6 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
         _count_kernel[(num_chunks,)](ids, counts, n, CHUNK=chunk, EP=ep)
     _place_kernel[(triton.cdiv(length, chunk),)](
         ids, counts, sorted_pairs, block_expert, num_padded, n, num_chunks, length, num_experts,
-        BLOCK_M=block_m, CHUNK=chunk, EP=ep, FROM_COUNTS=from_counts,
+        block_m, CHUNK=chunk, EP=ep, FROM_COUNTS=from_counts,
         COUNT_ROWS=max(1, min(64, 8192 // ep)))
     return sorted_pairs, block_expert, num_padded
