@@ -36,6 +36,7 @@ TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048, 4096]
 SMOKE_TOKENS = [1, 8]
 SMEM_BYTES = 200 * 1024  # of the H200's 227 KB per block, some left for the compiler
 ACC_REGS = 128  # fp32 accumulator registers per thread
+FIRST_ANSWER_S = 40.0  # workers import torch and start CUDA before their first compile
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,10 @@ class Precompiler:
         if jobs > 0:
             import multiprocessing as mp
 
-            self.pool = mp.get_context("spawn").Pool(jobs)
+            try:
+                self.pool = mp.get_context("spawn").Pool(jobs)
+            except Exception as e:  # compile in the main process instead
+                print(f"no compile workers ({type(e).__name__}: {e})", file=sys.stderr)
 
     def compile(self, items: list[tuple[str, dict[str, int]]], timeout_s: float) -> None:
         todo = [j for j in dict.fromkeys((g, freeze(c)) for g, c in items) if j not in self.done]
@@ -264,12 +268,20 @@ class Precompiler:
         s = self.shape
         spec = (s.experts, s.top_k, s.hidden, s.inter, str(s.dtype).removeprefix("torch."))
         t0 = time.perf_counter()
-        result = self.pool.map_async(_warm, [(g, c, spec) for g, c in todo])
-        result.wait(timeout_s)
-        ok = sum(result.get()) if result.ready() else "?"
-        print(f"precompiled {ok}/{len(todo)} configs in {time.perf_counter() - t0:.1f} s"
-              + ("" if result.ready() else " (timed out; the rest compile on first use)"))
         self.done.update(todo)
+        end = t0 + timeout_s
+        ok = done = 0
+        try:
+            results = self.pool.imap_unordered(_warm, [(g, c, spec) for g, c in todo])
+            for done in range(1, len(todo) + 1):
+                # The first answer also waits for the workers to start; none by then: give up.
+                wait = min(end, t0 + FIRST_ANSWER_S) if done == 1 else end
+                ok += results.next(timeout=max(0.0, wait - time.perf_counter()))
+        except Exception as e:  # timed out, or a worker died: the rest compile on first use
+            print(f"precompile stopped after {done - 1}/{len(todo)} ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            return
+        print(f"precompiled {ok}/{len(todo)} configs in {time.perf_counter() - t0:.1f} s")
 
     def close(self) -> None:
         if self.pool is not None:

@@ -205,3 +205,16 @@ def test_qwen3_30b_a3b_layer_bf16(tokens: int) -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, got)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_fused_layer_matches_core_layer(renormalize: bool) -> None:
+    """The swapped layer (routing kernel + fused GEMMs) against core's torch layer."""
+    from sagellm.layers.moe import MoEExperts
+    from sagellm_cuda.moe import FusedMoEExperts
+
+    x, w13, w2, logits = case(11, 6, 3, 32, 16, torch.float32, seed=5)
+    core, fused = MoEExperts(6, 3, 32, 16, renormalize), FusedMoEExperts(6, 3, 32, 16, renormalize)
+    for layer in (core, fused):
+        layer.w13.data, layer.w2.data = w13, w2
+    assert rel_err(fused(x, logits), core(x, logits)) < 1e-4

@@ -112,3 +112,20 @@ def test_needs_cuda_without_smoke(tune_moe, tmp_path: Path) -> None:  # type: ig
         pytest.skip("has a CUDA device")
     with pytest.raises(SystemExit, match="CUDA"):
         tune_moe.main(["--out", str(tmp_path)])
+
+
+def test_precompiler_survives_failing_workers(tune_moe,  # type: ignore[no-untyped-def]
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers that cannot compile (here: no CUDA) cost nothing but a message."""
+    if torch.cuda.is_available():
+        pytest.skip("has a CUDA device")
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the spawned workers import the script
+    shape = tune_moe.Shape(4, 2, 32, 32, torch.float32)
+    pre = tune_moe.Precompiler(1, shape)
+    try:
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)
+        pre.compile([("down", cfg)], timeout_s=60)
+        assert ("down", tune_moe.freeze(cfg)) in pre.done
+        pre.compile([("down", cfg)], timeout_s=60)  # already tried: nothing queued
+    finally:
+        pre.close()
