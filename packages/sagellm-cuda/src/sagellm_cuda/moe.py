@@ -17,39 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from sagellm.layers.moe import MoEExperts, select_experts
+from sagellm.layers.moe import MoEExperts
+from sagellm_cuda.moe_align import align_by_expert
+from sagellm_cuda.moe_routing import route
+from sagellm_cuda.moe_tiles import tile_configs
 
 
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (token, choice) pairs of ``topk_ids`` [T, k] grouped by expert, in row blocks.
-
-    Returns ``sorted_pairs`` [L] int32: flat pair indices (``token * k + choice``) with each
-    expert's pairs contiguous and starting on a multiple of ``block_m``, padding holding ``T * k``;
-    ``block_expert`` [L / block_m] int32: the expert of each row block (``num_experts`` past the
-    end); ``num_padded`` [1]: how many rows of ``sorted_pairs`` are in use. ``L`` is the worst case
-    for ``T * k`` pairs, so it depends on the shape only.
-    """
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    n = flat.numel()
-    dev = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded.cumsum(0)
-    order = flat.argsort(stable=True)
-    expert_of = flat[order]
-    rank = torch.arange(n, device=dev) - (counts.cumsum(0) - counts)[expert_of]
-    length = n + min(n, num_experts) * (block_m - 1)
-    length = -(-length // block_m) * block_m
-    sorted_pairs = torch.full((length,), n, dtype=torch.int32, device=dev)
-    sorted_pairs[(padded_end - padded)[expert_of] + rank] = order.to(torch.int32)
-    block_starts = torch.arange(0, length, block_m, device=dev)
-    block_expert = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
-    return sorted_pairs, block_expert, padded_end[-1:]
-
-
-@triton.jit
+# ``num_pairs`` varies with every batch size: one compiled kernel for all of them.
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, pairs_ptr, block_expert_ptr, num_padded_ptr,
                      N, K, num_pairs, length, stride_am, stride_be, stride_bn, stride_bk,
                      stride_cm, TOP_K: tl.constexpr, FUSE_SILU: tl.constexpr,
@@ -106,55 +81,63 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, pairs_ptr, block_expert_ptr, nu
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
-def block_config(num_pairs: int, num_experts: int) -> dict[str, int]:
-    """Tile sizes by the expected rows per expert: decode steps put a handful of rows on each
-    expert, so a tall tile would mostly multiply padding."""
-    per_expert = num_pairs / num_experts
-    if per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
-    if per_expert <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-
-
 def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, weights: torch.Tensor,
           aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor], top_k: int, n: int,
-          fuse_silu: bool, mul_weight: bool, cfg: dict[str, int]) -> None:
+          fuse_silu: bool, mul_weight: bool, cfg: dict[str, int], warmup: bool = False) -> None:
+    """One grouped GEMM launch; with ``warmup`` only compiled (into Triton's cache), not run."""
     pairs, block_expert, num_padded = aligned
     assert a.stride(1) == 1 and b.stride(2) == 1 and out.stride(1) == 1
     m, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(pairs.numel(), m) * triton.cdiv(n, bn),)
-    _moe_gemm_kernel[grid](
-        a, b, out, weights, pairs, block_expert, num_padded, n, a.shape[1], out.shape[0],
-        pairs.numel(), a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
-        TOP_K=top_k, FUSE_SILU=fuse_silu, MUL_WEIGHT=mul_weight, IEEE=a.dtype == torch.float32,
-        **cfg)
+    args = (a, b, out, weights, pairs, block_expert, num_padded, n, a.shape[1], out.shape[0],
+            pairs.numel(), a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0))
+    kw = dict(TOP_K=top_k, FUSE_SILU=fuse_silu, MUL_WEIGHT=mul_weight,
+              IEEE=a.dtype == torch.float32, **cfg)
+    if warmup:
+        _moe_gemm_kernel.warmup(*args, grid=grid, **kw)
+    else:
+        _moe_gemm_kernel[grid](*args, **kw)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  config: dict[str, int] | None = None) -> torch.Tensor:
+                  config: dict[str, int] | None = None,
+                  down_config: dict[str, int] | None = None) -> torch.Tensor:
     """What :func:`sagellm.layers.moe.experts_reference` computes: ``x`` [T, H], ``w13``
-    [E, 2I, H], ``w2`` [E, H, I], routing [T, k] -> [T, H] in ``x``'s dtype."""
+    [E, 2I, H], ``w2`` [E, H, I], routing [T, k] -> [T, H] in ``x``'s dtype.
+
+    Tiles: ``config`` for the gate/up GEMM (and the down GEMM unless ``down_config`` is given),
+    else the device's tuned table or the heuristic (:func:`~sagellm_cuda.moe_tiles.tile_configs`).
+    The pairs are aligned once per distinct ``BLOCK_M``.
+    """
     num_tokens, top_k = topk_ids.shape
     num_experts, hidden, inter = w2.shape
     if num_tokens == 0:
         return x.new_zeros(0, hidden)
     x = x.contiguous()
     num_pairs = num_tokens * top_k
-    cfg = config or block_config(num_pairs, num_experts)
-    aligned = align_by_expert(topk_ids, num_experts, cfg["BLOCK_M"])
-    weights = topk_weights.reshape(-1).float().contiguous()
+    if config is None:
+        up_cfg, down_cfg = tile_configs(num_tokens, top_k, num_experts, hidden, inter, x.dtype,
+                                        x.device)
+    else:
+        up_cfg, down_cfg = config, down_config or config
+    up_aligned = align_by_expert(topk_ids, num_experts, up_cfg["BLOCK_M"])
+    down_aligned = up_aligned if down_cfg["BLOCK_M"] == up_cfg["BLOCK_M"] else \
+        align_by_expert(topk_ids, num_experts, down_cfg["BLOCK_M"])
+    weights = topk_weights.reshape(-1)
+    if weights.dtype != torch.float32 or not weights.is_contiguous():
+        weights = weights.float().contiguous()
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    _gemm(x, w13, act, weights, aligned, top_k, inter, True, False, cfg)
+    _gemm(x, w13, act, weights, up_aligned, top_k, inter, True, False, up_cfg)
     down = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _gemm(act, w2, down, weights, aligned, 1, hidden, False, True, cfg)
+    _gemm(act, w2, down, weights, down_aligned, 1, hidden, False, True, down_cfg)
     return down.view(num_tokens, top_k, hidden).sum(1)
 
 
 class FusedMoEExperts(MoEExperts):
-    """Core's experts layer (``LayerKind.MOE_EXPERTS``) through :func:`fused_experts`."""
+    """Core's experts layer (``LayerKind.MOE_EXPERTS``): routing in one Triton launch
+    (:func:`~sagellm_cuda.moe_routing.route`), then :func:`fused_experts`."""
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        weights, ids = route(router_logits, self.top_k, self.renormalize)
         return fused_experts(x, self.w13, self.w2, weights, ids)
