@@ -128,17 +128,19 @@ def engine_greedy(platform: Platform, model_dir: str | Path, prompts: Sequence[S
     engine = greedy_engine(platform, model_dir, **config)
     runner = engine.runner
     rows: dict[str, list[torch.Tensor]] = {}
-    sample = runner.sample  # type: ignore[attr-defined]
+    # Every step's sampling goes through ``sample_tokens`` (eager steps, graph steps and
+    # ``sample`` itself), so wrapping it records each sampled row's logits.
+    sample_tokens = runner.sample_tokens  # type: ignore[attr-defined]
 
-    def recording_sample(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
+    def recording_sample_tokens(logits: torch.Tensor, seqs: list[Any]) -> Any:
         for seq, row in zip(seqs, logits, strict=True):
             rows.setdefault(seq.request_id, []).append(row.float().cpu())
-        return sample(logits, seqs)  # type: ignore[no-any-return]
+        return sample_tokens(logits, seqs)
 
-    runner.sample = recording_sample  # type: ignore[attr-defined]
-    # A runner whose graphs end in an argmax skips ``sample`` for greedy rows; asking it to
-    # sample from the graph's hidden states instead keeps the graph's forward under test and
-    # lets every row's logits be recorded.
+    runner.sample_tokens = recording_sample_tokens  # type: ignore[attr-defined]
+    # A runner whose graphs end in an argmax skips sampling for greedy rows; asking it to
+    # sample from the graph's logits instead keeps the graph's forward under test and lets
+    # every row's logits be recorded.
     runner.argmax_suffices = lambda seqs: False  # type: ignore[attr-defined]
     ids, tokens = run_greedy(engine, prompts, max_tokens)
     engine.shutdown()
