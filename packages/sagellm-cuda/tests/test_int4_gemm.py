@@ -69,6 +69,28 @@ def test_forced_split_and_tile_configs_agree() -> None:
         assert rel_err(o, outs[0]) < 1e-2
 
 
+def test_split_past_k_never_reads_the_group_row_after_the_last() -> None:
+    """A split whose last tiles lie past K must not read the (nonexistent) group row after the
+    last one: here that memory holds NaN, as stale device memory can, and the output must not
+    see it. (On the GPU an unmasked read there made M=1 outputs NaN.)"""
+    _, w = weights(64, 512, 128, False)
+    x = torch.randn(1, 512).to(DEV, DTYPES[-1])
+    w._for(x)
+    groups, n = w.scales.shape
+    pad_s = torch.full((groups + 1, n), float("nan"), dtype=w.scales.dtype, device=DEV)
+    pad_z = torch.full((groups + 1, n), float("nan"), dtype=w.zeros.dtype, device=DEV)
+    pad_s[:groups], pad_z[:groups] = w.scales, w.zeros
+    ref = w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.perm, w.group,
+                       dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, num_warps=4,
+                            num_stages=2))
+    # K=512, BLOCK_K=64, 3 splits of 192: the last split's third tile starts at k=512.
+    for m_block in (1, 16):
+        out = w4a16_matmul(x, w.qweight, pad_s[:groups], pad_z[:groups], w.perm, w.group,
+                           dict(BLOCK_M=m_block, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3,
+                                num_warps=4, num_stages=2))
+        assert rel_err(out, ref) < 1e-2
+
+
 def test_launch_config_fills_the_gpu_at_decode() -> None:
     cfg = launch_config(1, 4096, 4096, 128, 132)
     assert cfg["BLOCK_M"] == 1 and cfg["SPLIT_K"] > 1
@@ -160,11 +182,15 @@ def test_smollm2_perplexity_on_gpu() -> None:
 
     text = (Path(__file__).parents[2] / "sagellm-core" / "tests" / "data" /
             "declaration_of_independence.txt").read_text()
-    ref_llm = LLM(model=None, backend="cuda", quantization="none", enforce_eager=True)
+    # A small KV pool each: both engines live in this process (the default pool, 0.85 of the
+    # card, would leave the second engine none).
+    ref_llm = LLM(model=None, backend="cuda", quantization="none", enforce_eager=True,
+                  num_kv_blocks=1024)
     ids = ref_llm.tokenizer(text).input_ids
     ref = perplexity(ref_llm.engine, ids)
+    ref_llm.engine.shutdown()
     del ref_llm
-    q = LLM(model=None, backend="cuda", quantization="auto", enforce_eager=True)
+    q = LLM(model=None, backend="cuda", quantization="auto", enforce_eager=True, num_kv_blocks=1024)
     mods = [m for m in q.engine.model.modules() if isinstance(m, QuantizedMatmul)]
     assert len(mods) == 30 * 4 and all(isinstance(m.qweight, TritonW4A16Weight) for m in mods)
     ppl = perplexity(q.engine, ids)

@@ -57,9 +57,12 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, M, N, K, stride
                         mask=k_ok[:, None] & n_ok[None, :], other=0)
         codes = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
         if GROUP % BLOCK_K == 0:  # the whole tile is in one group
+            # The last split's last tiles may lie past K: their group row does not exist, and
+            # an unmasked read there can be NaN/inf (times a zero code is still NaN).
             g = (k_begin + kk) // GROUP
-            scale = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0)[None, :]
-            zero = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0)[None, :]
+            g_ok = n_ok & (offs_n * 0 + (k_begin + kk) < K)
+            scale = tl.load(s_ptr + g * N + offs_n, mask=g_ok, other=0.0)[None, :]
+            zero = tl.load(z_ptr + g * N + offs_n, mask=g_ok, other=0.0)[None, :]
         else:
             gk = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
             kn_ok = k_ok[:, None] & n_ok[None, :]
