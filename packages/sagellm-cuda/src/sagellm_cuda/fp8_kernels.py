@@ -139,7 +139,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G, stride_x, K_PER_SPLIT,
         if PER_CHANNEL:
             acc += part
         else:
-            s = tl.load(s_ptr + offs_n * G + k0 // GROUP, mask=mask_n, other=0.0)
+            # A split's tiles past K have no scale column (the last row's would be read out
+            # of bounds, and NaN there times a zero part is still NaN).
+            s = tl.load(s_ptr + offs_n * G + k0 // GROUP, mask=mask_n & (offs_n * 0 + k0 < K),
+                        other=0.0)
             acc += part * s[None, :]
     if PER_CHANNEL:
         acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
