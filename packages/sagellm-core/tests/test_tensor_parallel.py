@@ -262,7 +262,8 @@ def test_torchrun_two_nodes_on_one_machine_match_tp1(tiny_dirs: dict[str, Path],
     port = _free_port()
     procs = []
     for node in (0, 1):
-        env = {**os.environ, "SAGELLM_HOST_ID": f"node-{node}"}
+        # One thread per rank: both "nodes" share this machine, and each would take every core.
+        env = {**os.environ, "SAGELLM_HOST_ID": f"node-{node}", "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
              str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",

@@ -420,8 +420,9 @@ def run_worker(role: str, config_json: str, platform_cls: type[Platform], rank: 
         _init_group(platform.capabilities().dist_backend, rank, world_size, store, platform.device)
         comm = platform.make_comm_backend(rank, world_size)
         topo = join_topology(comm, platform, device_index)
-        if platform.device.type == "cpu":
+        if platform.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
             # The ranks on this host share its cores; oversubscribed threads slow everyone down.
+            # An explicit OMP_NUM_THREADS wins (e.g. several "hosts" sharing one machine).
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // topo.local_world_size))
         from sagellm.engine.builder import build_parts
 
