@@ -68,26 +68,27 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Grid:
     Applied to GGUF Q4_1 weights dequantized to float, this returns the stored codes again
     (llama.cpp puts each block's minimum at code 0 and maximum at 15), up to float rounding.
     """
-    n, k = w.shape
-    if k % group:
-        raise ValueError(f"int4 needs input features ({k}) divisible by the group size ({group})")
-    wg = w.float().view(n, k // group, group)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    wg, lo, hi = _groups(w, group)
     scale = ((hi - lo) / 15.0).clamp_min(1e-12)
     codes = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
-    return Int4Grid(codes.view(n, k), scale, lo)
+    return Int4Grid(codes.view(w.shape), scale, lo)
 
 
 def quantize_int4_zero_point(w: torch.Tensor, group: int) -> Int4Grid:
     """Round-to-nearest with an integer zero point, GPTQ's and AWQ's grid: per group
     ``scale = (max - min) / 15``, ``zero = round(-min / scale)`` in ``[0, 15]``,
     ``code = clamp(round(w / scale) + zero, 0, 15)``; ``w ~ (code - zero) * scale``."""
+    wg, lo, hi = _groups(w, group)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-5)
+    zero = torch.round(-lo / scale).clamp_(0, 15)
+    codes = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp_(0, 15).to(torch.uint8)
+    return Int4Grid(codes.view(w.shape), scale, -zero * scale)
+
+
+def _groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` [N, K] as float groups [N, K / group, group], with each group's min and max."""
     n, k = w.shape
     if k % group:
         raise ValueError(f"int4 needs input features ({k}) divisible by the group size ({group})")
     wg = w.float().view(n, k // group, group)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scale = ((hi - lo) / 15.0).clamp_min(1e-5)
-    zero = torch.round(-lo / scale).clamp_(0, 15)
-    codes = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp_(0, 15).to(torch.uint8)
-    return Int4Grid(codes.view(n, k), scale, -zero * scale)
+    return wg, wg.amin(dim=-1), wg.amax(dim=-1)
