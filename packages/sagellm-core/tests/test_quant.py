@@ -113,6 +113,25 @@ def test_long_inputs_take_the_dense_path_and_agree(cls: type[QuantizedWeight], w
     assert q.matmul(x.view(2, m // 2, 128)).shape == (2, m // 2, 96)
 
 
+@pytest.mark.parametrize("rows", [3, 20])  # the packed kernel and the dense path
+def test_int8_lm_head_recomputes_its_top_logits_in_float32(rows: int) -> None:
+    """bfloat16 logits tie near-ties (one step is 0.125 at a logit of 20); an LM head's top
+    logits come back at float32 resolution, so argmax and the top logprobs follow the grid."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4096, 128, generator=g) * 0.3
+    x = torch.randn(rows, 128, generator=g) * 4
+    plain = Int8Weight.from_float(w)
+    head = Int8Weight.from_float(w)
+    head.as_lm_head()
+    exact = x @ head.dequantize().t()
+    y, y_plain = head.matmul(x), plain.matmul(x)
+    top = exact.topk(8, dim=-1).indices
+    assert torch.allclose(y.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-4)
+    assert torch.equal(y.argmax(-1), exact.argmax(-1))
+    assert float((y_plain.gather(1, top) - exact.gather(1, top)).abs().max()) > 1e-3  # bfloat16
+    assert head.matmul(x.view(1, rows, 128)).shape == (1, rows, 4096)
+
+
 def test_int4_dense_weight_is_the_kernels_weight(w: torch.Tensor) -> None:
     """The unpacked signed nibbles, scaled and shifted, are the weight the kernel multiplies by:
     every code comes back (codes 0 and 15, the sign bit's edge cases, included)."""
