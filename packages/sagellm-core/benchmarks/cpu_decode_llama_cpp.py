@@ -15,6 +15,7 @@ is skipped with a message saying so.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from typing import Any
 
@@ -43,10 +44,17 @@ class LlamaCppGreedy:
 
     def __init__(self, lib: Any, model_path: str, threads: int) -> None:
         self.lib = lib
-        self.llm = lib.Llama(model_path=model_path, n_ctx=MAX_SEQS * CTX_PER_SEQ, n_batch=512,
-                             n_ubatch=512, n_threads=threads, n_threads_batch=threads,
-                             n_seq_max=MAX_SEQS, logits_all=False, verbose=False)
-        self.ctx = self.llm._ctx.ctx
+        # The high-level Llama loads the model; the context is ours (it fixes n_seq_max to 1).
+        self.llm = lib.Llama(model_path=model_path, n_ctx=512, n_threads=threads,
+                             verbose=bool(os.environ.get("LLAMA_VERBOSE")))
+        params = lib.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = MAX_SEQS * CTX_PER_SEQ, 512, 512
+        params.n_threads = params.n_threads_batch = threads
+        params.n_seq_max = MAX_SEQS
+        params.kv_unified = True
+        self.ctx = lib.llama_init_from_model(self.llm._model.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
         self.n_vocab = self.llm.n_vocab()
         self.batch = lib.llama_batch_init(512, 0, MAX_SEQS)
 
@@ -94,4 +102,5 @@ class LlamaCppGreedy:
 
     def close(self) -> None:
         self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
         self.llm.close()
