@@ -1,7 +1,7 @@
 """CPU speed of sageLLM (per weight format) versus transformers ``generate()`` on the same model.
 
     python packages/sagellm-core/benchmarks/cpu_decode.py [--threads 2] [--repeats 3]
-        [--formats none,bf16,int8,int4] [--out results/cpu-decode-2026-12-01.json]
+        [--formats none,bf16,int8,int4] [--llama-cpp-site DIR] [--out results/cpu-decode-DATE.json]
 
 The embedded SmolLM2-135M-Instruct (one GGUF file; transformers reads its dequantized float32
 weights), greedy, ``ignore_eos``, after a warm-up, median of ``--repeats`` runs (min and max
@@ -12,13 +12,19 @@ kept too):
 * 8 concurrent: ``8 * tokens / e2e`` for 8 different prompts submitted together (aggregate).
 
 sageLLM formats: ``none`` (float32 weights), ``bf16`` (``dtype=bfloat16``), ``int8`` / ``int4``
-(``quantization=``, activations float32 around bfloat16 kernels). On a shared machine the
-numbers swing: read min/max, and re-run on a quiet box before quoting them.
+(``quantization=``, activations float32 around bfloat16 kernels). llama.cpp
+(``cpu_decode_llama_cpp.py``, optional: skipped with a message where ``llama_cpp`` does not
+import) runs the same GGUF file, the same token ids, the same thread count.
+
+On a shared machine the wall-clock numbers swing: read min/max, and re-run on a quiet box before
+quoting them. The JSON keeps the load average before and after, and each TTFT's process CPU
+seconds too (less sensitive to other processes than wall time, though not immune).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -36,6 +42,10 @@ def _prompt(tok: Any, n: int, salt: int) -> list[int]:
     base = tok(f"Record {salt}. " + "The quick brown fox jumps over the lazy dog. " * (n // 8 + 8)
                ).input_ids
     return base[:n]
+
+
+def _cpu_s() -> float:
+    return time.process_time()
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -87,21 +97,53 @@ def bench_transformers(args: argparse.Namespace) -> dict[str, Any]:
                     lambda: _prompt(tok, 40, next(salt)), args)
 
 
+def bench_llama_cpp(args: argparse.Namespace) -> dict[str, Any] | None:
+    from cpu_decode_llama_cpp import LlamaCppGreedy, import_llama_cpp
+    from transformers import AutoTokenizer
+
+    from sagellm.loader.default_model import default_model_path
+    from sagellm.loader.gguf_loader import gguf_to_hf_dir
+
+    lib = import_llama_cpp(args.llama_cpp_site)
+    if lib is None:
+        return None
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(gguf_to_hf_dir(path))
+    eng = LlamaCppGreedy(lib, str(path), args.threads)
+    salt = iter(range(10**6))
+
+    def run(prompts: list[list[int]], n: int) -> float:
+        t = time.perf_counter()
+        eng.generate(prompts, n)
+        return time.perf_counter() - t
+
+    try:
+        r = _measure(run, lambda: _prompt(tok, args.prompt_tokens, next(salt)),
+                     lambda: _prompt(tok, 40, next(salt)), args)
+    finally:
+        eng.close()
+    r["version"] = getattr(lib, "__version__", "?")
+    return r
+
+
 def _measure(run: Any, long_prompt: Any, short_prompt: Any, args: argparse.Namespace
              ) -> dict[str, Any]:
     n = args.tokens
     run([short_prompt()], 4)  # warm-up
     run([long_prompt()], 1)
-    ttft, b1, b8 = [], [], []
+    ttft, ttft_cpu, b1, b8 = [], [], [], []
     for _ in range(args.repeats):
+        c = _cpu_s()
         ttft.append(run([long_prompt()], 1))
+        ttft_cpu.append(_cpu_s() - c)
         p = short_prompt()
         first = run([p], 1)
         e2e = run([short_prompt()], n)
         b1.append((n - 1) / max(e2e - first, 1e-9))
         prompts = [short_prompt() for _ in range(8)]
         b8.append(8 * n / run(prompts, n))
-    return {"ttft_512_s": _stats(ttft), "decode_b1_tok_s": _stats(b1),
+    return {"ttft_512_s": _stats(ttft), "ttft_512_cpu_s": _stats(ttft_cpu),
+            "decode_b1_tok_s": _stats(b1),
             "aggregate_b8_tok_s": _stats(b8)}
 
 
@@ -113,15 +155,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--formats", default="none,bf16,int8,int4")
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "results" / "cpu-decode-2026-12-01.json"))
+    ap.add_argument("--llama-cpp-site", default=None,
+                    help="a folder holding llama_cpp (a pip --target); unset: the environment's")
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--out", default=None, help="default: results/cpu-decode-<today>.json")
     args = ap.parse_args()
+    today = datetime.date.today().isoformat()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     rows: dict[str, dict[str, Any]] = {}
     for fmt in args.formats.split(","):
         rows[f"sagellm ({fmt})"] = bench_sagellm(fmt, args)
         print(f"{fmt}: {rows[f'sagellm ({fmt})']}", flush=True)
     if not args.no_transformers:
         rows["transformers generate() (fp32)"] = bench_transformers(args)
+        print(f"transformers: {rows['transformers generate() (fp32)']}", flush=True)
+    if not args.no_llama_cpp:
+        llama = bench_llama_cpp(args)
+        if llama is not None:
+            rows["llama.cpp (Q4_1, as shipped)"] = llama
+            print(f"llama.cpp: {llama}", flush=True)
     print(f"\nSmolLM2-135M-Instruct, {torch.get_num_threads()} threads, greedy, median of "
           f"{args.repeats} [min-max]; {args.tokens} output tokens\n")
     print(f"| engine (weights) | TTFT, {args.prompt_tokens}-token prompt | decode, batch 1 | "
@@ -131,22 +184,30 @@ def main() -> None:
         print(f"| {name} | {t['median']:.2f} s [{t['min']:.2f}-{t['max']:.2f}] | "
               f"{d['median']:.1f} tok/s [{d['min']:.1f}-{d['max']:.1f}] | "
               f"{a['median']:.1f} tok/s [{a['min']:.1f}-{a['max']:.1f}] |")
-    hf = rows.get("transformers generate() (fp32)")
-    if hf:
+    ratios = {}
+    for ref_name, label in (("transformers generate() (fp32)", "transformers"),
+                            ("llama.cpp (Q4_1, as shipped)", "llama.cpp")):
+        ref = rows.get(ref_name)
+        if not ref:
+            continue
         for name, r in rows.items():
             if name.startswith("sagellm"):
-                print(f"{name}: {r['decode_b1_tok_s']['median'] / hf['decode_b1_tok_s']['median']:.2f}x "
-                      f"transformers at batch 1, "
-                      f"{r['aggregate_b8_tok_s']['median'] / hf['aggregate_b8_tok_s']['median']:.2f}x "
-                      f"at 8 concurrent")
-    out = Path(args.out)
+                b1 = r["decode_b1_tok_s"]["median"] / ref["decode_b1_tok_s"]["median"]
+                b8 = r["aggregate_b8_tok_s"]["median"] / ref["aggregate_b8_tok_s"]["median"]
+                ttft = r["ttft_512_s"]["median"] / ref["ttft_512_s"]["median"]
+                ratios[f"{name} / {label}"] = {"decode_b1": b1, "aggregate_b8": b8, "ttft_512": ttft}
+                print(f"{name}: {b1:.2f}x {label} at batch 1, {b8:.2f}x at 8 concurrent, "
+                      f"TTFT {ttft:.2f}x of {label}'s")
+    out = Path(args.out or HERE / "results" / f"cpu-decode-{today}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "date": "2026-12-01", "model": "SmolLM2-135M-Instruct (embedded GGUF, Q4_1)",
+        "date": today, "model": "SmolLM2-135M-Instruct (embedded GGUF, Q4_1)",
+        "note": "shared 2-core machine (other jobs running): wall-clock numbers are noisy",
+        "load_average_before": load_before, "ratios_of_medians": ratios,
         "threads": torch.get_num_threads(), "repeats": args.repeats, "output_tokens": args.tokens,
         "prompt_tokens": args.prompt_tokens, "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-        "load_average": os.getloadavg(), "results": rows}, indent=2) + "\n")
+        "load_average_after": os.getloadavg(), "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sagellm import LLM
+from sagellm import LLM, SamplingParams
 from sagellm.layers.quant_linear import QuantizedMatmul
 from sagellm.testing.perplexity import perplexity
 
@@ -61,3 +61,13 @@ def test_auto_runs_int4_from_the_stored_blocks(auto_llm: LLM) -> None:
     mods = [m for m in auto_llm.engine.model.modules() if isinstance(m, QuantizedMatmul)]
     assert len(mods) == 30 * 4 + 1
     assert {m.qweight.scheme for m in mods} == {"int4", "int8"}  # the head is int8
+    heads = [m for m in mods if m.qweight.scheme == "int8"]
+    assert len(heads) == 1 and heads[0].qweight.refine is not None  # float32 top logits
+
+
+def test_auto_answers_the_capital_of_france(auto_llm: LLM) -> None:
+    # The first answer token leads by 0.08 nats in float32: with bfloat16 logits from the int8
+    # head, int4 tied "The" with "L" and answered "L'Étoile, la Marseillaise...".
+    out = auto_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                        SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    assert "Paris" in out.text, out.text

@@ -84,8 +84,68 @@ def test_kernel_matches_float_reference(cls: type[QuantizedWeight], bound: float
     assert _rel(y, x @ q.dequantize().t()) < 1e-2
     # Against the float weight: the format's rounding error, bounded.
     assert _rel(y, x @ w.t()) < bound
-    assert q.nbytes < w.numel() * 4 / (3.5 if cls is Int8Weight else 6)
+    # int8: 1 byte a weight; int4: the kernel's codes, the dense path's codes, scales and zeros.
+    assert q.nbytes < w.numel() * 4 / (3.5 if cls is Int8Weight else 3)
     assert q.matmul(x.view(1, 5, 128)).shape == (1, 5, 96)
+
+
+@pytest.mark.parametrize("cls", [Int8Weight, Int4Weight])
+def test_long_inputs_take_the_dense_path_and_agree(cls: type[QuantizedWeight], w: torch.Tensor,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """From ``dense_min_tokens`` rows on the product is a bfloat16 GEMM on the rebuilt weight;
+    it agrees with the packed kernel's product (same weight, same activation dtype)."""
+    import sagellm.quant.int4 as int4_mod
+    import sagellm.quant.int8 as int8_mod
+
+    q = cls.from_float(w)
+    m = q.dense_min_tokens
+    x = torch.randn(m, 128, generator=torch.Generator().manual_seed(2))
+    mod = int8_mod if cls is Int8Weight else int4_mod
+    calls: list[int] = []
+    real = mod.dense_matmul
+    monkeypatch.setattr(mod, "dense_matmul", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    dense = q.matmul(x)
+    packed = torch.cat([q.matmul(x[: m - 1]), q.matmul(x[m - 1:])])  # both below the threshold
+    assert calls == [m]
+    assert dense.dtype == torch.float32 and dense.shape == (m, 96)
+    assert _rel(dense, packed) < 1e-2
+    assert _rel(dense, x @ q.dequantize().t()) < 1e-2
+    assert q.matmul(x.view(2, m // 2, 128)).shape == (2, m // 2, 96)
+
+
+@pytest.mark.parametrize("rows", [3, 20])  # the packed kernel and the dense path
+def test_int8_lm_head_recomputes_its_top_logits_in_float32(rows: int) -> None:
+    """bfloat16 logits tie near-ties (one step is 0.125 at a logit of 20); an LM head's top
+    logits come back at float32 resolution, so argmax and the top logprobs follow the grid."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4096, 128, generator=g) * 0.3
+    x = torch.randn(rows, 128, generator=g) * 4
+    plain = Int8Weight.from_float(w)
+    head = Int8Weight.from_float(w)
+    head.as_lm_head()
+    exact = x @ head.dequantize().t()
+    y, y_plain = head.matmul(x), plain.matmul(x)
+    top = exact.topk(8, dim=-1).indices
+    assert torch.allclose(y.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-4)
+    assert torch.equal(y.argmax(-1), exact.argmax(-1))
+    assert float((y_plain.gather(1, top) - exact.gather(1, top)).abs().max()) > 1e-3  # bfloat16
+    assert head.matmul(x.view(1, rows, 128)).shape == (1, rows, 4096)
+
+
+def test_int4_dense_weight_is_the_kernels_weight(w: torch.Tensor) -> None:
+    """The unpacked signed nibbles, scaled and shifted, are the weight the kernel multiplies by:
+    every code comes back (codes 0 and 15, the sign bit's edge cases, included)."""
+    grid = quantize_int4(w)
+    q = Int4Weight(grid)
+    dense = q.dense_weight()
+    assert dense.dtype == torch.bfloat16 and dense.shape == (96, 128)
+    sz = q.scales_zeros.float()
+    scale = sz[..., 0].t().repeat_interleave(32, dim=1)
+    zero = sz[..., 1].t().repeat_interleave(32, dim=1)
+    codes = torch.round((dense.float() - zero) / scale + 8)
+    assert torch.equal(codes.to(torch.uint8), grid.codes)
+    assert {0, 15} <= set(grid.codes.unique().tolist())
+    assert _rel(dense.float(), q.dequantize()) < 5e-3
 
 
 # -- the swap ---------------------------------------------------------------------------------

@@ -61,6 +61,10 @@ class QuantizedWeight(abc.ABC):
         """Whether a ``[out, in]`` weight fits this format (group sizes, alignment)."""
         return True
 
+    def as_lm_head(self) -> None:
+        """Called once when this weight is the LM head's (its outputs are logits), for formats
+        that compute logits more carefully than other products; nothing by default."""
+
     @classmethod
     def runs_fast(cls) -> bool:
         """Whether this machine runs the format faster than float weights, so that

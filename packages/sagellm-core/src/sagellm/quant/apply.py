@@ -179,6 +179,8 @@ def quantize_model(model: nn.Module, weight_cls: type[QuantizedWeight],
         if qweight is None:
             # A head's rows past the vocabulary (TP padding) are zeros and stay so.
             qweight = cls.from_float(weight)
+        if isinstance(module, ParallelLMHead):
+            qweight.as_lm_head()
         before += weight.numel() * weight.element_size()
         after += qweight.nbytes
         quantize_linear(module, qweight)

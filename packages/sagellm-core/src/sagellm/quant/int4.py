@@ -4,6 +4,13 @@ on torch's CPU kernels ``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4p
 The kernel computes ``w = (code - 8) * scale + zero``; our grid (:class:`Int4Grid`, GGUF's Q4_1)
 is ``w = code * scale + minimum``, so ``zero = minimum + 8 * scale``. Scales and zeros are
 stored in bfloat16, the activation dtype of the kernel's fast path.
+
+Long inputs (prefill) go through a bfloat16 GEMM instead (:mod:`sagellm.quant.prefill`), on a
+weight rebuilt per call from a second copy of the codes (the kernel's packing is tiled per CPU
+capability and not read back): ``code - 8`` as signed 4-bit, a group's first 16 in the low
+nibbles of 16 bytes and its last 16 in the high ones, so unpacking is two shifts per half. That
+is 0.5 byte per weight more: an int4 linear holds about 1.25 bytes per weight (codes, scales and
+zeros twice) against 4 for float32 and 2 for bfloat16.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import torch
 from sagellm.layers.quant_linear import QuantizedWeight
 from sagellm.quant.cpu_features import has_fast_bf16
 from sagellm.quant.grids import INT4_GROUP, Int4Grid, quantize_int4
+from sagellm.quant.prefill import dense_matmul
 
 COMPUTE_DTYPE = torch.bfloat16
 #: The packing's inner K tiles (an argument the CPU packing takes and does not constrain K by).
@@ -25,6 +33,9 @@ KERNEL_GROUPS = (32, 64, 128, 256)
 
 class Int4Weight(QuantizedWeight):
     scheme = "int4"
+    #: Rows from which the bfloat16 GEMM path wins (unpacking the nibbles costs about a
+    #: 64-row GEMM; measured in sagellm.quant.prefill).
+    dense_min_tokens = 96
     #: SmolLM2-135M on the shipped text (tests/test_perplexity.py): the head in int4 raised
     #: perplexity 5.8% over float, in int8 0.2%, for about 2 ms more per decode step on 2 cores.
     head_scheme = "int8"
@@ -43,6 +54,12 @@ class Int4Weight(QuantizedWeight):
         zero = grid.minimum + 8.0 * grid.scale
         self.scales_zeros = torch.stack([grid.scale.t(), zero.t()], dim=-1).to(
             COMPUTE_DTYPE).contiguous()  # [in / group, out, 2]
+        halves = (grid.codes.to(torch.int8) - 8).view(n, k // self.group, 2, self.group // 2)
+        self.nibbles = ((halves[:, :, 1] << 4) | (halves[:, :, 0] & 15)).contiguous()
+        # Row-major copies for the dense path: broadcasting the kernel's [in / group, out] layout
+        # made the rebuild 5x slower (a 512-token prefill spent 0.5 s in it).
+        self.dense_scale, self.dense_zero = (
+            self.scales_zeros[..., i].t().contiguous()[..., None] for i in (0, 1))
 
     @classmethod
     def supports(cls, out_features: int, in_features: int) -> bool:
@@ -62,11 +79,23 @@ class Int4Weight(QuantizedWeight):
     def runs_fast(cls) -> bool:
         return has_fast_bf16()
 
+    def dense_weight(self) -> torch.Tensor:
+        """The bfloat16 weight ``[out, in]`` the kernel multiplies by, ``(code - 8) * scale +
+        zero`` (the long-input path builds it per call)."""
+        n, k, g = self.out_features, self.in_features, self.group
+        w = torch.empty((n, k // g, 2, g // 2), dtype=COMPUTE_DTYPE)
+        w[:, :, 1] = self.nibbles >> 4  # arithmetic shifts: the sign comes along
+        w[:, :, 0] = (self.nibbles << 4) >> 4
+        return w.view(n, k // g, g).mul_(self.dense_scale).add_(self.dense_zero).view(n, k)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
+        if x2.shape[0] >= self.dense_min_tokens:
+            y = dense_matmul(x2, self.dense_weight())
+            return y.view(*lead, y.shape[-1])
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2.to(COMPUTE_DTYPE), self.packed, self.group, self.scales_zeros)
         return y.to(x.dtype).view(*lead, y.shape[-1])
@@ -84,5 +113,5 @@ class Int4Weight(QuantizedWeight):
 
     @property
     def nbytes(self) -> int:
-        return (self.packed.numel() * self.packed.element_size()
-                + self.scales_zeros.numel() * self.scales_zeros.element_size())
+        return sum(t.numel() * t.element_size() for t in (
+            self.packed, self.scales_zeros, self.nibbles, self.dense_scale, self.dense_zero))
