@@ -38,6 +38,23 @@ def smol_llm(smollm2_dir: Path):  # type: ignore[no-untyped-def]
     return LLM(model=None)
 
 
+@pytest.fixture(scope="session")
+def perplexity_ids(smol_llm) -> list[int]:  # type: ignore[no-untyped-def]
+    """The perplexity text (``data/declaration_of_independence.txt``) in SmolLM2's tokens."""
+    text = (Path(__file__).parent / "data" / "declaration_of_independence.txt").read_text()
+    return smol_llm.tokenizer(text).input_ids  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def reference_perplexity(smol_llm, perplexity_ids: list[int]) -> float:  # type: ignore[no-untyped-def]
+    """SmolLM2's perplexity on that text, float32 with the weights as loaded: the reference
+    every quantized format is checked against (computed once per session)."""
+    from sagellm.testing.perplexity import perplexity
+
+    assert smol_llm.engine.config.quantization == "none"
+    return perplexity(smol_llm.engine, perplexity_ids)
+
+
 def random_prompts(n: int, vocab: int, lo: int = 3, hi: int = 40, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi, (n,), generator=g).tolist()

@@ -11,22 +11,16 @@ and a 10% bound catches real breakage (a wrong scale or layout costs far more).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from sagellm import LLM
 from sagellm.testing.perplexity import perplexity
 
-TEXT = (Path(__file__).parent / "data" / "declaration_of_independence.txt").read_text()
-
 
 @pytest.fixture(scope="module")
-def ratio(smollm2_dir: Path) -> float:
-    ref = LLM(model=None, quantization="none")
-    ids = ref.tokenizer(TEXT).input_ids
-    base = perplexity(ref.engine, ids)
-    return perplexity(LLM(model=None, quantization="fp8").engine, ids) / base
+def ratio(perplexity_ids: list[int], reference_perplexity: float) -> float:
+    fp8 = LLM(model=None, quantization="fp8")
+    return perplexity(fp8.engine, perplexity_ids) / reference_perplexity
 
 
 def test_fp8_within_10_percent(ratio: float) -> None:

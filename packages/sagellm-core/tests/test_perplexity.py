@@ -17,17 +17,15 @@ from sagellm import LLM, SamplingParams
 from sagellm.layers.quant_linear import QuantizedMatmul
 from sagellm.testing.perplexity import perplexity
 
-TEXT = (Path(__file__).parent / "data" / "declaration_of_independence.txt").read_text()
+
+@pytest.fixture(scope="module")
+def text_ids(perplexity_ids: list[int]) -> list[int]:
+    return perplexity_ids
 
 
 @pytest.fixture(scope="module")
-def text_ids(smol_llm: LLM) -> list[int]:
-    return smol_llm.tokenizer(TEXT).input_ids
-
-
-@pytest.fixture(scope="module")
-def ref_ppl(smollm2_dir: Path, text_ids: list[int]) -> float:
-    return perplexity(LLM(model=None, quantization="none").engine, text_ids)
+def ref_ppl(reference_perplexity: float) -> float:
+    return reference_perplexity
 
 
 def test_reference_perplexity_is_sane(ref_ppl: float, text_ids: list[int]) -> None:

@@ -22,8 +22,6 @@ from sagellm.quant.grids import Int4Grid, quantize_int4_zero_point
 from sagellm.quant.w4a16 import W4A16Weight, pack_k, unpack_k
 from sagellm.testing.perplexity import perplexity
 
-TEXT = (Path(__file__).parent / "data" / "declaration_of_independence.txt").read_text()
-
 
 def test_pack_roundtrip_and_sign_bit() -> None:
     codes = torch.randint(0, 16, (24, 64), dtype=torch.uint8)
@@ -70,15 +68,15 @@ def test_from_float_picks_a_dividing_group_and_keeps_integer_zeros() -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_w4a16_perplexity_within_10_percent(smollm2_dir: Path) -> None:
+def test_smollm2_w4a16_perplexity_within_10_percent(smollm2_dir: Path, perplexity_ids: list[int],
+                                                    reference_perplexity: float) -> None:
     """W4A16 packed from the embedded GGUF's stored Q4_1 grids (groups of 32, the
     ``quantization=auto`` path a GPU takes for that file) against float32 as loaded."""
     from sagellm.loader.default_model import default_model_path
     from sagellm.quant.apply import checkpoint_grids
 
     llm = LLM(model=None, quantization="none")
-    ids = llm.tokenizer(TEXT).input_ids
-    ref = perplexity(llm.engine, ids)
+    ids, ref = perplexity_ids, reference_perplexity
     grids = checkpoint_grids(str(default_model_path()), llm.engine.parts.loaded.hf_config)
     report = quantize_model(llm.engine.model, W4A16Weight, grids)
     mods = [m for m in llm.engine.model.modules() if isinstance(m, QuantizedMatmul)]
