@@ -25,7 +25,7 @@ from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.sequence import SequenceState
-from sagellm.layers.attention import kv_window, unsupported_attention
+from sagellm.layers.attention import freed_kv_window, unsupported_attention
 from sagellm.layers.parallel import SINGLE, TPGroup
 from sagellm.layers.registry import layer_overrides, swap_layers, weight_quantizations
 from sagellm.loader import load_model
@@ -132,7 +132,7 @@ def build_parts(config: EngineConfig, platform: Platform, tp: TPGroup = SINGLE) 
     num_blocks = tp.min_over_ranks(_num_kv_blocks(config, platform, kv_spec, max_model_len,
                                                   profile_context))
     kv = platform.make_kv_backend(kv_spec, num_blocks)
-    window = kv_window(model) if caps.skips_out_of_window_blocks else None
+    window = freed_kv_window(model, caps)
     if window is not None:
         logger.info("every layer has a sliding window (at most %d keys): KV blocks before it "
                     "are freed as sequences move on", window)

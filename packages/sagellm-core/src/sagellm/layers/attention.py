@@ -98,5 +98,13 @@ def kv_window(model: nn.Module) -> int | None:
     return max(w for w in windows if w is not None)
 
 
+def freed_kv_window(model: nn.Module, capabilities: Capabilities) -> int | None:
+    """The window behind which the engine frees ``model``'s KV blocks on a platform with
+    ``capabilities``: :func:`kv_window` where the platform claims
+    ``skips_out_of_window_blocks`` (its attention never reads such blocks), else ``None`` (every
+    block is kept, whatever the model)."""
+    return kv_window(model) if capabilities.skips_out_of_window_blocks else None
+
+
 def _layer_list(idx: list[int]) -> str:
     return ", ".join(map(str, idx[:8])) + (f", ... ({len(idx)} in all)" if len(idx) > 8 else "")

@@ -346,12 +346,24 @@ class BackendSuite:
         sequence's first query): those blocks are filled with NaN, and their table entries
         either keep the block id (``poisoned``: any read shows in the output) or become
         ``NO_BLOCK`` (as the engine passes them); the output matches the dense reference.
-        Windows below, at and above the block size."""
+        Windows below, at and above the block size.
+
+        A platform that does not claim it is checked for the other side of the contract: the
+        engine frees no block behind any window on it (so its attention may read them all)."""
+        from torch import nn
+
+        from sagellm.layers.attention import Attention, freed_kv_window
         from sagellm.protocols import NO_BLOCK
 
-        if not platform.capabilities().skips_out_of_window_blocks:
-            pytest.skip(f"{platform.name} does not claim skips_out_of_window_blocks: the engine "
-                        f"keeps every block for it")
+        caps = platform.capabilities()
+        windowed = nn.ModuleList(Attention(i, 2, 2, self.head_dim, sliding_window=self.block_size)
+                                 for i in range(2))
+        if not caps.skips_out_of_window_blocks:
+            assert freed_kv_window(windowed, caps) is None, (
+                f"{platform.name} does not claim skips_out_of_window_blocks, yet the engine would "
+                f"free blocks behind a window on it")
+            return
+        assert freed_kv_window(windowed, caps) == self.block_size
         attn = platform.make_attention_backend()
         scale = self.head_dim ** -0.5
         tol = TOLERANCES.get(test_dtype, 6e-2)
