@@ -220,3 +220,99 @@ def test_fork_shares_only_blocks_in_the_childs_window() -> None:
     late = SequenceState("p/2", tokens, SamplingParams())
     bm.fork(parent, late)
     assert late.block_table == [] and late.num_computed_tokens == 0
+
+
+# -- admission: a windowed prompt needs its window and one chunk, not the whole pool ---------
+
+
+def _long_prompts(*lengths: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(2, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def mistral5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_family(tmp_path_factory.mktemp("mistral-w5"), "mistral", sliding_window=5)
+
+
+def test_a_prompt_longer_than_the_pool_matches_transformers(mistral5: Path) -> None:
+    """Window 5, 16-token chunks, 4-token blocks: at most 6 blocks held; a pool of 8 blocks
+    (32 tokens) runs a 61-token prompt."""
+    prompt = _long_prompts(61)
+    want, _ = hf_greedy(mistral5, prompt, 12)
+    run = run_windowed(CpuPlatform(), mistral5, prompt, 12, num_kv_blocks=8)
+    assert run.tokens == want
+    assert run.violations == [] and run.max_held_blocks <= 6
+    assert -(-61 // BS) > 8
+
+
+def test_several_prompts_longer_than_the_pool_all_finish(mistral5: Path) -> None:
+    """Three such prompts at once compete for 8 blocks (newer ones wait for room), also while
+    sequences that released blocks are preempted and recompute their whole (longer than the
+    pool) prompt: every one finishes with transformers' tokens."""
+    prompts = _long_prompts(61, 45, 70)
+    want, _ = hf_greedy(mistral5, prompts, 10)
+    for caching, preempt in ((False, None), (False, 6), (True, 6)):
+        run = run_windowed(CpuPlatform(), mistral5, prompts, 10, num_kv_blocks=8,
+                           enable_prefix_caching=caching, preempt_every=preempt)
+        assert run.tokens == want, (caching, preempt)
+        assert run.violations == []
+        assert (run.num_preemptions >= 2) == bool(preempt)
+
+
+def test_window_plus_chunk_larger_than_the_pool_is_refused(mistral5: Path) -> None:
+    engine = greedy_engine(CpuPlatform(), mistral5, num_kv_blocks=5)
+    try:
+        with pytest.raises(ValueError, match=r"needs 6 KV blocks for its 5-token sliding window "
+                                             r"plus a 16-token prefill chunk.*num_kv_blocks"):
+            engine.add_request(_long_prompts(40)[0])
+        # A prompt within the pool is still taken (and served) by the same engine.
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        engine.add_request(_long_prompts(19)[0], params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        engine.shutdown()
+
+
+def test_without_a_window_the_whole_prompt_must_fit(tmp_path: Path) -> None:
+    path = save_tiny_family(tmp_path, "mistral", sliding_window=None)
+    engine = greedy_engine(CpuPlatform(), path, num_kv_blocks=8)
+    try:
+        with pytest.raises(ValueError, match=r"needs 16 KV blocks for its 61 tokens.*32 tokens "
+                                             r"of KV capacity.*max_model_len"):
+            engine.add_request(_long_prompts(61)[0])
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("window", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+def test_max_blocks_held_is_the_worst_step(window: int, chunk: int) -> None:
+    """Against every step a sequence can take: from any position, up to ``chunk`` tokens."""
+    bm = _bm(window=window)
+    for total in (1, 5, 8, 13, 40):
+        worst = 0
+        for c in range(total):
+            for n in range(1, min(chunk, total - c) + 1):
+                first = max(0, c - window + 1) // BS
+                worst = max(worst, (c + n - 1) // BS - first + 1)
+        assert bm.max_blocks_held(total, chunk) == worst, (total, chunk, window)
+    assert _bm(window=None).max_blocks_held(13, chunk) == 4
+    with pytest.raises(ValueError, match="num_tokens and chunk"):
+        bm.max_blocks_held(0, chunk)
+
+
+def test_disaggregated_pools_still_need_the_whole_prompt() -> None:
+    """Across a prefill/decode pair nothing is released out of the window (the prompt moves
+    whole), so there the whole prompt must fit; the single-engine scheduler takes it."""
+    from sagellm.distributed.disagg import DisaggScheduler
+    from sagellm.engine.scheduler import Scheduler
+
+    long = SequenceState("long", list(range(61)), SamplingParams())
+    pair = DisaggScheduler(_bm(num_blocks=8, window=5), _bm(num_blocks=8, window=None), 4, 32, 16)
+    with pytest.raises(ValueError, match="needs 16 KV blocks for its 61 tokens; the decode pool"):
+        pair.add(long)
+    single = Scheduler(_bm(num_blocks=8, window=5), 4, 32, 16)
+    single.add(long)
+    assert single.num_waiting == 1

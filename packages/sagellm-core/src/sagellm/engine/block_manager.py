@@ -229,6 +229,24 @@ class BlockManager:
         self.num_window_released_blocks += stop - start
         return stop - start
 
+    def max_blocks_held(self, num_tokens: int, chunk: int) -> int:
+        """Most blocks one sequence of ``num_tokens`` tokens holds at once while it is computed
+        in steps of at most ``chunk`` tokens (prefill chunks, then one-token decodes).
+
+        Without a window: all of them. With one, a step from position ``c`` holds the blocks of
+        keys ``c - kv_window + 1 .. c + n - 1`` (the scheduler releases the rest before it
+        plans): at most ``kv_window - 1 + chunk`` consecutive tokens, which touch at most
+        ``(span + block_size - 2) // block_size + 1`` blocks where they straddle block edges.
+        """
+        if num_tokens < 1 or chunk < 1:
+            raise ValueError(f"num_tokens and chunk must be positive, got {num_tokens}, {chunk}")
+        bs = self.block_size
+        whole = -(-num_tokens // bs)
+        if self.kv_window is None:
+            return whole
+        span = min(num_tokens, self.kv_window - 1 + chunk)
+        return min(whole, (span + bs - 2) // bs + 1)
+
     # -- allocation ------------------------------------------------------------------------
 
     def blocks_needed(self, seq: SequenceState, num_new_tokens: int) -> int:
