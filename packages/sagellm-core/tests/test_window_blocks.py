@@ -16,7 +16,7 @@ from sagellm.engine.sequence import SequenceState
 from sagellm.protocols import NO_BLOCK, Capabilities, KVCacheSpec
 from sagellm.sampling_params import SamplingParams
 from sagellm.testing.families import hf_greedy, save_tiny_family
-from sagellm.testing.tiny_model import greedy_engine
+from sagellm.testing.tiny_model import greedy_engine, run_greedy
 from sagellm.testing.window import run_windowed, window_block_bound
 
 BS = 4
@@ -177,20 +177,48 @@ def test_released_cached_block_stays_indexed_until_evicted() -> None:
     assert bm.num_evicted_blocks >= 1 and bm.index.node_of(c.block_table[0]) is None
 
 
-def test_a_sequence_missing_its_head_serves_no_prefix() -> None:
-    """Once a released head block is evicted, the blocks after it, still held by their
-    sequence, are unindexed: a new request with the same prompt finds nothing."""
+def test_evicting_a_released_head_keeps_the_chain_below_it() -> None:
+    """Evicting a windowed sequence's released head blocks frees their KV but leaves hollow
+    nodes on the path: a new request with the same prompt still reaches the blocks in its
+    window (held by the first sequence) and reuses them; once those are gone too, the hollow
+    path is pruned and nothing is left in the index."""
     bm = _bm(num_blocks=16, window=3, caching=True)
     tokens = list(range(24))
-    a = _computed(bm, "a", tokens, 21)
-    bm.release_out_of_window(a)
-    held_tail = a.block_table[-1]
-    assert bm.reset_prefix_cache() >= 1  # evicts the released head (and its chain)
-    assert bm.index.node_of(held_tail) is None
+    a = _computed(bm, "a", tokens, 21)  # blocks 0..4 full and indexed, 5 partly filled
+    assert bm.release_out_of_window(a) == 4 and bm.num_cached_blocks == 4
+    assert bm.reset_prefix_cache() == 4  # the released blocks 0..3: hollowed, KV freed
+    assert bm.kv.num_free_blocks == 16 - 2 and len(bm.index) == 5
     b = SequenceState("b", tokens, SamplingParams())
-    assert bm.acquire_cached_prefix(b) == 0
+    assert bm.acquire_cached_prefix(b) == 20  # reads from block 4 (key 18) on: held by a
+    assert b.block_table[:4] == [NO_BLOCK] * 4 and b.block_table[4] == a.block_table[4]
+    bm.free(b)
     bm.free(a)
-    assert held_tail not in bm.ref_counts  # a plain block now, freed with its sequence
+    assert bm.reset_prefix_cache() == 1 and len(bm.index) == 0 and bm.index.num_roots == 0
+    assert bm.kv.num_free_blocks == 16
+
+
+def test_a_match_stops_where_its_window_would_read_a_hollow_block() -> None:
+    bm = _bm(num_blocks=16, window=6, caching=True)
+    tokens = list(range(40))
+    a = _computed(bm, "a", tokens, 33)  # 8 full blocks
+    assert bm.release_out_of_window(a) == 7  # blocks 0..6, oldest first in line
+    assert bm._evict(3) == 3  # 0, 1, 2 hollowed
+    bm.free(a)
+
+    def hit(n: int, rid: str) -> int:
+        seq = SequenceState(rid, tokens[:n], SamplingParams())
+        got = bm.acquire_cached_prefix(seq)
+        bm.release_cached_prefix(seq)
+        return got
+
+    assert hit(30, "c") == 28  # 7 blocks; reads from block 5
+    assert hit(22, "d") == 20  # 5 blocks; reads from block 3
+    assert hit(18, "e") == 0  # 4 blocks would read block 2; 3, 2, 1 read hollow ones too
+    # Recomputing the hollow blocks fills the nodes again.
+    f = _computed(bm, "f", tokens[:14], 13)
+    assert f.num_computed_tokens == 13 and bm.index.node_of(f.block_table[2]) is not None
+    bm.free(f)
+    assert hit(18, "g") == 16 and bm.num_held_blocks == 0
 
 
 def test_cache_hit_drops_the_part_before_the_window() -> None:
@@ -316,3 +344,23 @@ def test_disaggregated_pools_still_need_the_whole_prompt() -> None:
     single = Scheduler(_bm(num_blocks=8, window=5), 4, 32, 16)
     single.add(long)
     assert single.num_waiting == 1
+
+
+def test_a_long_prompt_repeated_reuses_its_window_despite_its_own_evictions(mistral5: Path
+                                                                            ) -> None:
+    """A 61-token prompt in a 12-block pool fills 16 blocks over its run, so its own later
+    blocks evict its released first ones. Those used to take the whole chain with them (the
+    repeat found nothing); now they leave a hollow path and the repeat reuses every whole
+    block of its prompt (the KV of its window), with transformers' tokens both times."""
+    prompt = _long_prompts(61)
+    want, _ = hf_greedy(mistral5, prompt, 6)
+    engine = greedy_engine(CpuPlatform(), mistral5, num_kv_blocks=12, enable_prefix_caching=True)
+    try:
+        bm = engine.scheduler.block_manager
+        assert run_greedy(engine, prompt, 6)[1] == want
+        assert bm.num_evicted_blocks > 0 and bm.num_cache_hits == 0
+        assert run_greedy(engine, prompt, 6)[1] == want
+        assert bm.num_cache_hits == (61 - 1) // BS * BS  # every whole block of the repeat
+        assert bm.num_held_blocks == 0
+    finally:
+        engine.shutdown()
