@@ -364,3 +364,24 @@ def test_a_long_prompt_repeated_reuses_its_window_despite_its_own_evictions(mist
         assert bm.num_held_blocks == 0
     finally:
         engine.shutdown()
+
+
+def test_a_preempted_sequence_longer_than_its_prompt_is_readmitted_in_shorter_chunks() -> None:
+    """Pool of 3 blocks, window 2, 16-token chunks: a 12-token prompt fits (3 blocks) and its
+    decodes hold 2, but after 10 generated tokens a recompute's first 16-token chunk would
+    need 4 blocks. Alone in the engine it is admitted with what fits and finishes the
+    recompute holding at most 3 blocks."""
+    from sagellm.engine.scheduler import Scheduler
+
+    bm = _bm(num_blocks=3, window=2)
+    sch = Scheduler(bm, 4, 32, 16)
+    seq = SequenceState("s", list(range(12)), SamplingParams(max_tokens=20))
+    sch.add(seq)
+    for tok in range(10):
+        seq.append_token(100 + tok)  # as if generated, then preempted (nothing computed)
+    while seq.is_prefill:
+        plan = sch.schedule()
+        assert [op.seq for op in plan.prefills] == [seq]
+        assert sum(1 for b in seq.block_table if b != NO_BLOCK) <= 3
+        sch.commit(plan)
+    assert seq.num_computed_tokens == 22 and sch.num_steps >= 2

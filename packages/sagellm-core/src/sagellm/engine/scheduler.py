@@ -222,6 +222,12 @@ class Scheduler:
         if not seq.needs_prompt_logits:  # prompt logprobs need every position computed
             bm.acquire_cached_prefix(seq)
         n = min(seq.num_uncomputed_tokens, budget.tokens, budget.prefill)
+        if n > 0 and not bm.can_allocate(seq, n) and bm.kv_window is not None and not self.running:
+            # A windowed sequence recomputing more tokens than its prompt (preempted after it
+            # generated some) may need more than the pool for a whole first chunk, yet runs in
+            # shorter ones, each step freeing what falls out of the window.
+            n = min(n, (bm.num_free_blocks + len(seq.block_table)) * bm.block_size
+                    - seq.num_computed_tokens)
         if n <= 0 or not bm.can_allocate(seq, n):
             bm.release_cached_prefix(seq)  # give the cached prefix back until it can run
             return 0
