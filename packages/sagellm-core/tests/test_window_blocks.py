@@ -354,16 +354,18 @@ def test_a_long_prompt_repeated_reuses_its_window_despite_its_own_evictions(mist
     block of its prompt (the KV of its window), with transformers' tokens both times."""
     prompt = _long_prompts(61)
     want, _ = hf_greedy(mistral5, prompt, 6)
-    engine = greedy_engine(CpuPlatform(), mistral5, num_kv_blocks=12, enable_prefix_caching=True)
-    try:
-        bm = engine.scheduler.block_manager
-        assert run_greedy(engine, prompt, 6)[1] == want
-        assert bm.num_evicted_blocks > 0 and bm.num_cache_hits == 0
-        assert run_greedy(engine, prompt, 6)[1] == want
-        assert bm.num_cache_hits == (61 - 1) // BS * BS  # every whole block of the repeat
-        assert bm.num_held_blocks == 0
-    finally:
-        engine.shutdown()
+    for policy in ("lru", "lfu", "s3fifo"):
+        engine = greedy_engine(CpuPlatform(), mistral5, num_kv_blocks=12,
+                               enable_prefix_caching=True, kv_eviction=policy)
+        try:
+            bm = engine.scheduler.block_manager
+            assert run_greedy(engine, prompt, 6)[1] == want
+            assert bm.num_evicted_blocks > 0 and bm.num_cache_hits == 0
+            assert run_greedy(engine, prompt, 6)[1] == want
+            assert bm.num_cache_hits == (61 - 1) // BS * BS, policy  # every whole block
+            assert bm.num_held_blocks == 0
+        finally:
+            engine.shutdown()
 
 
 def test_a_preempted_sequence_longer_than_its_prompt_is_readmitted_in_shorter_chunks() -> None:
