@@ -68,3 +68,28 @@ def test_removing_a_block_removes_what_hangs_below_it_and_an_empty_root() -> Non
     assert not index.insert(block_key(parent, [3, 4]), b"k" * 32, [7, 7], 14, first=False)
     assert sorted(index.remove_subtree(10)) == [10, 13]
     assert len(index) == 0 and index.num_roots == 0
+
+
+def test_a_hollow_node_keeps_the_path_and_is_filled_or_pruned() -> None:
+    from sagellm.protocols import NO_BLOCK
+
+    index = RadixIndex(4)
+    chain = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    _chain(index, chain, [10, 11, 12])
+    _chain(index, [[1, 2, 3, 4], [5, 6, 7, 8], [0, 0, 0, 0]], [10, 11, 13])  # a branch below 11
+    index.hollow(10)
+    index.hollow(11)
+    assert index.node_of(10) is None and len(index) == 4
+    m = index.match(ROOT, [t for b in chain for t in b] + [0], 12)
+    assert m.blocks == [NO_BLOCK, NO_BLOCK, 12] and m.nodes[0].is_hollow
+    # Another block with the hollow node's content fills it; one with a different key does not.
+    assert _chain(index, chain[:1], [20]) == [True] and index.node_of(20) is m.nodes[0]
+    index.hollow(20)
+    # Removing a leaf keeps hollow ancestors that still lead somewhere, drops the others.
+    assert index.remove_subtree(12) == [12] and len(index) == 3
+    assert index.remove_subtree(13) == [13]
+    assert len(index) == 0 and index.num_roots == 0
+    # A subtree that contains hollow nodes returns only the blocks that hold KV.
+    _chain(index, chain, [10, 11, 12])
+    index.hollow(11)
+    assert index.remove_subtree(10) == [10, 12] and len(index) == 0

@@ -125,6 +125,10 @@ class DisaggScheduler(Scheduler):
         """Nothing: a prompt's blocks move to the decode pool whole, so across the pair every
         block stays held until its sequence ends (no sliding-window freeing yet)."""
 
+    def _max_blocks_held(self, bm: BlockManager, num_tokens: int) -> int:
+        """Every block: nothing is released out of the window across the pair (see above)."""
+        return -(-num_tokens // bm.block_size)
+
     def _pools(self) -> list[tuple[BlockManager, str]]:
         return [(self.block_manager, "decode "), (self.prefill_block_manager, "prefill ")]
 

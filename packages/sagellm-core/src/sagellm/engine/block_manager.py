@@ -23,10 +23,16 @@ wholly before the window of its next token are of no further use: :meth:`release
 drops them and puts ``NO_BLOCK`` in their table entries (entries keep their positions, so
 ``block_table[p // block_size]`` stays the block of position ``p``). A dropped block goes the way
 of any released one: freed, or, if the prefix cache indexes it, kept as evictable, so it is
-never handed out while the index can still give it to a request. A sequence with dropped blocks
-serves later requests only through the index, whose chains start at the first block: a chain
-whose head was evicted is gone with everything below it (``_evict``), and ``fork`` shares no
-block that the child would read past a dropped one.
+never handed out while the index can still give it to a request, and serves a later prompt
+that shares only the blocks up to its window. The index's chains start at the first block, and a
+windowed sequence drops its first blocks first, so they are the oldest evictable blocks: an
+eviction that took everything below them (as it does without a window) would let a long prompt's
+own dropped head destroy its whole cached chain. So with a window, evicting a block that has
+blocks below it frees only its KV and leaves a hollow node (``sagellm.kv_cache.radix``) on the
+path; a match is used up to the longest prefix whose window holds no hollow block
+(``_usable_match``). Freeing dropped blocks at once instead would lose the short-prefix reuse
+and gain nothing: evictable blocks count as free and go first anyway. ``fork`` shares no block
+that the child would read past a dropped one.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from sagellm.engine.sequence import SequenceState
 from sagellm.kv_cache.block_hash import block_key, root_key
 from sagellm.kv_cache.eviction import EvictionPolicy, make_eviction_policy
-from sagellm.kv_cache.radix import RadixIndex
+from sagellm.kv_cache.radix import RadixIndex, RadixNode
 from sagellm.protocols import NO_BLOCK, KVBackend
 
 
@@ -128,20 +134,34 @@ class BlockManager:
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
         found = self.index.match(root_key(seq.cache_salt), seq.token_ids, seq.num_tokens - 1)
-        for node in found.nodes:
+        n = self._usable_match(found.nodes)
+        partial = found.num_partial_tokens if n == len(found.nodes) else 0
+        # The part of the hit before the window is never read: it stays unreferenced.
+        first = self.first_window_block(n * bs)
+        seq.block_table = [NO_BLOCK] * first
+        seq.num_released_blocks = first
+        for node in found.nodes[first:n]:
             self.eviction.on_hit(node.block)
             self.ref_counts[node.block] = self.ref_counts.get(node.block, 0) + 1
             seq.block_table.append(node.block)
-        seq.block_hashes = [node.key for node in found.nodes]
-        seq.num_computed_tokens = len(found.nodes) * bs
+        seq.block_hashes = [node.key for node in found.nodes[:n]]
+        seq.num_computed_tokens = n * bs
         self.num_cache_queries += max_blocks * bs
         self.num_cache_hits += seq.num_computed_tokens
-        self.num_partial_hit_tokens += found.num_partial_tokens
-        self._partial_hits[seq.request_id] = found.num_partial_tokens
-        if seq.block_table:
+        self.num_partial_hit_tokens += partial
+        self._partial_hits[seq.request_id] = partial
+        if n > first:
             self._holders[seq.request_id] = seq
-        self.release_out_of_window(seq)  # the hit's head may lie before the window already
         return seq.num_computed_tokens
+
+    def _usable_match(self, nodes: list[RadixNode]) -> int:
+        """How many of the matched ``nodes`` a sequence may take: the most whose blocks from the
+        window of the next token on all hold KV (hollow ones before it are never read)."""
+        n = len(nodes)
+        while n and any(node.is_hollow for node in
+                        nodes[self.first_window_block(n * self.block_size):n]):
+            n -= 1
+        return n
 
     def release_cached_prefix(self, seq: SequenceState) -> None:
         """Undo :meth:`acquire_cached_prefix` for a sequence that could not start after all
@@ -179,12 +199,18 @@ class BlockManager:
         """Give back at least ``n`` evictable blocks (if there are); returns how many went.
 
         A block leaves the index with every block below it: those no request holds are freed
-        too, held ones become plain blocks that are freed when released.
+        too, held ones become plain blocks that are freed when released. With a window, a block
+        with blocks below it leaves only its KV (a hollow node, see the module doc).
         """
         release = []
         for victim in self.eviction.evict(n):
-            if self.index.node_of(victim) is None:
+            node = self.index.node_of(victim)
+            if node is None:
                 continue  # below an earlier victim: gone with it
+            if self.kv_window is not None and node.num_children:
+                self.index.hollow(victim)  # a path to the blocks below (see the module doc)
+                release.append(victim)
+                continue
             for block in self.index.remove_subtree(victim):
                 if block != victim:
                     self.eviction.remove(block)
@@ -228,6 +254,24 @@ class BlockManager:
         self._unref(dropped)
         self.num_window_released_blocks += stop - start
         return stop - start
+
+    def max_blocks_held(self, num_tokens: int, chunk: int) -> int:
+        """Most blocks one sequence of ``num_tokens`` tokens holds at once while it is computed
+        in steps of at most ``chunk`` tokens (prefill chunks, then one-token decodes).
+
+        Without a window: all of them. With one, a step from position ``c`` holds the blocks of
+        keys ``c - kv_window + 1 .. c + n - 1`` (the scheduler releases the rest before it
+        plans): at most ``kv_window - 1 + chunk`` consecutive tokens, which touch at most
+        ``(span + block_size - 2) // block_size + 1`` blocks where they straddle block edges.
+        """
+        if num_tokens < 1 or chunk < 1:
+            raise ValueError(f"num_tokens and chunk must be positive, got {num_tokens}, {chunk}")
+        bs = self.block_size
+        whole = -(-num_tokens // bs)
+        if self.kv_window is None:
+            return whole
+        span = min(num_tokens, self.kv_window - 1 + chunk)
+        return min(whole, (span + bs - 2) // bs + 1)
 
     # -- allocation ------------------------------------------------------------------------
 

@@ -49,12 +49,33 @@ class Scheduler:
     # -- queue management ------------------------------------------------------------------
 
     def add(self, seq: SequenceState) -> None:
+        """Queue ``seq``; a prompt that could not be computed even with the pool to itself is
+        refused (``ValueError``) here rather than left waiting forever.
+
+        With a sliding window on every layer the need is the window plus one prefill chunk
+        (``BlockManager.max_blocks_held``), not the whole prompt: so a prompt longer than the
+        pool runs, while the oldest running sequence can still always preempt the others until
+        its next step fits, as without a window.
+        """
         for bm, where in self._pools():
-            need = -(-seq.num_tokens // bm.block_size)
+            need = self._max_blocks_held(bm, seq.num_tokens)
             if need > bm.num_blocks:
-                raise ValueError(f"request {seq.request_id} needs {need} KV blocks; the "
-                                 f"{where}pool has {bm.num_blocks}")
+                capacity = bm.num_blocks * bm.block_size
+                if bm.kv_window is None or need == -(-seq.num_tokens // bm.block_size):
+                    why = f"its {seq.num_tokens} tokens"
+                else:
+                    why = (f"its {bm.kv_window}-token sliding window plus a "
+                           f"{self.chunk_tokens}-token prefill chunk (max_prefill_tokens)")
+                raise ValueError(
+                    f"request {seq.request_id} needs {need} KV blocks for {why}; the {where}pool "
+                    f"has {bm.num_blocks} ({capacity} tokens of KV capacity): shorten the prompt "
+                    f"(max_model_len should not exceed the KV capacity) or raise num_kv_blocks")
         self.waiting.append(seq)
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Most tokens of one sequence computed in one step."""
+        return max(1, min(self.max_num_batched_tokens, self.max_prefill_tokens))
 
     def add_forked(self, seqs: list[SequenceState]) -> None:
         """Put forked sequences (``BlockManager.fork``) at the head of the waiting queue, in
@@ -159,6 +180,10 @@ class Scheduler:
         for seq in self.running:
             self.block_manager.release_out_of_window(seq)
 
+    def _max_blocks_held(self, bm: BlockManager, num_tokens: int) -> int:
+        """Most blocks of ``bm`` a sequence of ``num_tokens`` tokens holds at once."""
+        return bm.max_blocks_held(num_tokens, self.chunk_tokens)
+
     def _pools(self) -> list[tuple[BlockManager, str]]:
         """The pools a request must fit, each with its name in messages."""
         return [(self.block_manager, "")]
@@ -197,6 +222,12 @@ class Scheduler:
         if not seq.needs_prompt_logits:  # prompt logprobs need every position computed
             bm.acquire_cached_prefix(seq)
         n = min(seq.num_uncomputed_tokens, budget.tokens, budget.prefill)
+        if n > 0 and not bm.can_allocate(seq, n) and bm.kv_window is not None and not self.running:
+            # A windowed sequence recomputing more tokens than its prompt (preempted after it
+            # generated some) may need more than the pool for a whole first chunk, yet runs in
+            # shorter ones, each step freeing what falls out of the window.
+            n = min(n, (bm.num_free_blocks + len(seq.block_table)) * bm.block_size
+                    - seq.num_computed_tokens)
         if n <= 0 or not bm.can_allocate(seq, n):
             bm.release_cached_prefix(seq)  # give the cached prefix back until it can run
             return 0

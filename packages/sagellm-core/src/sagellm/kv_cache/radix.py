@@ -6,6 +6,12 @@ collision can never hand out another prompt's KV) or, where the next block diffe
 children that start with the same token, which gives how far into a cached block a prompt still
 matches. Each salt has its own root, so requests with different salts share no node.
 
+A node may be *hollow* (``block == NO_BLOCK``): its KV was given back but the node stays, so
+that the blocks below it are still reached from the root. Only a sliding-window model makes
+them (``BlockManager._evict``): its queries read just the last blocks of a match, so a chain
+whose early blocks are gone is still worth reusing. A hollow node is filled again when a
+sequence recomputes that block, and removed once nothing is below it.
+
 The index keeps no reference counts and frees nothing: the block manager owns both.
 """
 
@@ -15,11 +21,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sagellm.kv_cache.block_hash import block_key
+from sagellm.protocols import NO_BLOCK
 
 
 @dataclass(eq=False)
 class RadixNode:
-    """One cached block (or, with ``block == -1``, the root of one salt)."""
+    """One cached block (``block == NO_BLOCK``: hollow, see the module doc), or the root of
+    one salt (no parent)."""
 
     key: bytes
     tokens: tuple[int, ...]
@@ -27,6 +35,10 @@ class RadixNode:
     parent: RadixNode | None
     #: Children by their first token (a list: blocks may share it).
     children: dict[int, list[RadixNode]] = field(default_factory=dict)
+
+    @property
+    def is_hollow(self) -> bool:
+        return self.block == NO_BLOCK and self.parent is not None
 
     @property
     def num_children(self) -> int:
@@ -119,12 +131,19 @@ class RadixIndex:
         parent is no longer indexed (evicted).
         """
         assert len(token_ids) == self.block_size and block >= 0
-        if key in self._nodes or block in self._by_block:
+        if block in self._by_block:
             return False
+        held = self._nodes.get(key)
+        if held is not None:
+            if not held.is_hollow or held.tokens != tuple(token_ids):
+                return False
+            held.block = block  # recomputed: the hollow node holds KV again
+            self._by_block[block] = held
+            return True
         if first:
             up = self._roots.get(parent)
             if up is None:
-                up = self._roots[parent] = RadixNode(parent, (), -1, None)
+                up = self._roots[parent] = RadixNode(parent, (), NO_BLOCK, None)
         else:
             up = self._nodes.get(parent)  # type: ignore[assignment]
             if up is None:
@@ -135,23 +154,38 @@ class RadixIndex:
         self._by_block[block] = node
         return True
 
+    def hollow(self, block: int) -> None:
+        """Keep ``block``'s node as a path to the blocks below it, without its KV (the caller
+        frees the block)."""
+        node = self._by_block.pop(block)
+        node.block = NO_BLOCK
+
     def remove_subtree(self, block: int) -> list[int]:
-        """Drop ``block``'s node and every node below it; returns their blocks (its own first).
+        """Drop ``block``'s node and every node below it; returns their blocks (its own first,
+        hollow ones left out). Hollow ancestors left with nothing below them go too.
 
         Descendants go too: without their parent no prompt can reach them.
         """
         node = self._by_block[block]
-        up = node.parent
-        assert up is not None
-        kids = up.children[node.tokens[0]]
-        kids.remove(node)
-        if not kids:
-            del up.children[node.tokens[0]]
-        if up.block < 0 and not up.children:
-            del self._roots[up.key]
         removed = []
         for n in node.walk():
             del self._nodes[n.key]
-            del self._by_block[n.block]
-            removed.append(n.block)
+            if not n.is_hollow:
+                del self._by_block[n.block]
+                removed.append(n.block)
+        up = node.parent
+        while up is not None:
+            kids = up.children[node.tokens[0]]
+            kids.remove(node)
+            if not kids:
+                del up.children[node.tokens[0]]
+            if up.children:
+                break
+            if up.parent is None:
+                del self._roots[up.key]
+                break
+            if not up.is_hollow:
+                break
+            del self._nodes[up.key]  # a hollow node that leads nowhere now
+            node, up = up, up.parent
         return removed
