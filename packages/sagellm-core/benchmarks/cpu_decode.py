@@ -1,7 +1,8 @@
 """CPU speed of sageLLM (per weight format) versus transformers ``generate()`` on the same model.
 
     python packages/sagellm-core/benchmarks/cpu_decode.py [--threads 2] [--repeats 3]
-        [--formats none,bf16,int8,int4] [--llama-cpp-site DIR] [--out results/cpu-decode-DATE.json]
+        [--formats none,bf16,int8,int4] [--llama-cpp-site DIR] [--ttft-only]
+        [--out results/cpu-decode-DATE.json]
 
 The embedded SmolLM2-135M-Instruct (one GGUF file; transformers reads its dequantized float32
 weights), greedy, ``ignore_eos``, after a warm-up, median of ``--repeats`` runs (min and max
@@ -10,6 +11,8 @@ kept too):
 * TTFT: a 512-token prompt, one output token (fresh prompt each run: no prefix-cache hits);
 * decode at batch 1: ``(tokens - 1) / (e2e - TTFT)`` over ``--tokens`` output tokens;
 * 8 concurrent: ``8 * tokens / e2e`` for 8 different prompts submitted together (aggregate).
+
+``--ttft-only`` measures the first row alone (prefill work, a few minutes less on a busy box).
 
 sageLLM formats: ``none`` (float32 weights), ``bf16`` (``dtype=bfloat16``), ``int8`` / ``int4``
 (``quantization=``, activations float32 around bfloat16 kernels). llama.cpp
@@ -136,12 +139,16 @@ def _measure(run: Any, long_prompt: Any, short_prompt: Any, args: argparse.Names
         c = _cpu_s()
         ttft.append(run([long_prompt()], 1))
         ttft_cpu.append(_cpu_s() - c)
+        if args.ttft_only:
+            continue
         p = short_prompt()
         first = run([p], 1)
         e2e = run([short_prompt()], n)
         b1.append((n - 1) / max(e2e - first, 1e-9))
         prompts = [short_prompt() for _ in range(8)]
         b8.append(8 * n / run(prompts, n))
+    if args.ttft_only:
+        return {"ttft_512_s": _stats(ttft), "ttft_512_cpu_s": _stats(ttft_cpu)}
     return {"ttft_512_s": _stats(ttft), "ttft_512_cpu_s": _stats(ttft_cpu),
             "decode_b1_tok_s": _stats(b1),
             "aggregate_b8_tok_s": _stats(b8)}
@@ -158,6 +165,8 @@ def main() -> None:
     ap.add_argument("--llama-cpp-site", default=None,
                     help="a folder holding llama_cpp (a pip --target); unset: the environment's")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--ttft-only", action="store_true",
+                    help="the 512-token TTFT alone (no decode or concurrent rows)")
     ap.add_argument("--out", default=None, help="default: results/cpu-decode-<today>.json")
     args = ap.parse_args()
     today = datetime.date.today().isoformat()
@@ -180,6 +189,11 @@ def main() -> None:
     print(f"| engine (weights) | TTFT, {args.prompt_tokens}-token prompt | decode, batch 1 | "
           f"8 concurrent, aggregate |\n|---|---|---|---|")
     for name, r in rows.items():
+        if args.ttft_only:
+            t, c = r["ttft_512_s"], r["ttft_512_cpu_s"]
+            print(f"| {name} | {t['median']:.2f} s [{t['min']:.2f}-{t['max']:.2f}], "
+                  f"CPU {c['median']:.2f} s | - | - |")
+            continue
         t, d, a = r["ttft_512_s"], r["decode_b1_tok_s"], r["aggregate_b8_tok_s"]
         print(f"| {name} | {t['median']:.2f} s [{t['min']:.2f}-{t['max']:.2f}] | "
               f"{d['median']:.1f} tok/s [{d['min']:.1f}-{d['max']:.1f}] | "
@@ -188,7 +202,7 @@ def main() -> None:
     for ref_name, label in (("transformers generate() (fp32)", "transformers"),
                             ("llama.cpp (Q4_1, as shipped)", "llama.cpp")):
         ref = rows.get(ref_name)
-        if not ref:
+        if not ref or args.ttft_only:
             continue
         for name, r in rows.items():
             if name.startswith("sagellm"):

@@ -7,10 +7,17 @@ stored in bfloat16, the activation dtype of the kernel's fast path.
 
 Long inputs (prefill) go through a bfloat16 GEMM instead (:mod:`sagellm.quant.prefill`), on a
 weight rebuilt per call from a second copy of the codes (the kernel's packing is tiled per CPU
-capability and not read back): ``code - 8`` as signed 4-bit, a group's first 16 in the low
-nibbles of 16 bytes and its last 16 in the high ones, so unpacking is two shifts per half. That
-is 0.5 byte per weight more: an int4 linear holds about 1.25 bytes per weight (codes, scales and
-zeros twice) against 4 for float32 and 2 for bfloat16.
+capability and not read back): ``code - 8`` as one int8 per weight, so the rebuild is three
+elementwise passes (convert, times the scale, plus the zero). That copy is 1 byte per weight:
+an int4 linear holds about 1.75 bytes per weight (0.5 packed, 1 int8 codes, 0.25 for the scales
+and zeros, twice) against 4 for float32 and 2 for bfloat16.
+
+The codes were nibbles (0.5 byte, 1.25 in all) until a profile of a 512-token SmolLM2-135M
+prefill showed the unpacking's cost: at one thread the rebuild took about as much CPU as the
+bfloat16 GEMMs themselves (0.95 s against 1.05 s), and at two threads on a loaded machine every
+elementwise op is a fork/join of the two threads that waits for a descheduled one (a 73k-element
+``copy_`` cost 12 ms): the nibble path's six rebuild ops per linear (two shifts, two strided
+copies, a multiply, an add) made int4 prefill slower than float32's single ``mm`` per linear.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ KERNEL_GROUPS = (32, 64, 128, 256)
 
 class Int4Weight(QuantizedWeight):
     scheme = "int4"
-    #: Rows from which the bfloat16 GEMM path wins (unpacking the nibbles costs about a
-    #: 64-row GEMM; measured in sagellm.quant.prefill).
+    #: Rows from which the bfloat16 GEMM path wins (the rebuild costs about a 64-row GEMM;
+    #: measured in sagellm.quant.prefill).
     dense_min_tokens = 96
     #: SmolLM2-135M on the shipped text (tests/test_perplexity.py): the head in int4 raised
     #: perplexity 5.8% over float, in int8 0.2%, for about 2 ms more per decode step on 2 cores.
@@ -54,8 +61,7 @@ class Int4Weight(QuantizedWeight):
         zero = grid.minimum + 8.0 * grid.scale
         self.scales_zeros = torch.stack([grid.scale.t(), zero.t()], dim=-1).to(
             COMPUTE_DTYPE).contiguous()  # [in / group, out, 2]
-        halves = (grid.codes.to(torch.int8) - 8).view(n, k // self.group, 2, self.group // 2)
-        self.nibbles = ((halves[:, :, 1] << 4) | (halves[:, :, 0] & 15)).contiguous()
+        self.codes = (grid.codes.to(torch.int8) - 8).contiguous()  # [out, in], -8..7
         # Row-major copies for the dense path: broadcasting the kernel's [in / group, out] layout
         # made the rebuild 5x slower (a 512-token prefill spent 0.5 s in it).
         self.dense_scale, self.dense_zero = (
@@ -83,10 +89,10 @@ class Int4Weight(QuantizedWeight):
         """The bfloat16 weight ``[out, in]`` the kernel multiplies by, ``(code - 8) * scale +
         zero`` (the long-input path builds it per call)."""
         n, k, g = self.out_features, self.in_features, self.group
-        w = torch.empty((n, k // g, 2, g // 2), dtype=COMPUTE_DTYPE)
-        w[:, :, 1] = self.nibbles >> 4  # arithmetic shifts: the sign comes along
-        w[:, :, 0] = (self.nibbles << 4) >> 4
-        return w.view(n, k // g, g).mul_(self.dense_scale).add_(self.dense_zero).view(n, k)
+        w = self.codes.to(COMPUTE_DTYPE)  # exact: -8..7
+        # In place, one op each: an out-of-place addcmul with these broadcasts ran 2.7x slower.
+        w.view(n, k // g, g).mul_(self.dense_scale).add_(self.dense_zero)
+        return w
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -114,4 +120,4 @@ class Int4Weight(QuantizedWeight):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
-            self.packed, self.scales_zeros, self.nibbles, self.dense_scale, self.dense_zero))
+            self.packed, self.scales_zeros, self.codes, self.dense_scale, self.dense_zero))

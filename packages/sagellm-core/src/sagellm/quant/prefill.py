@@ -12,7 +12,9 @@ shared box), AVX512-BF16, ms per layer at 16 / 64 / 128 / 512 rows: float32 1.6 
 39; int8 kernel 1.6 / 6.2 / 12.5 / 50, dense 1.4 / 3.0 / 5.2 / 21; int4 kernel 1.5 / 5.6 /
 11.0 / 45, dense (unpacking included) 4.3 / 5.8 / 8.1 / 23. The CPU backend prefills in chunks
 of 128 tokens (``backends.cpu.PREFILL_CHUNK_TOKENS``), so the weight is rebuilt once per chunk:
-whole 512-token prefills, one thread, CPU seconds: float32 2.17, int8 1.32, int4 1.98.
+whole 512-token prefills, one thread, CPU seconds: float32 2.17, int8 1.32, int4 1.98 with a
+nibble rebuild, 1.68 with the int8-code one against float32's 2.07 in the same process
+(benchmarks/results/cpu-int4-prefill-2026-12-02.json).
 """
 
 from __future__ import annotations
