@@ -17,6 +17,7 @@ from sagellm.engine.constraint import TokenConstraint
 from sagellm.engine.llm_engine import LLMEngine
 from sagellm.outputs import RequestOutput
 from sagellm.sampling_params import SamplingParams
+from sagellm.testing.structured import OnlyToken
 
 PROMPT = [5, 17, 42, 99, 123, 7, 250, 33, 8, 64, 11, 12, 13, 14, 15, 16, 200, 201, 202, 203,
           90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 3]
@@ -243,24 +244,6 @@ def test_a_failing_prefill_fails_all_its_unforked_choices_only(engine: LLMEngine
 
 
 # -- token constraints ----------------------------------------------------------------------
-
-
-class OnlyToken:
-    """A constraint double: only ``token`` is allowed, ``length`` times, then it is complete."""
-
-    def __init__(self, token: int, length: int) -> None:
-        self.token, self.length, self.accepted = token, length, 0
-
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        bitmask[row] = 0
-        bitmask[row, self.token // 32] = 1 << (self.token % 32)
-
-    def accept_token(self, token_id: int) -> bool:
-        self.accepted += 1
-        return token_id == self.token
-
-    def is_terminated(self) -> bool:
-        return self.accepted >= self.length
 
 
 class RejectsEverything:

@@ -20,6 +20,7 @@ from sagellm.config import EngineConfig
 from sagellm.engine.llm_engine import LLMEngine
 from sagellm.plugins import Registry
 from sagellm.sampling_params import SamplingParams
+from sagellm.testing.structured import OnlyToken
 from sagellm.testing.tiny_model import make_tiny_llama
 from sagellm_cuda.graphs import CudaGraphModelRunner
 from sagellm_cuda.plugin import NO_FUSION_ENV
@@ -173,26 +174,9 @@ def test_non_greedy_requests_sample_the_graph_hidden_states(tiny: Path) -> None:
     assert got == _run(_engine(CpuPlatform(), tiny), prompts, params, arrive_every=2)
 
 
-class _OnlyToken:
-    """A constraint without a batch fill: always token ``token``."""
-
-    def __init__(self, token: int) -> None:
-        self.token = token
-
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        bitmask[row] = 0
-        bitmask[row, self.token // 32] = 1 << (self.token % 32)
-
-    def accept_token(self, token_id: int) -> bool:
-        return token_id == self.token
-
-    def is_terminated(self) -> bool:
-        return False
-
-
 def _run_mixed(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]
                ) -> list[tuple[list[int], list[Any] | None]]:
-    ids = [engine.add_request(p, sp, constraint=(lambda: _OnlyToken(7)) if k == 3 else None)
+    ids = [engine.add_request(p, sp, constraint=(lambda: OnlyToken(7)) if k == 3 else None)
            for k, (p, sp) in enumerate(zip(prompts, params, strict=True))]
     done: dict[str, Any] = {}
     while engine.has_unfinished_requests():

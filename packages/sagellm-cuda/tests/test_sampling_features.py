@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sagellm.testing.structured import OnlyToken
+
 pytestmark = pytest.mark.gpu
 
 PROMPTS = {"greedy_lp": 5, "penalised": 17, "biased": 40, "seeded": 23, "prompt_lp": 150,
@@ -38,22 +40,6 @@ def _prompt(name: str) -> list[int]:
     return torch.randint(3, 1000, (PROMPTS[name],), generator=g).tolist()
 
 
-class OnlyToken:
-    def __init__(self, token: int) -> None:
-        self.token, self.accepted = token, 0
-
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        bitmask[row] = 0
-        bitmask[row, self.token // 32] = 1 << (self.token % 32)
-
-    def accept_token(self, token_id: int) -> bool:
-        self.accepted += 1
-        return token_id == self.token
-
-    def is_terminated(self) -> bool:
-        return self.accepted >= 4
-
-
 def _run(path: Path, **kw: object) -> tuple[dict, int]:  # type: ignore[type-arg]
     from sagellm.config import EngineConfig
     from sagellm.engine.llm_engine import LLMEngine
@@ -77,7 +63,7 @@ def _run(path: Path, **kw: object) -> tuple[dict, int]:  # type: ignore[type-arg
     }
     for name, p in params.items():
         engine.add_request(_prompt(name), p, request_id=name,
-                           constraint=(lambda: OnlyToken(99)) if name == "constrained" else None)
+                           constraint=(lambda: OnlyToken(99, 4)) if name == "constrained" else None)
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -11,6 +11,27 @@ import torch
 from sagellm.structured.bitmask import allocate_bitmask, apply_token_bitmask
 from sagellm.structured.protocol import TokenConstraint
 
+
+class OnlyToken:
+    """A constraint double (:class:`TokenConstraint`, no batch fill): only ``token`` is
+    allowed; complete after ``length`` accepted tokens (never, with ``None``). ``accepted``
+    counts the tokens offered to it."""
+
+    def __init__(self, token: int, length: int | None = None) -> None:
+        self.token, self.length, self.accepted = token, length, 0
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row] = 0
+        bitmask[row, self.token // 32] = 1 << (self.token % 32)
+
+    def accept_token(self, token_id: int) -> bool:
+        self.accepted += 1
+        return token_id == self.token
+
+    def is_terminated(self) -> bool:
+        return self.length is not None and self.accepted >= self.length
+
+
 #: ``next_logits(tokens so far) -> [vocab]`` logits for the next token.
 LogitsFn = Callable[[Sequence[int]], torch.Tensor]
 
