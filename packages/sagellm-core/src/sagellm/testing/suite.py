@@ -474,50 +474,52 @@ class BackendSuite:
         from sagellm.config import EngineConfig
         from sagellm.layers.attention import unsupported_attention
         from sagellm.loader.loader import load_model
-        from sagellm.testing.families import PARITY_PROMPT_LEN
-        from sagellm.testing.tiny_model import greedy_generate
 
         if type(platform) is CpuPlatform:
             pytest.skip("the CPU backend is the reference (tests/test_families.py holds it to "
                         "transformers)")
-        kwargs: dict[str, Any] = {}
-        if torch.float32 not in platform.capabilities().dtypes:
-            kwargs["dtype"] = "auto"
-        prompts = [list(range(3, 3 + PARITY_PROMPT_LEN)), [7, 8, 9]]
-        n = self.e2e_match_tokens
         for family, model_dir in family_models.items():
             model = load_model(EngineConfig(model=str(model_dir), load_format="dummy"),
                                torch.device("cpu"), torch.float32, load_tokenizer=False).model
             lacking = unsupported_attention(model, platform.capabilities())
             if lacking:
                 with pytest.raises(ValueError, match=re.escape(lacking[0])):
-                    greedy_generate(platform, model_dir, prompts, max_tokens=8, **kwargs)
+                    self._generate_as_cpu(platform, model_dir)
                 continue
-            got = greedy_generate(platform, model_dir, prompts, max_tokens=8, **kwargs)
-            want = greedy_generate(CpuPlatform(), model_dir, prompts, max_tokens=8, **kwargs)
-            assert [g[:n] for g in got] == [w[:n] for w in want], family
+            got, want = self._generate_as_cpu(platform, model_dir)
+            assert got == want, family
 
     def test_moe_matches_cpu(self, platform: Platform, tmp_path: Path) -> None:
         """A tiny Qwen3-MoE (one dense layer, one of 6 experts top-3) generates on this backend
         what it generates on the CPU backend, through whatever ``MOE_EXPERTS`` layer the
         platform registers (core's torch path otherwise)."""
         from sagellm.backends.cpu import CpuPlatform
-        from sagellm.testing.families import PARITY_PROMPT_LEN
-        from sagellm.testing.tiny_model import greedy_generate
         from sagellm.testing.tiny_moe import save_tiny_moe
 
         if type(platform) is CpuPlatform:
             pytest.skip("the CPU backend is the reference (tests/test_moe.py holds it to "
                         "transformers)")
+        got, want = self._generate_as_cpu(platform, save_tiny_moe(tmp_path / "qwen3_moe",
+                                                                   "qwen3_moe"))
+        assert got == want
+
+    def _generate_as_cpu(self, platform: Platform, model_dir: Path
+                         ) -> tuple[list[list[int]], list[list[int]]]:
+        """Greedy tokens of ``model_dir`` on ``platform`` and on the CPU backend, two parity
+        prompts, each cut to the first :attr:`e2e_match_tokens` (float32 where the platform
+        runs it, else its default dtype on both)."""
+        from sagellm.backends.cpu import CpuPlatform
+        from sagellm.testing.families import PARITY_PROMPT_LEN
+        from sagellm.testing.tiny_model import greedy_generate
+
         kwargs: dict[str, Any] = {}
         if torch.float32 not in platform.capabilities().dtypes:
             kwargs["dtype"] = "auto"
-        model_dir = save_tiny_moe(tmp_path / "qwen3_moe", "qwen3_moe")
         prompts = [list(range(3, 3 + PARITY_PROMPT_LEN)), [7, 8, 9]]
         n = self.e2e_match_tokens
         got = greedy_generate(platform, model_dir, prompts, max_tokens=8, **kwargs)
         want = greedy_generate(CpuPlatform(), model_dir, prompts, max_tokens=8, **kwargs)
-        assert [g[:n] for g in got] == [w[:n] for w in want]
+        return [g[:n] for g in got], [w[:n] for w in want]
 
     E2E_PROMPTS: ClassVar[list[list[int]]] = [
         [5, 6, 7],
