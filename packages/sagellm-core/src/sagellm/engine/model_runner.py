@@ -276,9 +276,10 @@ class ModelRunner:
         if rows:
             dev = logits.device
             index = (step_tensor(rows, torch.int64, dev), step_tensor(ids, torch.int64, dev))
-            kept_values = logits[index]
+            constrained = any(seqs[i].constraint is not None for i in set(rows))
+            kept_values = logits[index] if constrained else None
             logits.index_put_(index, logits.new_full((), float("-inf")))
-            if any(seqs[i].constraint is not None for i in set(rows)):
+            if kept_values is not None:
                 emptied = torch.isneginf(logits).all(-1)
                 logits.index_put_(index, torch.where(emptied[index[0]], kept_values,
                                                      float("-inf")))
