@@ -75,6 +75,22 @@ def run_variant(engine, name: str, extra: dict[str, object], args: argparse.Name
             table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=15) + \
                 (prof.key_averages().table(sort_by=sort, row_limit=15) if sort != "self_cpu_time_total" else "")
             step += args.profile_steps
+            if args.cprofile:
+                import cProfile
+                import io
+                import pstats
+
+                pr = cProfile.Profile()
+                sync()
+                pr.enable()
+                for _ in range(args.profile_steps):
+                    engine.step()
+                sync()
+                pr.disable()
+                buf = io.StringIO()
+                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+                table += "\ncProfile, " + f"{args.profile_steps} steps, by own time:\n" + buf.getvalue()
+                step += args.profile_steps
             continue
         sync()
         t0 = time.perf_counter()
@@ -103,6 +119,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--profile-at", type=int, default=40, help="step at which to profile")
     ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--cprofile", action="store_true", help="also a Python profile of a few steps")
     ap.add_argument("--variants", default="plain,json_schema,penalties,logprobs5")
     args = ap.parse_args()
     if args.tiny:

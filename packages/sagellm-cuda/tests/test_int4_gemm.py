@@ -14,7 +14,13 @@ import torch
 
 from sagellm.quant.grids import Int4Grid, quantize_int4_zero_point
 from sagellm.quant.w4a16 import W4A16Weight
-from sagellm_cuda.int4_gemm import TritonW4A16Weight, launch_config, w4a16_matmul
+from sagellm_cuda.int4_gemm import (
+    TritonW4A16Weight,
+    fit_stages,
+    launch_config,
+    stage_bytes,
+    w4a16_matmul,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -97,6 +103,56 @@ def test_launch_config_fills_the_gpu_at_decode() -> None:
     assert (4096 // cfg["BLOCK_N"]) * cfg["SPLIT_K"] >= 2 * 132
     assert launch_config(512, 4096, 4096, 128, 132)["SPLIT_K"] == 1
     assert launch_config(8, 4096, 4096, 32, 132)["BLOCK_K"] == 32
+
+
+def test_launch_config_keeps_its_stages_within_shared_memory() -> None:
+    h200 = 232448
+    for m in (1, 2, 16, 512):
+        for n, k in LLAMA_8B:
+            cfg = launch_config(m, n, k, 128, 132, h200)
+            per = stage_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], 128)
+            assert 1 <= cfg["num_stages"] and cfg["num_stages"] * per <= h200 - 8 * 1024
+    # The decode tile (128 packed rows x 128 outputs, 64 KiB a stage) took 4 stages before:
+    # more than an H200's 227 KiB.
+    assert launch_config(1, 4096, 4096, 128, 132, h200)["num_stages"] == 3
+    assert launch_config(1, 4096, 4096, 128, 132, 100 * 1024)["num_stages"] == 1
+    assert fit_stages(dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, num_stages=4), 32, h200)[
+        "num_stages"] == 4
+
+
+def test_a_launch_refused_for_shared_memory_retries_with_fewer_stages(monkeypatch) -> None:
+    from triton.runtime.errors import OutOfResources
+
+    from sagellm_cuda import int4_gemm
+
+    tried: list[int] = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, num_stages: int, **kw):
+                tried.append(num_stages)
+                if num_stages > 2:
+                    raise OutOfResources(240000, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(int4_gemm, "_w4a16_kernel", Kernel())
+    monkeypatch.setattr(int4_gemm, "_STAGE_OVERRIDES", {})
+    consts = dict(GROUP=128, HAS_PERM=False, USE_DOT=False, IEEE=False)
+    cfg = dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+    int4_gemm._launch((1, 1, 1), (), consts, cfg)
+    assert tried == [4, 3, 2]
+    int4_gemm._launch((1, 1, 1), (), consts, cfg)  # remembered: straight to 2
+    assert tried[3:] == [2]
+
+    class Never(Kernel):
+        def __getitem__(self, grid):
+            def launch(*args, num_stages: int, **kw):
+                raise OutOfResources(240000, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(int4_gemm, "_w4a16_kernel", Never())
+    with pytest.raises(OutOfResources):
+        int4_gemm._launch((1, 1, 1), (), dict(consts, GROUP=64), cfg)
 
 
 def test_empty_batch() -> None:

@@ -22,6 +22,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from sagellm.quant.w4a16 import W4A16Weight
 
@@ -94,8 +95,39 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
 
 
-def launch_config(m: int, n: int, k: int, group: int, num_sms: int) -> dict[str, int]:
-    """Tile sizes and the input split for an ``[m, k] x [k, n]`` product."""
+#: Shared memory a program may use when the device cannot be asked (Triton's interpreter); an
+#: H100/H200 allows 227 KiB, an A100 163 KiB.
+_DEFAULT_SMEM = 160 * 1024
+
+
+@functools.cache
+def _smem_per_block(device_index: int | None) -> int:
+    if not torch.cuda.is_available():
+        return _DEFAULT_SMEM
+    props = torch.cuda.get_device_properties(device_index or 0)
+    return int(getattr(props, "shared_memory_per_block_optin", _DEFAULT_SMEM))
+
+
+def stage_bytes(block_m: int, block_n: int, block_k: int, group: int) -> int:
+    """Shared memory one pipeline stage of the kernel holds: the packed words of the weight
+    tile (staged as int32, one per input row before the unpack), the activation tile and the
+    tile's scale and zero rows."""
+    group_rows = max(1, block_k // group)
+    return 4 * block_k * block_n + 2 * block_m * block_k + 2 * 2 * group_rows * block_n
+
+
+def fit_stages(cfg: dict[str, int], group: int, smem: int) -> dict[str, int]:
+    """``cfg`` with ``num_stages`` lowered until the stages fit in ``smem`` bytes (8 KiB kept
+    back for the compiler's own scratch)."""
+    per = stage_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], group)
+    fits = max(1, (smem - 8 * 1024) // per)
+    return dict(cfg, num_stages=max(1, min(cfg["num_stages"], fits)))
+
+
+def launch_config(m: int, n: int, k: int, group: int, num_sms: int,
+                  smem: int = _DEFAULT_SMEM) -> dict[str, int]:
+    """Tile sizes and the input split for an ``[m, k] x [k, n]`` product, with no more pipeline
+    stages than ``smem`` bytes of shared memory hold."""
     block_k = 128 if group % 128 == 0 else group if group in (32, 64) else 64
     if m <= 16:
         block_m = 1 if m == 1 else 16
@@ -104,11 +136,34 @@ def launch_config(m: int, n: int, k: int, group: int, num_sms: int) -> dict[str,
         k_blocks = triton.cdiv(k, block_k)
         # A few waves of programs: the decode product is a pure weight read.
         split = max(1, min(k_blocks, (4 * num_sms) // max(tiles, 1), 16))
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-                    num_warps=4, num_stages=4)
+        return fit_stages(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                               SPLIT_K=split, num_warps=4, num_stages=4), group, smem)
     block_m = 64 if m <= 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64 if group % 64 == 0 else block_k,
-                SPLIT_K=1, num_warps=8 if block_m == 128 else 4, num_stages=3)
+    return fit_stages(dict(BLOCK_M=block_m, BLOCK_N=128,
+                           BLOCK_K=64 if group % 64 == 0 else block_k, SPLIT_K=1,
+                           num_warps=8 if block_m == 128 else 4, num_stages=3), group, smem)
+
+
+#: Configs that needed fewer stages than :func:`fit_stages` estimated: (shape key) -> stages.
+_STAGE_OVERRIDES: dict[tuple[int, ...], int] = {}
+
+
+def _launch(grid: tuple[int, int, int], args: tuple, consts: dict[str, object],
+            cfg: dict[str, int]) -> None:
+    """Launch with ``cfg``; a compile the device refuses for shared memory retries with one
+    stage fewer (remembered for the shape), down to a single stage."""
+    key = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], int(consts["GROUP"]),  # type: ignore[call-overload]
+           int(bool(consts["HAS_PERM"])), int(bool(consts["USE_DOT"])))
+    stages = min(cfg["num_stages"], _STAGE_OVERRIDES.get(key, cfg["num_stages"]))
+    while True:
+        try:
+            _w4a16_kernel[grid](*args, **consts, **dict(cfg, num_stages=stages))
+            return
+        except OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+            _STAGE_OVERRIDES[key] = stages
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -122,7 +177,8 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x = x.contiguous()
     if m == 0:
         return x.new_empty((0, n))
-    cfg = dict(config or launch_config(m, n, k, group, _num_sms(x.device.index)))
+    cfg = dict(config or launch_config(m, n, k, group, _num_sms(x.device.index),
+                                       _smem_per_block(x.device.index)))
     split = cfg.pop("SPLIT_K")
     block_k = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
@@ -132,10 +188,10 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     use_dot = cfg["BLOCK_M"] > 1
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]) if use_dot else m,
             split)
-    _w4a16_kernel[grid](
-        x, qweight, scales, zeros, perm if perm is not None else qweight, dest, m, n, k,
-        x.stride(0), k_per_split, GROUP=group, HAS_PERM=perm is not None, USE_DOT=use_dot,
-        IEEE=x.dtype == torch.float32, **cfg)
+    _launch(grid, (x, qweight, scales, zeros, perm if perm is not None else qweight, dest, m, n,
+                   k, x.stride(0), k_per_split),
+            dict(GROUP=group, HAS_PERM=perm is not None, USE_DOT=use_dot,
+                 IEEE=x.dtype == torch.float32), cfg)
     return dest if split == 1 else dest.sum(0).to(x.dtype)
 
 

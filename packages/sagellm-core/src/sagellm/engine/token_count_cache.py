@@ -75,7 +75,9 @@ class TokenCountCache:
                 counts.view(-1).scatter_add_(0, index[:num_out],
                                              torch.ones(num_out, device=device))
             if seen_flat:
-                seen.view(-1)[index[num_out:]] = True
+                # index_fill_ takes the value as a kernel argument; ``seen[idx] = True`` copies
+                # a host scalar to the device from pageable memory, which waits for the stream.
+                seen.view(-1).index_fill_(0, index[num_out:], True)
         self._counts, self._seen = counts, seen
         self._rows = {id(s): (s, i, s.num_tokens) for i, s in enumerate(seqs)}
         return counts, seen
