@@ -21,6 +21,18 @@ API_KEY = "test-key-0123456789"
 MODEL_NAME = "smol"
 
 
+def serving_backend() -> str:
+    """The backend the test servers run on: ``--backend`` in ``SAGELLM_TEST_SERVER_ARGS`` (the
+    device machine's runs), else the CPU."""
+    args = shlex.split(os.environ.get("SAGELLM_TEST_SERVER_ARGS", ""))
+    for i, a in enumerate(args):
+        if a == "--backend" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--backend="):
+            return a.split("=", 1)[1]
+    return "cpu"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
