@@ -330,7 +330,9 @@ class LLMEngine:
                 raise RuntimeError(f"the runner gave no logprob for sampled token {tok}")
             seq.output_logprobs.append(lp)
         if seq.constraint is not None and not seq.constraint.accept_token(tok):
-            raise ValueError(f"token {tok} is not allowed by the request's output constraint")
+            why = getattr(seq.constraint, "error", None)
+            raise ValueError(f"token {tok} is not allowed by the request's output constraint"
+                             + (f" ({why})" if why else ""))
         self.num_generation_tokens += 1
         m = seq.metrics
         if m.first_token_time is None:
