@@ -9,6 +9,8 @@ dropped engine frees it) and on the model's vocabulary size and end-of-sequence 
 
 from __future__ import annotations
 
+import copy
+import json
 import threading
 import weakref
 from collections.abc import Iterable
@@ -89,10 +91,75 @@ def _build(tokenizer: object, n_vocab: int, eos: tuple[int, ...]) -> llguidance.
     if backend is None:
         raise ValueError(f"structured output needs a fast (Rust) tokenizer; "
                          f"{type(tokenizer).__name__} is not one")
-    import llguidance.hf  # imports transformers: only where an HF tokenizer is at hand
-
+    # As llguidance.hf.from_tokenizer does (a copy without padding or truncation, added tokens
+    # included), with the byte-level fix below.
+    backend = copy.copy(backend)
+    backend.no_padding()
+    backend.no_truncation()
     try:
-        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab,  # type: ignore[arg-type]
-                                            eos_token=list(eos))
+        ll = llguidance.LLTokenizer(byte_level_consistent(backend.to_str()), n_vocab=n_vocab,
+                                    eos_token=list(eos))
     except ValueError as exc:  # pragma: no cover - llguidance rejects a tokenizer it cannot read
         raise ValueError(f"the grammar engine cannot read this tokenizer: {exc}") from None
+    _check_token_bytes(ll, tokenizer)
+    return ll
+
+
+def byte_level_consistent(tokenizer_json: str) -> str:
+    """``tokenizer_json`` as the grammar engine must read it.
+
+    A BPE tokenizer whose pre-tokenizer is byte-level stores every token in the GPT-2 byte
+    alphabet (``Ġ`` for a space). Some conversions also set ``byte_fallback`` and a
+    sentencepiece-style decoder on it (transformers 5.17's GGUF converter does, for SmolLM2):
+    the tokenizer still encodes and decodes right, since byte-level input never falls back, but
+    llguidance then takes the tokens for literal UTF-8 and reads ``Ġ`` as two bytes, so a
+    grammar that needs a space allows token ``Ġ`` in its mask and refuses it when consumed.
+    Such a tokenizer is handed over as the byte-level tokenizer it is; others are unchanged.
+    """
+    spec = json.loads(tokenizer_json)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback") \
+            or not _has_byte_level(spec.get("pre_tokenizer")):
+        return tokenizer_json
+    model["byte_fallback"] = False
+    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                       "use_regex": True}
+    return json.dumps(spec, ensure_ascii=False)
+
+
+def _has_byte_level(part: object) -> bool:
+    if not isinstance(part, dict):
+        return False
+    if part.get("type") == "ByteLevel":
+        return True
+    return any(_has_byte_level(p) for p in part.get("pretokenizers") or [])
+
+
+#: Ordinary tokens compared between the grammar engine's bytes and the tokenizer's own decoding.
+_CHECKED_TOKENS = 512
+
+
+def _check_token_bytes(ll: llguidance.LLTokenizer, tokenizer: object) -> None:
+    """Refuse a tokenizer the grammar engine reads differently from the tokenizer itself: for
+    a spread of ordinary tokens (decoding to clean text), llguidance's bytes must be the
+    tokenizer's decoded text. A mismatch would make every grammar refuse the tokens it allows."""
+    n = min(ll.vocab_size, len(tokenizer))  # type: ignore[arg-type]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    step = max(1, n // _CHECKED_TOKENS)
+    checked = wrong = 0
+    example = ""
+    for tid in range(0, n, step):
+        if tid in special:
+            continue
+        text = tokenizer.decode([tid])  # type: ignore[attr-defined]
+        if not text or "\ufffd" in text or not text.isprintable():
+            continue
+        checked += 1
+        got = ll.decode_bytes([tid])
+        # A lone sentencepiece token decodes without its leading space in some tokenizers.
+        if got.lstrip(b" ") != text.lstrip(" ").encode():
+            wrong += 1
+            example = example or f"token {tid}: tokenizer {text!r}, grammar engine {got!r}"
+    if checked and wrong * 10 > checked:
+        raise ValueError(f"the grammar engine reads this tokenizer's tokens differently from the "
+                         f"tokenizer ({wrong} of {checked} checked, e.g. {example})")
