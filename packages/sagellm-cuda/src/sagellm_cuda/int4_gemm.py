@@ -7,9 +7,10 @@ registers and multiplies; the 16-bit weight never exists in memory. Act-order we
 their activation columns through ``perm`` inside the load.
 
 * Prefill (many rows): ``tl.dot`` tiles, no split.
-* Decode (``M <= 16``): the weight read is the whole cost, so the inputs are split (``SPLIT_K``)
-  until the programs fill the GPU a few times over; partial sums go to a float32 workspace that
-  one sum reduces. ``M == 1`` multiplies without ``tl.dot`` (no padding rows).
+* Decode (``M <= 16``): the device's tuned table (:mod:`sagellm_cuda.gemv_tiles`) where it
+  has the shape, else a heuristic. The weight read is the whole cost, so the inputs are split
+  (``SPLIT_K``) until the programs fill the GPU a few times over; partial sums go to a float32
+  workspace that one sum reduces. ``M == 1`` multiplies without ``tl.dot`` (no padding rows).
 
 Launch sizes depend on shapes only (never on values), and nothing reads the device from the
 host, so a captured CUDA graph replays it.
@@ -166,6 +167,16 @@ def _launch(grid: tuple[int, int, int], args: tuple, consts: dict[str, object],
             _STAGE_OVERRIDES[key] = stages
 
 
+def decode_config(m: int, n: int, k: int, group: int, dtype: torch.dtype,
+                  device: torch.device) -> dict[str, int] | None:
+    """The device's tuned decode config for the shape (:mod:`sagellm_cuda.gemv_tiles`), its
+    stages fitted to shared memory; None without one (then :func:`launch_config`)."""
+    from sagellm_cuda.gemv_tiles import tuned_config
+
+    cfg = tuned_config("int4", m, n, k, group, dtype, device)
+    return None if cfg is None else fit_stages(cfg, group, _smem_per_block(device.index))
+
+
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor, perm: torch.Tensor | None, group: int,
                  config: dict[str, int] | None = None) -> torch.Tensor:
@@ -177,8 +188,9 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x = x.contiguous()
     if m == 0:
         return x.new_empty((0, n))
-    cfg = dict(config or launch_config(m, n, k, group, _num_sms(x.device.index),
-                                       _smem_per_block(x.device.index)))
+    cfg = dict(config or decode_config(m, n, k, group, x.dtype, x.device)
+               or launch_config(m, n, k, group, _num_sms(x.device.index),
+                                _smem_per_block(x.device.index)))
     split = cfg.pop("SPLIT_K")
     block_k = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
