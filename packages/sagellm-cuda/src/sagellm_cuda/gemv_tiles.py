@@ -71,6 +71,9 @@ def check_config(cfg: object, where: str) -> dict[str, int]:
     if out["BLOCK_N"] < 8 or out["BLOCK_K"] < 16 or out["num_warps"] > 16:
         raise ValueError(f"{where}: BLOCK_N >= 8, BLOCK_K >= 16 and num_warps <= 16 required, "
                          f"got {out}")
+    if out["BLOCK_M"] > 1 and out["BLOCK_N"] < 16:
+        raise ValueError(f"{where}: BLOCK_N >= 16 for a tl.dot tile (BLOCK_M {out['BLOCK_M']}),"
+                         f" got {out['BLOCK_N']}")
     return out
 
 
