@@ -42,18 +42,16 @@ SMOKE_ROWS = [1, 3]
 L2_BYTES = 50 << 20  # an H200's; the timed copies of a weight together exceed it 4x
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) per BLOCK_M, per kind.
 TILES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
-    "fp8": {16: [(32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
-                 (64, 256, 8, 4), (128, 128, 4, 3), (128, 128, 8, 4), (16, 256, 4, 4)],
-            1: [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 128, 4, 4),
-                (64, 256, 8, 3), (128, 128, 8, 3), (8, 1024, 4, 3)]},
-    "int4": {16: [(128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4), (256, 128, 8, 3),
-                  (128, 128, 8, 3), (64, 64, 4, 4)],
-             1: [(128, 128, 4, 4), (64, 128, 4, 4), (256, 128, 8, 3), (128, 64, 4, 4),
-                 (32, 128, 4, 4), (256, 64, 8, 4)]},
+    "fp8": {16: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 4),
+                 (16, 256, 4, 4)],
+            1: [(16, 512, 4, 3), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3),
+                (8, 1024, 4, 3)]},
+    "int4": {16: [(128, 128, 4, 4), (64, 128, 4, 4), (256, 128, 8, 3), (128, 64, 4, 4)],
+             1: [(128, 128, 4, 4), (64, 128, 4, 4), (256, 128, 8, 3), (32, 128, 4, 4)]},
 }
 SMOKE_TILES = {"fp8": {16: [(16, 64, 4, 2)], 1: [(16, 64, 4, 2), (8, 128, 4, 2)]},
                "int4": {16: [(16, 64, 4, 2)], 1: [(16, 64, 4, 2)]}}
-SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+SPLITS = (1, 2, 3, 4, 6, 8, 16)
 WAVES = 8  # the most programs per SM a split grid may have
 
 
@@ -169,9 +167,14 @@ def tune(entries: list[Entry], heur: dict[Entry, dict[str, int]],
     every entry its baseline; a candidate that raises or is inexact is recorded and skipped."""
     results: dict[Entry, Result] = {}
     for e in entries:
-        us = time_us(e, heur[e])
+        try:
+            us = time_us(e, heur[e])
+            err = check(e, heur[e])
+        except Exception as ex:  # then any candidate that runs beats it
+            us, err = math.inf, math.inf
+            print(f"{e}: the heuristic launch failed ({type(ex).__name__}: {str(ex)[:100]})",
+                  file=sys.stderr)
         results[e] = Result(us, us, dict(heur[e]))
-        err = check(e, heur[e])
         if not err < tol:  # what runs without a table: say so loudly, keep it as the baseline
             results[e].failed.append(f"HEURISTIC {heur[e]}: rel err {err:.2e}")
             print(f"{e}: the heuristic launch is off the reference (rel err {err:.2e})",
