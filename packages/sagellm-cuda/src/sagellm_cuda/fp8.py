@@ -46,7 +46,7 @@ class CudaFp8Weight(Fp8Weight):
         self.input_scale = None if grid.input_scale is None else \
             grid.input_scale.float().reshape(1, 1).to(self.q.device)
         if self.q.is_cuda:  # made now, not first inside a CUDA-graph capture
-            from sagellm_cuda.fp8_kernels import split_counters
+            from sagellm_cuda.split_k import split_counters
 
             split_counters(self.q.device)
 

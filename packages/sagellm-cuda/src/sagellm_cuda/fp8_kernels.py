@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from sagellm.quant.fp8_grid import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from sagellm_cuda.split_k import SPLIT_TILES, split_counters
 
 
 def _interpreted() -> bool:
@@ -200,23 +201,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, G, stri
 GEMV_MAX_M = 16
 _GEMV_BLOCK_N = 32
 _GEMV_BLOCK_K = 128
-#: Output tiles a split-K launch may count arrivals for (one int32 counter each, kept zero
-#: between launches): beyond that, the product is wide enough to fill the GPU unsplit.
-SPLIT_TILES = 1 << 14
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-@functools.cache
-def split_counters(device: torch.device) -> torch.Tensor:
-    """The device's split-K arrival counters, all zero between launches. Allocated once (the
-    fp8 weight asks at load, so none is first made inside a CUDA-graph capture)."""
-    return torch.zeros(SPLIT_TILES, dtype=torch.int32, device=device)
 
 
 def gemv_split_k(n: int, k: int, device: torch.device, block_n: int = _GEMV_BLOCK_N,
