@@ -23,7 +23,13 @@ from sagellm.quant.fp8_grid import (
     reference_matmul,
 )
 from sagellm_cuda.fp8 import CudaFp8Weight
-from sagellm_cuda.fp8_kernels import fp8_gemv, fp8_group_gemm, gemv_split_k, quantize_rows
+from sagellm_cuda.fp8_kernels import (
+    fp8_gemv,
+    fp8_group_gemm,
+    gemv_split_k,
+    quantize_rows,
+    split_counters,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -79,6 +85,39 @@ def test_gemv_matches_dequantized_weights(m: int, n: int, k: int, group: int | N
     ref = x.float() @ grid.dequantize().t()  # W8A16: activations as they are
     assert y.dtype == ACT and y.shape == (m, n)
     assert _rel(y, ref) < (1e-2 if ACT == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("m,group", [(1, None), (3, None), (2, 64), (1, 128)])
+@pytest.mark.parametrize("block_m,block_n,block_k,split", [
+    (1, 16, 64, 1), (1, 8, 128, 3), (1, 32, 64, 4), (16, 16, 64, 3),
+])
+def test_gemv_configs_match_dequantized_weights(m: int, group: int | None, block_m: int,
+                                                block_n: int, block_k: int, split: int) -> None:
+    """Every launch shape the tuner may pick: one row a program without tl.dot, split-K
+    reduced by the last split in the launch, odd N (masks), K not a multiple of the split."""
+    grid = _weight(40, 320 if group is None else 256, group, seed=m)
+    k = grid.q.shape[1]
+    x = torch.randn(m, k, generator=_gen(7)).to(DEV, ACT)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, group or block_k),
+               SPLIT_K=split, num_warps=4, num_stages=2)  # a K tile within a scale group
+    counters = split_counters(torch.device(DEV))
+    y = fp8_gemv(x, grid.q, grid.scale, config=cfg)
+    ref = x.float() @ grid.dequantize().t()
+    assert y.dtype == ACT and y.shape == (m, 40)
+    assert _rel(y, ref) < (1e-2 if ACT == torch.bfloat16 else 1e-5)
+    assert not counters.any(), "the last split resets its tile's counter"
+    assert torch.equal(fp8_gemv(x, grid.q, grid.scale, config=cfg), y), "splits summed in order"
+
+
+def test_gemv_refuses_configs_it_cannot_run() -> None:
+    grid = _weight(32, 128, 32)
+    x = torch.randn(1, 128, generator=_gen(8)).to(DEV, ACT)
+    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match="BLOCK_K=64 must divide the scale group 32"):
+        fp8_gemv(x, grid.q, grid.scale, config=cfg)
+    with pytest.raises(ValueError, match="tl.dot launch needs BLOCK_M=16"):
+        fp8_gemv(x, grid.q, grid.scale, config=dict(cfg, BLOCK_M=16, BLOCK_N=8, BLOCK_K=32))
+    assert fp8_gemv(x[:0], grid.q, grid.scale).shape == (0, 32)
 
 
 def test_gemv_split_k_fills_the_machine() -> None:

@@ -75,6 +75,22 @@ def test_forced_split_and_tile_configs_agree() -> None:
         assert rel_err(o, outs[0]) < 1e-2
 
 
+@pytest.mark.parametrize("m,split", [(1, 1), (3, 1), (3, 4), (2, 3)])
+def test_one_row_programs_and_split_reduction(m: int, split: int) -> None:
+    """``BLOCK_M = 1`` (a program a row, no ``tl.dot``) for several rows, and the split-K sum
+    done by the last split in the launch: exact, deterministic, the counters left at zero."""
+    from sagellm_cuda.split_k import split_counters
+
+    ref_w, w = weights(40, 512, 64, act_order=m == 3, seed=m)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(9)).to(DEV, DTYPES[0])
+    w._for(x)
+    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split, num_warps=4, num_stages=2)
+    out = w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.perm, w.group, cfg)
+    assert out.shape == (m, 40) and rel_err(out, ref_w.matmul(x)) < 1e-5
+    assert not split_counters(x.device).any()
+    assert torch.equal(w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.perm, w.group, cfg), out)
+
+
 def test_split_past_k_never_reads_the_group_row_after_the_last() -> None:
     """A split whose last tiles lie past K must not read the (nonexistent) group row after the
     last one: here that memory holds NaN, as stale device memory can, and the output must not

@@ -45,6 +45,10 @@ class CudaFp8Weight(Fp8Weight):
         self.scale_row = self.scale.t().contiguous() if self.per_channel else None  # [1, N]
         self.input_scale = None if grid.input_scale is None else \
             grid.input_scale.float().reshape(1, 1).to(self.q.device)
+        if self.q.is_cuda:  # made now, not first inside a CUDA-graph capture
+            from sagellm_cuda.split_k import split_counters
+
+            split_counters(self.q.device)
 
     @classmethod
     def supports(cls, out_features: int, in_features: int) -> bool:

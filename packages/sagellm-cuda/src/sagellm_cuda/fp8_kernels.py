@@ -8,7 +8,10 @@
 * :func:`fp8_gemv` - decode (a few rows): bf16 activations times fp8 weights converted in
   registers (W8A16), per-channel or group scales; bandwidth-bound, so the weight bytes decide,
   and skipping the activation quantization saves a kernel per linear and its error. Optionally
-  split over K (fp32 atomics) so a narrow weight still fills the GPU.
+  split over K so a narrow weight still fills the GPU: the last split of each output tile sums
+  the float32 partials in the same launch (no zero-fill, no atomics on the output, no cast
+  kernel after). Launches come from the device's tuned table (:mod:`sagellm_cuda.gemv_tiles`,
+  ``benchmarks/tune_gemv.py``), else a heuristic.
 
 Every launch reads shapes only (no host syncs), so the linears capture into CUDA graphs. Under
 ``TRITON_INTERPRET=1`` (CPU tests) the same programs run with ``UPCAST`` set: the interpreter
@@ -26,6 +29,7 @@ import triton
 import triton.language as tl
 
 from sagellm.quant.fp8_grid import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from sagellm_cuda.split_k import SPLIT_TILES, split_counters
 
 
 def _interpreted() -> bool:
@@ -117,25 +121,42 @@ def fp8_group_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: tor
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G, stride_x, K_PER_SPLIT,
-                 GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, ATOMIC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, G, stride_x,
+                 K_PER_SPLIT, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                 SPLIT: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y[m, n] = sum_k x[m, k] * w[n, k] * scale``, one ``BLOCK_N`` slice of outputs and one
+    split of the inputs a program. ``USE_DOT``: ``BLOCK_M`` rows through ``tl.dot``; else one
+    row (``BLOCK_M == 1``, program axis 1 the row) as multiply-and-sum, the weight tile loaded
+    along its contiguous K. ``SPLIT``: each split stores its float32 partial, and the last split
+    of a tile to finish (a counter per tile) sums them in split order and writes ``y``; it
+    resets the counter, so the next launch (or graph replay) finds it zero."""
     pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_DOT:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
         kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + kk[None, :],
-                    mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None],
-                    mask=mask_n[None, :] & (kk[:, None] < K), other=0.0).to(x.dtype)
-        part = tl.dot(x, w)
+        if USE_DOT:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_x + kk[None, :],
+                        mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None],
+                        mask=mask_n[None, :] & (kk[:, None] < K), other=0.0).to(x.dtype)
+            part = tl.dot(x, w)
+        else:
+            x = tl.load(x_ptr + pid_m * stride_x + kk, mask=kk < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_n[:, None] * K + kk[None, :],
+                        mask=mask_n[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+            part = tl.sum(w * x[None, :], axis=1)
         if PER_CHANNEL:
             acc += part
         else:
@@ -143,23 +164,43 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, G, stride_x, K_PER_SPLIT,
             # of bounds, and NaN there times a zero part is still NaN).
             s = tl.load(s_ptr + offs_n * G + k0 // GROUP, mask=mask_n & (offs_n * 0 + k0 < K),
                         other=0.0)
-            acc += part * s[None, :]
+            if USE_DOT:
+                acc += part * s[None, :]
+            else:
+                acc += part * s
     if PER_CHANNEL:
-        acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=mask)
+        sc = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+        if USE_DOT:
+            acc = acc * sc[None, :]
+        else:
+            acc = acc * sc
+    if USE_DOT:
+        out = offs_m[:, None] * N + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
     else:
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        out = pid_m * N + offs_n
+        mask = mask_n
+    if SPLIT:
+        tl.store(part_ptr + split * M * N + out, acc, mask=mask)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        # Every thread's partial stored before the (acq_rel, GPU-scope) arrival.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == tl.num_programs(2) - 1:
+            total = tl.zeros_like(acc)
+            for i in range(0, tl.num_programs(2)):
+                total += tl.load(part_ptr + i * M * N + out, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(y_ptr + out, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 #: The most activation rows :func:`fp8_gemv` takes (one ``tl.dot`` tile of rows).
 GEMV_MAX_M = 16
 _GEMV_BLOCK_N = 32
 _GEMV_BLOCK_K = 128
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -167,36 +208,72 @@ def _num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def gemv_split_k(n: int, k: int, device: torch.device) -> int:
+def gemv_split_k(n: int, k: int, device: torch.device, block_n: int = _GEMV_BLOCK_N,
+                 block_k: int = _GEMV_BLOCK_K) -> int:
     """Splits over K so that about four programs per SM stream the weight, each split at least
     four K tiles."""
-    programs = triton.cdiv(n, _GEMV_BLOCK_N)
+    programs = triton.cdiv(n, block_n)
     want = triton.cdiv(4 * _num_sms(device), programs)
-    most = max(1, k // (4 * _GEMV_BLOCK_K))
+    most = max(1, k // (4 * block_k))
     return max(1, min(want, most))
 
 
-def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-             split_k: int | None = None) -> torch.Tensor:
+def gemv_heuristic(m: int, n: int, k: int, group: int, device: torch.device) -> dict[str, int]:
+    """The launch when the device has no tuned table for the shape (``group`` 0: per-channel
+    scales): 16-row dot tiles 32 outputs by 128 inputs, split to fill the GPU."""
+    block_k = _GEMV_BLOCK_K if group == 0 else min(group, _GEMV_BLOCK_K)
+    return dict(BLOCK_M=GEMV_MAX_M, BLOCK_N=_GEMV_BLOCK_N, BLOCK_K=block_k,
+                SPLIT_K=gemv_split_k(n, k, device, _GEMV_BLOCK_N, block_k), num_warps=4,
+                num_stages=4)
+
+
+def gemv_config(m: int, n: int, k: int, group: int, dtype: torch.dtype,
+                device: torch.device) -> dict[str, int]:
+    """The device table's config for the shape (:mod:`sagellm_cuda.gemv_tiles`), else
+    :func:`gemv_heuristic`."""
+    from sagellm_cuda.gemv_tiles import tuned_config
+
+    return (tuned_config("fp8", m, n, k, group, dtype, device)
+            or gemv_heuristic(m, n, k, group, device))
+
+
+def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, split_k: int | None = None,
+             config: dict[str, int] | None = None) -> torch.Tensor:
     """``x [M <= 16, K] @ (wq * ws)^T`` in ``x``'s dtype, ``ws [N, 1]`` per channel or
-    ``[N, K / group]``."""
+    ``[N, K / group]``. ``config`` (:data:`sagellm_cuda.gemv_tiles.FIELDS`) overrides the
+    table/heuristic launch, ``split_k`` its split."""
     m, k = x.shape
     n = wq.shape[0]
     g = ws.shape[1]
     assert m <= GEMV_MAX_M, m
     per_channel = g == 1
     group = k // g
-    block_k = _GEMV_BLOCK_K if per_channel else min(group, _GEMV_BLOCK_K)
-    assert per_channel or group % block_k == 0, group
-    splits = split_k or gemv_split_k(n, k, x.device)
+    cfg = dict(config or gemv_config(m, n, k, 0 if per_channel else group, x.dtype, x.device))
+    if split_k:
+        cfg["SPLIT_K"] = split_k
+    block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if not per_channel and group % block_k:
+        raise ValueError(f"fp8_gemv: BLOCK_K={block_k} must divide the scale group {group}")
+    use_dot = block_m > 1
+    if use_dot and (block_m < GEMV_MAX_M or block_n < 16 or block_k < 16):
+        raise ValueError(f"fp8_gemv: a tl.dot launch needs BLOCK_M={GEMV_MAX_M} and BLOCK_N, "
+                         f"BLOCK_K >= 16, got {cfg}")
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    m_programs = triton.cdiv(m, block_m) if use_dot else m
+    n_programs = triton.cdiv(n, block_n)
     # Each split a whole number of K tiles (and so of scale groups).
-    per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), block_k) * block_k
     splits = triton.cdiv(k, per_split)
-    atomic = splits > 1
-    y = (torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic
-         else torch.empty((m, n), dtype=x.dtype, device=x.device))
-    grid = (triton.cdiv(n, _GEMV_BLOCK_N), splits)
-    _gemv_kernel[grid](x, wq, ws, y, m, n, k, g, x.stride(0), per_split, GROUP=group,
-                       PER_CHANNEL=per_channel, ATOMIC=atomic, BLOCK_M=GEMV_MAX_M,
-                       BLOCK_N=_GEMV_BLOCK_N, BLOCK_K=block_k, num_warps=4, num_stages=4)
-    return y.to(x.dtype) if atomic else y
+    if splits > 1 and m_programs * n_programs > SPLIT_TILES:
+        per_split, splits = triton.cdiv(k, block_k) * block_k, 1
+    split = splits > 1
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if split else y
+    counters = split_counters(x.device) if split else y
+    _gemv_kernel[(n_programs, m_programs, splits)](
+        x, wq, ws, y, part, counters, m, n, k, g, x.stride(0), per_split, GROUP=group,
+        PER_CHANNEL=per_channel, SPLIT=split, USE_DOT=use_dot, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return y

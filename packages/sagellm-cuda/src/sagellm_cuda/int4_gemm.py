@@ -7,9 +7,11 @@ registers and multiplies; the 16-bit weight never exists in memory. Act-order we
 their activation columns through ``perm`` inside the load.
 
 * Prefill (many rows): ``tl.dot`` tiles, no split.
-* Decode (``M <= 16``): the weight read is the whole cost, so the inputs are split (``SPLIT_K``)
-  until the programs fill the GPU a few times over; partial sums go to a float32 workspace that
-  one sum reduces. ``M == 1`` multiplies without ``tl.dot`` (no padding rows).
+* Decode (``M <= 16``): the device's tuned table (:mod:`sagellm_cuda.gemv_tiles`) where it
+  has the shape, else a heuristic. The weight read is the whole cost, so the inputs are split
+  (``SPLIT_K``) until the programs fill the GPU a few times over; the last split of each tile
+  sums the float32 partials in the same launch (:mod:`sagellm_cuda.split_k`). ``BLOCK_M == 1``
+  (the heuristic's for one row) multiplies without ``tl.dot``, one row a program.
 
 Launch sizes depend on shapes only (never on values), and nothing reads the device from the
 host, so a captured CUDA graph replays it.
@@ -25,15 +27,18 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from sagellm.quant.w4a16 import W4A16Weight
+from sagellm_cuda.split_k import SPLIT_TILES, split_counters
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, M, N, K, stride_xm,
-                  k_per_split, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
-                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out[split, m, n] = sum over this split's k of x[m, perm[k]] * w[k, n]``,
-    ``w[k, n] = (code(k, n) - zeros[k // GROUP, n]) * scales[k // GROUP, n]``."""
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
+                  stride_xm, k_per_split, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
+                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[m, n] = sum over k of x[m, perm[k]] * w[k, n]``,
+    ``w[k, n] = (code(k, n) - zeros[k // GROUP, n]) * scales[k // GROUP, n]``. ``SPLIT``: each
+    split stores its partial and the last to arrive sums them (:mod:`sagellm_cuda.split_k`).
+    Without ``USE_DOT`` a program is one row (program axis 1)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -78,14 +83,28 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, M, N, K, stride
             else:
                 acc += tl.dot(a, w.to(a.dtype))
         else:
-            a = tl.load(x_ptr + cols, mask=k_ok, other=0.0)
+            a = tl.load(x_ptr + pid_m * stride_xm + cols, mask=k_ok, other=0.0)
             acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None], axis=0)
-    base = out_ptr + pid_k * M * N
     if USE_DOT:
-        tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        out = offs_m[:, None] * N + offs_n[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
     else:
-        tl.store(base + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        out = pid_m * N + offs_n
+        mask = n_ok
+    if SPLIT:
+        tl.store(part_ptr + pid_k * M * N + out, acc, mask=mask)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tl.debug_barrier()  # every thread's partial stored before the arrival
+        arrived = tl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == tl.num_programs(2) - 1:
+            total = tl.zeros_like(acc)
+            for i in range(0, tl.num_programs(2)):
+                total += tl.load(part_ptr + i * M * N + out, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + out, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.cache
@@ -166,6 +185,16 @@ def _launch(grid: tuple[int, int, int], args: tuple, consts: dict[str, object],
             _STAGE_OVERRIDES[key] = stages
 
 
+def decode_config(m: int, n: int, k: int, group: int, dtype: torch.dtype,
+                  device: torch.device) -> dict[str, int] | None:
+    """The device's tuned decode config for the shape (:mod:`sagellm_cuda.gemv_tiles`), its
+    stages fitted to shared memory; None without one (then :func:`launch_config`)."""
+    from sagellm_cuda.gemv_tiles import tuned_config
+
+    cfg = tuned_config("int4", m, n, k, group, dtype, device)
+    return None if cfg is None else fit_stages(cfg, group, _smem_per_block(device.index))
+
+
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor, perm: torch.Tensor | None, group: int,
                  config: dict[str, int] | None = None) -> torch.Tensor:
@@ -177,22 +206,27 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x = x.contiguous()
     if m == 0:
         return x.new_empty((0, n))
-    cfg = dict(config or launch_config(m, n, k, group, _num_sms(x.device.index),
-                                       _smem_per_block(x.device.index)))
+    cfg = dict(config or decode_config(m, n, k, group, x.dtype, x.device)
+               or launch_config(m, n, k, group, _num_sms(x.device.index),
+                                _smem_per_block(x.device.index)))
     split = cfg.pop("SPLIT_K")
     block_k = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
-    dest = torch.empty((m, n) if split == 1 else (split, m, n),
-                       dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     use_dot = cfg["BLOCK_M"] > 1
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]) if use_dot else m,
             split)
-    _launch(grid, (x, qweight, scales, zeros, perm if perm is not None else qweight, dest, m, n,
-                   k, x.stride(0), k_per_split),
+    if split > 1 and grid[0] * grid[1] > SPLIT_TILES:
+        k_per_split, split = triton.cdiv(k, block_k) * block_k, 1
+        grid = (grid[0], grid[1], 1)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    counters = split_counters(x.device) if split > 1 else out
+    _launch(grid, (x, qweight, scales, zeros, perm if perm is not None else qweight, out, part,
+                   counters, m, n, k, x.stride(0), k_per_split),
             dict(GROUP=group, HAS_PERM=perm is not None, USE_DOT=use_dot,
-                 IEEE=x.dtype == torch.float32), cfg)
-    return dest if split == 1 else dest.sum(0).to(x.dtype)
+                 IEEE=x.dtype == torch.float32, SPLIT=split > 1), cfg)
+    return out
 
 
 class TritonW4A16Weight(W4A16Weight):
@@ -200,6 +234,8 @@ class TritonW4A16Weight(W4A16Weight):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         self._for(x)
+        if x.is_cuda:  # at the first (eager) product, never first inside a graph capture
+            split_counters(x.device)
         lead = x.shape[:-1]
         y = w4a16_matmul(x.reshape(-1, x.shape[-1]), self.qweight, self.scales, self.zeros,
                          self.perm, self.group)
