@@ -210,3 +210,40 @@ def test_mixed_batch_samples_only_the_rows_that_need_it_from_the_graph_logits(ti
     all_rows = [params[2]] * 4  # every row needs the logits: the whole-batch path
     assert [g[0] for g in _run_mixed(_engine(CudaPartsOnCpu(), tiny), prompts, all_rows)] == \
         [w[0] for w in _run_mixed(_engine(CpuPlatform(), tiny), prompts, all_rows)]
+
+
+def test_constraints_that_change_every_step_mask_with_fresh_state_in_every_graph(tiny: Path) -> None:
+    """Constrained rows whose allowed token changes every step, arriving one at a time beside a
+    plain greedy row: each prefill graph, whole-batch decode graph and subset decode graph
+    samples with a mask begun before its replay from the state after the previous token (a
+    stale or missing mask gives a refused token and the request fails)."""
+    from sagellm.testing.structured import Scripted
+
+    scripts = [[5, 9, 200, 31, 63], [17, 17, 2, 255], [128, 1, 96]]
+    engine = _engine(CudaPartsOnCpu(), tiny)
+    runner = _runner(engine)
+    begun: list[bool] = []
+    sample_tokens = runner.sample_tokens
+
+    def recording(logits: torch.Tensor, seqs: list[Any], **kw: Any) -> Any:
+        begun.append(kw.get("mask_fill") is not None)
+        return sample_tokens(logits, seqs, **kw)
+
+    runner.sample_tokens = recording  # type: ignore[method-assign]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request([9, 8, 7], SamplingParams(max_tokens=12, temperature=0.0,
+                                                        ignore_eos=True))]
+    done: dict[str, Any] = {}
+    pending = list(enumerate(scripts))
+    while pending or engine.has_unfinished_requests():
+        if pending:
+            k, script = pending.pop(0)
+            ids.append(engine.add_request([3 + k, 4, 5], greedy,
+                                          constraint=lambda s=script: Scripted(s)))
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    for rid, script in zip(ids[1:], scripts, strict=True):
+        assert done[rid].error is None and list(done[rid].token_ids) == script
+    assert runner.num_prefill_graph_steps == 2 and runner.num_graph_steps > 5
+    assert begun[0] is False and all(begun[1:])  # the first learns the logits' width

@@ -21,7 +21,7 @@ import abc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
@@ -437,6 +437,14 @@ class MemoryInfo:
 
 
 #: Words in an exception's message that mean the device, not one request, is broken.
+class DeviceEvent(Protocol):
+    """A point in a device's queue of work (``Platform.record_event``)."""
+
+    def synchronize(self) -> None:
+        """Return once the device has done the work queued before the event."""
+        ...
+
+
 FATAL_ERROR_MARKERS = (
     "CUDA error",
     "device-side assert",
@@ -518,6 +526,17 @@ class Platform(abc.ABC):
         Default: ``ids.cpu().tolist()``.
         """
         return ids.cpu().tolist()  # type: ignore[no-any-return]
+
+    def record_event(self) -> DeviceEvent | None:
+        """An event behind the work queued so far on the device's current stream, or ``None``
+        when that work cannot still be reading host memory (the default: copies from the host
+        have finished when they return, as on the CPU).
+
+        Called by the model runner after queueing the copy of a host buffer it reuses (the
+        structured-output bitmask); before writing that buffer again it waits for the event.
+        A device with asynchronous host-to-device copies must return an event here.
+        """
+        return None
 
     def max_memory_allocated(self) -> int:
         """Peak bytes allocated by torch on the device since the last reset (0 if unknown)."""

@@ -13,6 +13,8 @@ returns it from ``Platform.make_model_runner(ctx)``; everything such a runner ne
   ``argmax_suffices(seqs)`` holds, and must leave prefills of sequences whose
   ``needs_prompt_logits`` is true to core's path (their logits are needed at every position);
 * :class:`StepPlan`, :class:`PrefillOp`, :class:`DecodeOp` - the step the scheduler planned;
+* :class:`MaskFill` - a step's structured-output masks, begun by ``begin_mask_fill`` before
+  the forward and handed to ``sample_tokens`` (``apply_token_bitmask`` applies them);
 * :class:`SequenceState` - one request as the plan refers to it (tokens, block table, params);
 * :class:`ForwardContext` - what the model's attention layers receive.
 
@@ -22,6 +24,7 @@ These names are covered by ``sagellm.protocols.CONTRACT_VERSION``; anything else
 
 from __future__ import annotations
 
+from sagellm.engine.mask_fill import MaskFill
 from sagellm.engine.model_runner import ModelInput, ModelRunner, StepRunner
 from sagellm.engine.plan import DecodeOp, PrefillOp, StepPlan
 from sagellm.engine.runner_context import RunnerContext
@@ -31,6 +34,7 @@ from sagellm.layers.attention import ForwardContext
 __all__ = [
     "DecodeOp",
     "ForwardContext",
+    "MaskFill",
     "ModelInput",
     "ModelRunner",
     "PrefillOp",

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
-from sagellm.runner import ModelRunner, RunnerContext, SequenceState, StepPlan
+from sagellm.runner import MaskFill, ModelRunner, RunnerContext, SequenceState, StepPlan
+from sagellm_cuda.token_bitmask import apply_token_bitmask_triton
 
 logger = logging.getLogger("sagellm.cuda.graphs")
 
@@ -128,6 +129,8 @@ class CudaGraphModelRunner(ModelRunner):
         self.prefill_out_ids = torch.zeros(1, dtype=torch.int64, device=device)
         if not enforce_eager:
             self.capture()
+        if self.out_logits is not None:  # a capture's warm-up made it (a CPU test's may not)
+            self.logits_width = self.out_logits.shape[1]
         # Everything built so far (model, tokenizer, graphs) lives as long as the engine: move it
         # out of the cyclic collector's sight, so that full collections during serving do not
         # rescan it (they cost milliseconds per request right after start-up).
@@ -213,7 +216,7 @@ class CudaGraphModelRunner(ModelRunner):
             return None
         return next((b for b in self.prefill_sizes if b >= op.num_tokens), None)
 
-    def _run_prefill_graph(self, plan: StepPlan, tb: int) -> list[int]:
+    def _run_prefill_graph(self, plan: StepPlan, tb: int, fill: MaskFill | None) -> list[int]:
         op = plan.prefills[0]
         seq, n, block = op.seq, op.num_tokens, self.block_size
         ids, pos, slots, table, last = self._pviews(self._pnp, tb)
@@ -228,7 +231,7 @@ class CudaGraphModelRunner(ModelRunner):
         self._pdev.copy_(self._phost, non_blocking=True)
         self.prefill_graphs[tb].replay()
         self.num_prefill_graph_steps += 1
-        return self._sample_from_graph([seq], self.prefill_out_ids, self.prefill_out_logits)
+        return self._sample_from_graph([seq], self.prefill_out_ids, self.prefill_out_logits, fill)
 
     def _padded(self, n: int) -> int | None:
         for bs in self.graph_sizes:
@@ -242,45 +245,70 @@ class CudaGraphModelRunner(ModelRunner):
     def execute(self, plan: StepPlan) -> list[int]:
         """Graphs where the step's shape allows: decodes alone, one whole prompt alone, or one
         whole prompt plus decodes (two replays: a new request joining a running batch, the
-        common step of online serving). Everything else runs eagerly."""
+        common step of online serving). Everything else runs eagerly.
+
+        The structured-output masks of the graph steps' rows start filling first, on a worker
+        thread, so the input copies and replays overlap them (``begin_mask_fill``)."""
         n = len(plan.decodes)
         bs = self._padded(n) if (self.graphs and n) else None
         tb = self._prefill_graph_size(plan)
         if (tb is None and plan.prefills) or (n and bs is None):
             self.num_eager_steps += 1
             return super().execute(plan)
-        ids = self._run_prefill_graph(plan, tb) if tb is not None else []
-        if n:
-            assert bs is not None
-            self.num_graph_steps += 1
-            ids += self._run_decode_graph([op.seq for op in plan.decodes], bs)
-        return ids
+        decodes = [op.seq for op in plan.decodes]
+        fills = [self.begin_mask_fill([plan.prefills[0].seq]) if tb is not None else None,
+                 self.begin_mask_fill(decodes) if n else None]
+        try:
+            ids = self._run_prefill_graph(plan, tb, fills[0]) if tb is not None else []
+            if n:
+                assert bs is not None
+                self.num_graph_steps += 1
+                ids += self._run_decode_graph(decodes, bs, fills[1])
+            return ids
+        finally:
+            for fill in fills:
+                if fill is not None:
+                    fill.join()
 
-    def _run_decode_graph(self, seqs: list[SequenceState], bs: int) -> list[int]:
+    def _run_decode_graph(self, seqs: list[SequenceState], bs: int, fill: MaskFill | None
+                          ) -> list[int]:
         self._fill(seqs, bs)
         end = 4 * self._mb + bs * self.table_width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self.graphs[bs].replay()
-        return self._sample_from_graph(seqs, self.out_ids, self.out_logits)
+        return self._sample_from_graph(seqs, self.out_ids, self.out_logits, fill)
 
     def _sample_from_graph(self, seqs: list[SequenceState], out_ids: torch.Tensor,
-                           out_logits: torch.Tensor | None) -> list[int]:
+                           out_logits: torch.Tensor | None, fill: MaskFill | None = None
+                           ) -> list[int]:
         """Greedy ids straight from the graph; rows with other settings sample the graph's
-        logits (just those rows) and replace their ids."""
+        logits (just those rows) and replace their ids. ``fill``: the masks begun for the
+        constrained rows of ``seqs`` (all of them sample here, never from the argmax)."""
         n = len(seqs)
         need = [i for i, s in enumerate(seqs) if not self.argmax_suffices([s])]
         if not need:
+            assert fill is None, "a mask fill for rows that take the graph's argmax"
             return self.fetch_ids(out_ids[:n])
         assert out_logits is not None
         if len(need) == n:
-            # The buffer is rewritten by the next replay, so it may be changed in place here.
-            ids, logprobs = self.sample_tokens(out_logits[:n].float(), seqs)
+            # The buffer is rewritten by the next replay, so it may be changed in place here
+            # (``.float()`` of a float32 buffer is the buffer itself).
+            ids, logprobs = self.sample_tokens(out_logits[:n].float(), seqs, mask_fill=fill)
             return self.fetch_sampled(ids, logprobs, seqs)
         index = self.platform.to_device(torch.tensor(need, dtype=torch.int64))
         sub = [seqs[i] for i in need]
-        sub_ids, logprobs = self.sample_tokens(out_logits.index_select(0, index).float(), sub)
+        sub_ids, logprobs = self.sample_tokens(out_logits.index_select(0, index).float(), sub,
+                                               mask_fill=fill)
         ids = out_ids[:n].index_copy(0, index, sub_ids)
         return self.fetch_sampled(ids, logprobs, sub)
+
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
+                            rows: torch.Tensor | None) -> None:
+        """On the GPU: one Triton kernel, in place (:mod:`sagellm_cuda.token_bitmask`)."""
+        if logits.is_cuda:
+            apply_token_bitmask_triton(logits, bitmask, rows)
+        else:
+            super().apply_token_bitmask(logits, bitmask, rows)
 
     def _fill(self, seqs: list[SequenceState], bs: int) -> None:
         n = len(seqs)

@@ -119,6 +119,12 @@ class CudaPlatform(TorchAcceleratorPlatform):
         done.synchronize()
         return host.tolist()  # type: ignore[no-any-return]
 
+    def record_event(self) -> torch.cuda.Event:
+        """Copies from page-locked memory run when the stream reaches them, after the call."""
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
     def register_layers(self, register: LayerRegister) -> None:
         """This package's fused norm, activation, rotary and mixture-of-experts kernels (before
         profiling, so the KV pool is sized for the model that runs)."""

@@ -10,7 +10,11 @@ device-side mask. Who calls what, each step:
   greedy included. It does so through :func:`fill_bitmasks`, after the step's forward is queued
   on the device and before its first wait, so the masks are computed while the device runs;
   a constraint class with a ``fill_bitmask_batch(constraints, bitmask, rows)`` classmethod
-  fills all of its rows in one call (the grammar engine's parallel fill);
+  fills all of its rows in one call (the grammar engine's parallel fill). The runner begins that
+  fill on a worker thread before it builds the step's inputs (``sagellm.engine.mask_fill``), so
+  ``fill_bitmask`` may run on another thread than the engine's, never at the same time as
+  ``accept_token``. The rows it gets are reused buffers: they are cleared first unless the class
+  sets ``fills_whole_bitmask_row = True`` (it then writes every word of its row);
 * the engine calls :meth:`TokenConstraint.accept_token` once the token is committed to the
   sequence (in ``LLMEngine._advance``, never twice for one token), fails that request alone if
   it returns ``False``, and finishes it with ``finish_reason == "stop"`` once
@@ -57,10 +61,15 @@ def new_bitmask(rows: int, vocab_size: int, *, pin_memory: bool = False) -> torc
 
 
 def fill_bitmasks(constraints: list[TokenConstraint], bitmask: torch.Tensor) -> None:
-    """Fill row ``i`` of ``bitmask`` from ``constraints[i]``: one ``fill_bitmask_batch`` call per
-    constraint class that has one, ``fill_bitmask`` for the others."""
+    """Fill row ``i`` of ``bitmask`` (any contents) from ``constraints[i]``: one
+    ``fill_bitmask_batch`` call per constraint class that has one, ``fill_bitmask`` for the
+    others; a row is cleared first unless its class writes all of it."""
+    if len(constraints) > bitmask.shape[0]:
+        raise ValueError(f"{len(constraints)} constraints for a bitmask of {bitmask.shape[0]} rows")
     batched: dict[type, list[int]] = {}
     for i, c in enumerate(constraints):
+        if not getattr(type(c), "fills_whole_bitmask_row", False):
+            bitmask[i].zero_()
         if callable(getattr(type(c), "fill_bitmask_batch", None)):
             batched.setdefault(type(c), []).append(i)
         else:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from sagellm.engine import request_logits
+from sagellm.engine.constraint import apply_token_bitmask
+from sagellm.engine.mask_fill import BitmaskPool, MaskFill, begin_mask_fill
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.sequence import SequenceState
@@ -70,6 +72,11 @@ class ModelRunner:
         self.sampler = Sampler()
         #: Penalised rows' token counts, carried between steps (a cache, checked on use).
         self.token_counts = TokenCountCache()
+        #: The reused host buffers of the structured-output masks.
+        self.bitmasks = BitmaskPool(self.platform)
+        #: The width of the logits the runner samples from, known after the first sampling
+        #: (a subclass that knows it earlier may set it); sizes the masks begun before them.
+        self.logits_width: int | None = None
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         return self.platform.to_device(torch.from_numpy(arr))
@@ -198,15 +205,19 @@ class ModelRunner:
             logprobs.record(logprobs.tensors.pack().tolist(), seqs)
         return ids
 
-    def sample_tokens(self, logits: torch.Tensor, seqs: list[SequenceState]
+    def sample_tokens(self, logits: torch.Tensor, seqs: list[SequenceState], *,
+                      mask_fill: MaskFill | None = None
                       ) -> tuple[torch.Tensor, request_logits.SampledLogprobs | None]:
         """:meth:`sample` without waiting for the device: the ids and, if any row asks for
         them, their logprobs, both still on the device (hand them to :meth:`fetch_sampled`).
 
-        Queues nothing that waits, so host work here (the grammar masks above all) overlaps the
-        forward the device is still running."""
+        ``mask_fill``: the masks :meth:`begin_mask_fill` started for these rows before the
+        forward (checked to be theirs); without it they are filled here. Queues nothing that
+        waits, so host work here overlaps the forward the device is still running."""
+        self.logits_width = logits.shape[-1]
         raw = request_logits.raw_logprobs(logits, seqs)
-        request_logits.apply_constraints(logits, seqs)
+        request_logits.apply_constraints(logits, seqs, fill=mask_fill, pool=self.bitmasks,
+                                         apply=self.apply_token_bitmask)
         self.suppress_early_stop(logits, seqs)
         request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts)
         ids = self.sampler(logits, self.sampling_batch(seqs))
@@ -222,6 +233,24 @@ class ModelRunner:
         values = self.fetch_ids(torch.cat([ids.to(torch.int64), logprobs.tensors.pack()]))
         logprobs.record(values[n:], seqs)
         return values[:n]
+
+    def begin_mask_fill(self, seqs: list[SequenceState]) -> MaskFill | None:
+        """Start the structured-output masks of the rows ``seqs`` that are about to sample, on
+        a worker thread, before their forward is queued; ``None`` when no row has a
+        constraint (or the logits' width is not known yet: :meth:`sample_tokens` then fills).
+
+        The caller passes the result to :meth:`sample_tokens` for these rows and, whatever
+        happens, joins it before the step ends (``with fill:`` or ``fill.join()``)."""
+        if self.logits_width is None:
+            return None
+        return begin_mask_fill(self.bitmasks, seqs, self.logits_width)
+
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
+                            rows: torch.Tensor | None) -> None:
+        """Set to ``-inf``, in place, the logits ``[R, V]`` the packed int32 ``bitmask``
+        ``[N, words]`` (host) disallows; row ``i`` applies to logits row ``rows[i]`` (``None``:
+        row ``i``). Core's torch version; a backend's runner may use its own kernel."""
+        apply_token_bitmask(logits, bitmask, rows)
 
     @staticmethod
     def argmax_suffices(seqs: list[SequenceState]) -> bool:
@@ -241,17 +270,22 @@ class ModelRunner:
         nothing committed in between), so it must not keep per-plan state across calls.
         """
         seqs = plan.sampling_seqs()
-        inp = self.prepare(plan)
-        hidden = self.forward(inp)
-        if not inp.logits_indices.numel():
-            return []
-        logits = self.compute_logits(hidden)
-        if inp.num_prompt_logits:
-            request_logits.record_prompt_logprobs(logits[: inp.num_prompt_logits], plan)
-            logits = logits[inp.num_prompt_logits:]
-        if not seqs:
-            return []
-        return self.fetch_sampled(*self.sample_tokens(logits, seqs), seqs)
+        fill = self.begin_mask_fill(seqs)
+        try:
+            inp = self.prepare(plan)
+            hidden = self.forward(inp)
+            if not inp.logits_indices.numel():
+                return []
+            logits = self.compute_logits(hidden)
+            if inp.num_prompt_logits:
+                request_logits.record_prompt_logprobs(logits[: inp.num_prompt_logits], plan)
+                logits = logits[inp.num_prompt_logits:]
+            if not seqs:
+                return []
+            return self.fetch_sampled(*self.sample_tokens(logits, seqs, mask_fill=fill), seqs)
+        finally:
+            if fill is not None:
+                fill.join()
 
     @staticmethod
     def suppress_early_stop(logits: torch.Tensor, seqs: list[SequenceState]) -> None:

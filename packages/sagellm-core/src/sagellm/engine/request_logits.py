@@ -8,11 +8,14 @@ function here loops over the vocabulary.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from sagellm.engine.constraint import apply_token_bitmask, fill_bitmasks, new_bitmask
+from sagellm.engine.mask_fill import BitmaskPool, MaskFill
 from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.sequence import SequenceState
 from sagellm.engine.token_count_cache import TokenCountCache
@@ -23,18 +26,40 @@ from sagellm.layers.step_tensors import row_index, step_tensor
 RawLogprobs = tuple[list[int], torch.Tensor]
 
 
-def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
+#: ``apply(logits, bitmask, rows)``: sets the disallowed logits to ``-inf`` in place (core's
+#: :func:`~sagellm.engine.constraint.apply_token_bitmask`, or a runner's kernel).
+ApplyBitmask = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
+def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState], *,
+                      fill: MaskFill | None = None, pool: BitmaskPool | None = None,
+                      apply: ApplyBitmask = apply_token_bitmask) -> None:
     """Mask, in place, the tokens each constrained row's constraint disallows.
 
-    The masks are computed on the host (:func:`~sagellm.engine.constraint.fill_bitmasks`) while
-    the device still runs the work queued before, then go over in one non-blocking copy."""
+    ``fill``: the masks begun by the runner for these rows (:mod:`sagellm.engine.mask_fill`,
+    checked to be theirs); without it they are filled here, into a buffer of ``pool`` (or a new
+    one). Either way they go over in one non-blocking copy while the device still runs."""
     rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
     if not rows:
+        if fill is not None:
+            fill.take(seqs, logits.shape[-1])  # raises: the fill was begun for constrained rows
         return
-    dev = logits.device
-    bitmask = new_bitmask(len(rows), logits.shape[-1], pin_memory=dev.type == "cuda")
-    fill_bitmasks([seqs[i].constraint for i in rows], bitmask)  # type: ignore[misc]
-    apply_token_bitmask(logits, bitmask, row_index(rows, len(seqs), dev))
+    dev, vocab = logits.device, logits.shape[-1]
+    if fill is not None:
+        bitmask, done = fill.take(seqs, vocab), fill.release
+    elif pool is not None:
+        slot, bitmask = pool.acquire(len(rows), vocab)
+        fill_bitmasks([seqs[i].constraint for i in rows], bitmask)  # type: ignore[misc]
+        done = functools.partial(pool.release, slot)
+    else:
+        bitmask = new_bitmask(len(rows), vocab, pin_memory=dev.type == "cuda")
+        fill_bitmasks([seqs[i].constraint for i in rows], bitmask)  # type: ignore[misc]
+        done = None
+    try:
+        apply(logits, bitmask, row_index(rows, len(seqs), dev))
+    finally:
+        if done is not None:
+            done()
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],

@@ -19,6 +19,10 @@ class GrammarConstraint:
     the grammar admits nothing more, or after a refused token.
     """
 
+    #: Every path of :meth:`fill_bitmask` writes all the words of its row (llguidance's mask,
+    #: the EOS-only row, the cleared tail of a width mismatch): reused rows need no clearing.
+    fills_whole_bitmask_row = True
+
     def __init__(self, grammar: CompiledGrammar) -> None:
         self._matcher = grammar.new_matcher()
         self._tokenizer = grammar.tokenizer

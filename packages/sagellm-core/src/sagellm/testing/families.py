@@ -132,10 +132,10 @@ def engine_greedy(platform: Platform, model_dir: str | Path, prompts: Sequence[S
     # ``sample`` itself), so wrapping it records each sampled row's logits.
     sample_tokens = runner.sample_tokens  # type: ignore[attr-defined]
 
-    def recording_sample_tokens(logits: torch.Tensor, seqs: list[Any]) -> Any:
+    def recording_sample_tokens(logits: torch.Tensor, seqs: list[Any], **kwargs: Any) -> Any:
         for seq, row in zip(seqs, logits, strict=True):
             rows.setdefault(seq.request_id, []).append(row.float().cpu())
-        return sample_tokens(logits, seqs)
+        return sample_tokens(logits, seqs, **kwargs)
 
     runner.sample_tokens = recording_sample_tokens  # type: ignore[attr-defined]
     # A runner whose graphs end in an argmax skips sampling for greedy rows; asking it to

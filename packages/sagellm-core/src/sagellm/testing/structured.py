@@ -32,6 +32,29 @@ class OnlyToken:
         return self.length is not None and self.accepted >= self.length
 
 
+class Scripted:
+    """A constraint double whose allowed token changes every step: only ``script[k]`` may
+    follow ``k`` accepted tokens (complete after the last). It ORs its bit into the row, so it
+    relies on the row arriving cleared; a mask filled before the previous token was accepted
+    allows the previous step's token, which it then refuses."""
+
+    def __init__(self, script: Sequence[int]) -> None:
+        self.script, self.accepted = list(script), 0
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        tok = self.script[min(self.accepted, len(self.script) - 1)]
+        w, b = divmod(tok, 32)
+        bitmask[row, w] |= (1 << b) - (1 << 32) if b == 31 else 1 << b
+
+    def accept_token(self, token_id: int) -> bool:
+        ok = self.accepted < len(self.script) and token_id == self.script[self.accepted]
+        self.accepted += 1
+        return ok
+
+    def is_terminated(self) -> bool:
+        return self.accepted >= len(self.script)
+
+
 #: ``next_logits(tokens so far) -> [vocab]`` logits for the next token.
 LogitsFn = Callable[[Sequence[int]], torch.Tensor]
 
