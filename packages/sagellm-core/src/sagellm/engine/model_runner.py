@@ -210,7 +210,9 @@ class ModelRunner:
         self.suppress_early_stop(logits, seqs)
         request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts)
         ids = self.sampler(logits, self.sampling_batch(seqs))
-        return ids, (request_logits.sampled_logprobs(raw, ids, seqs) if raw is not None else None)
+        if raw is None:
+            return ids, None
+        return ids, request_logits.sampled_logprobs(raw, ids, seqs, self.platform.logprobs)
 
     def fetch_sampled(self, ids: torch.Tensor, logprobs: request_logits.SampledLogprobs | None,
                       seqs: list[SequenceState]) -> list[int]:
@@ -247,7 +249,8 @@ class ModelRunner:
             return []
         logits = self.compute_logits(hidden)
         if inp.num_prompt_logits:
-            request_logits.record_prompt_logprobs(logits[: inp.num_prompt_logits], plan)
+            request_logits.record_prompt_logprobs(logits[: inp.num_prompt_logits], plan,
+                                                  self.platform.logprobs)
             logits = logits[inp.num_prompt_logits:]
         if not seqs:
             return []
