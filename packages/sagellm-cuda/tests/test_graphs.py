@@ -210,3 +210,55 @@ def test_mixed_batch_samples_only_the_rows_that_need_it_from_the_graph_logits(ti
     all_rows = [params[2]] * 4  # every row needs the logits: the whole-batch path
     assert [g[0] for g in _run_mixed(_engine(CudaPartsOnCpu(), tiny), prompts, all_rows)] == \
         [w[0] for w in _run_mixed(_engine(CpuPlatform(), tiny), prompts, all_rows)]
+
+
+def test_logprobs_come_from_the_cuda_kernel_and_equal_cores(tiny: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampled logprobs (graph decode steps, the whole batch and a part of it, with a penalty
+    changing the logits in place) and prompt logprobs (an eager step) run through
+    ``CudaPlatform.logprobs``, the Triton kernel, and give core's torch values."""
+    import sagellm_cuda.logprobs_kernel as kernel
+
+    calls: list[int] = []
+    real = kernel.topk_logprobs
+
+    def counted(logits: torch.Tensor, ids: torch.Tensor, k: int, **kw: Any) -> Any:
+        calls.append(logits.shape[0])
+        return real(logits, ids, k, **kw)
+
+    monkeypatch.setattr(kernel, "topk_logprobs", counted)
+    prompts = _prompts(5, 6, 7)
+    params = [SamplingParams(max_tokens=4, temperature=0.0, logprobs=5, ignore_eos=True),
+              SamplingParams(max_tokens=4, temperature=0.0, logprobs=20, presence_penalty=2.0,
+                             repetition_penalty=1.5, ignore_eos=True),
+              SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=3, ignore_eos=True)]
+
+    def run(platform: object) -> list[Any]:
+        engine = _engine(platform, tiny)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        done: dict[str, Any] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        if platform.__class__ is CudaPartsOnCpu:
+            assert _runner(engine).num_graph_steps > 0
+        return [done[i] for i in ids]
+
+    got = run(CudaPartsOnCpu())
+    # The first step: 6 prompt-logprob rows (7 prompt tokens), then the 2 sampled logprob rows.
+    assert calls == [6, 2, 2, 2, 2]
+    calls.clear()
+    want = run(CpuPlatform())
+    assert not calls  # core keeps its torch op
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        pairs = list(zip(g.logprobs or [], w.logprobs or [], strict=True))
+        pairs += [(a, b) for a, b in zip(g.prompt_logprobs or [], w.prompt_logprobs or [],
+                                         strict=True) if a is not None or b is not None]
+        for a, b in pairs:
+            assert (a.token_id, a.rank, [t for t, _ in a.top]) == (b.token_id, b.rank,
+                                                                   [t for t, _ in b.top])
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-5)
+    assert len(got[1].logprobs[0].top) == 20 and len(got[2].prompt_logprobs) == 7
