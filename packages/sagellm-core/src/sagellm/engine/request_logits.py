@@ -65,15 +65,19 @@ def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
     apply_logit_bias(logits, bias_rows, bias_ids, biases)
 
 
-def raw_logprobs(logits: torch.Tensor, seqs: list[SequenceState]) -> RawLogprobs | None:
+def raw_logprobs(logits: torch.Tensor, seqs: list[SequenceState], copy: bool = True
+                 ) -> RawLogprobs | None:
     """The logits of the rows that ask for logprobs, copied before anything changes them in
     place (masks, penalties, bias); their logprobs are taken after sampling
-    (:func:`sampled_logprobs`)."""
+    (:func:`sampled_logprobs`). ``copy=False``: nothing will change ``logits`` (the caller's
+    promise), so when every row asks they are kept as they are."""
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not rows:
         return None
     index = row_index(rows, len(seqs), logits.device)
-    return rows, (logits.clone() if index is None else logits.index_select(0, index))
+    if index is None:
+        return rows, logits.clone() if copy else logits
+    return rows, logits.index_select(0, index)
 
 
 @dataclass
