@@ -32,15 +32,20 @@ def _logits(rows: int, vocab: int, dtype: torch.dtype, seed: int, pad: int = 0) 
 
 
 def _check(got: LogprobTensors, logits: torch.Tensor, ids: torch.Tensor, k: int) -> None:
+    """Values as core's torch op gives them; ranks and the order of the alternatives from the
+    raw logits, exactly. (The torch op compares rounded logprobs: two logits a float32 ulp of
+    the logprob apart tie there, so its rank may be lower and its tie order is ``topk``'s,
+    which is unspecified; the kernel's ties are equal logits, lowest id first.)"""
     want = torch_logprobs(logits, ids, k)
+    x = logits.float()
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
     assert torch.equal(got.token_ids, want.token_ids)
-    assert torch.equal(got.ranks, want.ranks)
+    chosen = x.gather(1, ids[:, None])
+    assert torch.equal(got.ranks, (x > chosen).sum(-1) + 1)
+    assert bool((want.ranks <= got.ranks).all())
     assert got.top_ids.shape == want.top_ids.shape == (logits.shape[0], min(k, logits.shape[1]))
     torch.testing.assert_close(got.top_logprobs, want.top_logprobs, rtol=0, atol=2e-5)
-    # torch.topk leaves the order of equal values open; the kernel's is lowest id first, which
-    # is what a stable descending sort of the same logprobs gives.
-    order = logits.float().log_softmax(-1).sort(dim=-1, descending=True, stable=True).indices
+    order = x.sort(dim=-1, descending=True, stable=True).indices
     assert torch.equal(got.top_ids, order[:, : got.num_top])
     assert got.logprobs.dtype == got.top_logprobs.dtype == torch.float32
     assert got.ranks.dtype == got.top_ids.dtype == torch.int64
@@ -48,7 +53,7 @@ def _check(got: LogprobTensors, logits: torch.Tensor, ids: torch.Tensor, k: int)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "vocab", "block", "k"),
-                         [(1, 300, 64, 5), (16, 200, 64, 20), (16, 129, 128, 1), (3, 97, 32, 0)])
+                         [(1, 300, 64, 5), (16, 130, 64, 20), (16, 129, 128, 1), (3, 97, 32, 0)])
 def test_kernel_matches_torch(rows: int, vocab: int, block: int, k: int,
                               dtype: torch.dtype) -> None:
     logits = _logits(rows, vocab, dtype, seed=rows + vocab, pad=7)

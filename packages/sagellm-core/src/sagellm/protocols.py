@@ -531,7 +531,9 @@ class Platform(abc.ABC):
         ``0 <= k <= sampling_params.MAX_LOGPROBS`` (requests are validated); ``R`` may be 0.
         Called by the model runner once per step that has logprob rows, after sampling (the
         chosen ids are the sampled ones), and once per step with prompt-logprob rows (the next
-        prompt tokens). Alternatives come largest first; equal values in any order.
+        prompt tokens). Alternatives come largest first; equal values in any order. A rank is
+        1 + the number of more likely tokens (the default compares float32 logprobs, where two
+        logits closer than their rounding tie; a device may compare the logits themselves).
         Default: :func:`~sagellm.layers.logprobs.torch_logprobs` (``log_softmax``, then
         ``gather``, a count and ``topk``); a device may fuse them into fewer passes.
         """
