@@ -79,6 +79,13 @@ def test_vocabulary_smaller_than_k_keeps_every_token() -> None:
     assert got.top_ids.tolist() == [[2, 0, 1]]
 
 
+def test_logits_strided_along_the_vocabulary_are_read_right() -> None:
+    logits = torch.randn(40, 3, generator=torch.Generator().manual_seed(2)).to(DEV).t()
+    assert logits.stride() == (1, 3)
+    ids = torch.tensor([0, 5, 39], device=DEV)
+    _check(topk_logprobs(logits, ids, 4, block=16), logits, ids, 4)
+
+
 def test_empty_batch_gives_empty_tensors() -> None:
     got = topk_logprobs(torch.empty(0, 50, device=DEV), torch.empty(0, dtype=torch.int64,
                                                                     device=DEV), 5)
