@@ -9,7 +9,7 @@ import torch
 
 from sagellm.engine.constraint import apply_token_bitmask, bitmask_words, new_bitmask
 from sagellm.layers.logits_processors import apply_logit_bias, apply_penalties, token_counts
-from sagellm.layers.logprobs import gather_logprobs
+from sagellm.layers.logprobs import gather_logprobs, torch_logprobs
 from sagellm.layers.sampler import Sampler, SamplingBatch, apply_min_p
 
 V = 11
@@ -160,11 +160,36 @@ def test_fetch_sampled_brings_ids_and_logprobs_in_one_copy() -> None:
     assert raw is not None and raw[0] == [0, 2]
     runner = object.__new__(ModelRunner)
     runner.platform = Platform()  # type: ignore[assignment]
-    pending = request_logits.sampled_logprobs(raw, ids, seqs)  # type: ignore[arg-type]
+    pending = request_logits.sampled_logprobs(raw, ids, seqs, torch_logprobs)  # type: ignore[arg-type]
     assert runner.fetch_sampled(ids, pending, seqs) == [2, 9, 4]  # type: ignore[arg-type]
     assert Platform.calls == 1
-    request_logits.record_sampled_logprobs(raw, ids, ref)  # type: ignore[arg-type]
+    request_logits.record_sampled_logprobs(raw, ids, ref, torch_logprobs)  # type: ignore[arg-type]
     assert [s.sampled_logprob for s in seqs] == [s.sampled_logprob for s in ref]
     assert seqs[0].sampled_logprob.token_id == 2 and len(seqs[0].sampled_logprob.top) == 2
     assert seqs[1].sampled_logprob is None and seqs[2].sampled_logprob.top == ()
     assert runner.fetch_sampled(ids, None, seqs) == [2, 9, 4]  # type: ignore[arg-type]
+
+
+def test_raw_logprobs_keep_the_logits_from_before_in_place_changes() -> None:
+    """The logits are masked and penalised in place after ``raw_logprobs``; the logprobs taken
+    after sampling still come from the model's own logits, when every row asks for them (a
+    copy) as when some do (the selected rows)."""
+    from types import SimpleNamespace
+
+    from sagellm.backends.cpu import CpuPlatform
+    from sagellm.engine import request_logits
+
+    def seq(k: int | None) -> SimpleNamespace:
+        return SimpleNamespace(params=SimpleNamespace(logprobs=k), sampled_logprob=None)
+
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(8))
+    want = torch_logprobs(logits.clone(), torch.tensor([1, 2]), 3)
+    op = CpuPlatform().logprobs  # the contract's default: torch_logprobs
+    for seqs, rows in (([seq(3), seq(3)], [0, 1]), ([seq(None), seq(3)], [1])):
+        work = logits.clone()
+        raw = request_logits.raw_logprobs(work, seqs)  # type: ignore[arg-type]
+        work.fill_(float("-inf"))  # what a mask could do in place
+        got = request_logits.sampled_logprobs(raw, torch.tensor([1, 2]), seqs, op)  # type: ignore[arg-type]
+        assert got.rows == rows
+        assert torch.equal(got.tensors.logprobs, want.logprobs[rows])
+        assert torch.equal(got.tensors.top_ids, want.top_ids[rows])

@@ -244,3 +244,17 @@ def test_largest_n_runs(engine: LLMEngine) -> None:
         done |= {o.index for o in engine.step() if o.request_id == rid and o.finished}
     assert done == set(range(sp_mod.MAX_N))
     assert engine.block_manager.num_free_blocks == engine.kv.num_blocks
+
+
+@pytest.mark.parametrize(("kw", "is_token", "suffices"), [
+    ({}, True, True),
+    ({"logprobs": 3}, True, False),  # reads the logits, changes nothing
+    ({"logprobs": 0, "presence_penalty": 0.5}, False, False),
+    ({"logit_bias": {1: 2.0}}, False, False),
+    ({"min_tokens": 2}, False, False),
+    ({"temperature": 0.7}, False, False),
+])
+def test_argmax_is_token_ignores_only_what_reads_the_logits(kw: dict, is_token: bool,  # type: ignore[type-arg]
+                                                            suffices: bool) -> None:
+    p = SamplingParams(**{"temperature": 0.0, **kw})
+    assert (p.argmax_is_token, p.argmax_suffices) == (is_token, suffices)

@@ -2,8 +2,8 @@
 
 :class:`CudaPartsOnCpu` is core's CPU platform whose KV pool, attention, fused layers and model
 runner come from :class:`CudaPlatform`'s own factories: :class:`CudaKVBackend`'s one-tensor pool,
-the Triton kernels (run by Triton's interpreter, see ``conftest.py``), the fused layers and
-:class:`CudaGraphModelRunner`. Device queries, host transfers and communication stay the CPU
+the Triton kernels (run by Triton's interpreter, see ``conftest.py``), the fused layers, the
+logprobs kernel and :class:`CudaGraphModelRunner`. Device queries, host transfers and communication stay the CPU
 platform's (pinned memory, CUDA events and NCCL do not exist here).
 
 The runner's graphs come from :class:`ReplayCapture`: a replay re-runs the captured forward on
@@ -68,6 +68,7 @@ class CudaPartsOnCpu(CpuPlatform):
     make_kv_backend = CudaPlatform.make_kv_backend
     make_attention_backend = CudaPlatform.make_attention_backend
     register_layers = CudaPlatform.register_layers
+    logprobs = CudaPlatform.logprobs
 
     def make_model_runner(self, ctx: RunnerContext) -> ReplayGraphRunner:
         return ReplayGraphRunner(ctx)

@@ -247,3 +247,88 @@ def test_constraints_that_change_every_step_mask_with_fresh_state_in_every_graph
         assert done[rid].error is None and list(done[rid].token_ids) == script
     assert runner.num_prefill_graph_steps == 2 and runner.num_graph_steps > 5
     assert begun[0] is False and all(begun[1:])  # the first learns the logits' width
+
+
+def _outputs(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]
+             ) -> list[Any]:
+    """Each prompt's finished output (token ids, logprobs, prompt logprobs)."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    done: dict[str, Any] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[i] for i in ids]
+
+
+def test_logprobs_come_from_the_cuda_kernel_and_equal_cores(tiny: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampled logprobs (graph decode steps, the whole batch and a part of it, with a penalty
+    changing the logits in place) and prompt logprobs (an eager step) run through
+    ``CudaPlatform.logprobs``, the Triton kernel, and give core's torch values."""
+    import sagellm_cuda.logprobs_kernel as kernel
+
+    calls: list[int] = []
+    real = kernel.topk_logprobs
+
+    def counted(logits: torch.Tensor, ids: torch.Tensor, k: int, **kw: Any) -> Any:
+        calls.append(logits.shape[0])
+        return real(logits, ids, k, **kw)
+
+    monkeypatch.setattr(kernel, "topk_logprobs", counted)
+    prompts = _prompts(5, 6, 7)
+    params = [SamplingParams(max_tokens=4, temperature=0.0, logprobs=5, ignore_eos=True),
+              SamplingParams(max_tokens=4, temperature=0.0, logprobs=20, presence_penalty=2.0,
+                             repetition_penalty=1.5, ignore_eos=True),
+              SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=3, ignore_eos=True)]
+
+    engine = _engine(CudaPartsOnCpu(), tiny)
+    got = _outputs(engine, prompts, params)
+    assert _runner(engine).num_graph_steps > 0
+    # The first step: 6 prompt-logprob rows (7 prompt tokens), then the 2 sampled logprob rows.
+    assert calls == [6, 2, 2, 2, 2]
+    calls.clear()
+    want = _outputs(_engine(CpuPlatform(), tiny), prompts, params)
+    assert not calls  # core keeps its torch op
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        pairs = list(zip(g.logprobs or [], w.logprobs or [], strict=True))
+        pairs += [(a, b) for a, b in zip(g.prompt_logprobs or [], w.prompt_logprobs or [],
+                                         strict=True) if a is not None or b is not None]
+        for a, b in pairs:
+            assert (a.token_id, a.rank, [t for t, _ in a.top]) == (b.token_id, b.rank,
+                                                                   [t for t, _ in b.top])
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-5)
+    assert len(got[1].logprobs[0].top) == 20 and len(got[2].prompt_logprobs) == 7
+
+
+@pytest.mark.parametrize("every_row", [True, False])
+def test_greedy_logprob_rows_keep_the_graph_argmax(tiny: Path, every_row: bool) -> None:
+    """Greedy rows asking only for logprobs (all of a decode batch, or some next to plain greedy
+    rows) take the graph's argmax and their logprobs from its logits in place, without
+    ``sample_tokens``; tokens and logprobs equal core's eager CPU steps."""
+    prompts = _prompts(4, 5, 6)
+    lp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=4, ignore_eos=True)
+    params = [lp, lp if every_row else GREEDY, lp]
+    engine = _engine(CudaPartsOnCpu(), tiny)
+    runner = _runner(engine)
+    sampled: list[int] = []
+    sample_tokens = runner.sample_tokens
+
+    def counted(logits: torch.Tensor, seqs: list[Any]) -> Any:
+        sampled.append(len(seqs))
+        return sample_tokens(logits, seqs)
+
+    runner.sample_tokens = counted  # type: ignore[method-assign]
+    got = _outputs(engine, prompts, params)
+    assert runner.num_graph_steps > 0 and len(sampled) == 1  # the first (eager prefill) step only
+    want = _outputs(_engine(CpuPlatform(), tiny), prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert (g.logprobs is None) == (w.logprobs is None)
+        for a, b in zip(g.logprobs or [], w.logprobs or [], strict=True):
+            assert (a.token_id, a.rank, [t for t, _ in a.top]) == (b.token_id, b.rank,
+                                                                   [t for t, _ in b.top])
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+

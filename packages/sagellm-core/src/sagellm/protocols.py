@@ -8,7 +8,8 @@ Four abstractions, each small and typed:
 * :class:`Platform` - describes a device kind, says whether it can run here, builds the three
   objects above, moves data between host and device, and may replace two things of core's:
   the model runner (``make_model_runner``, see :mod:`sagellm.runner`) and the layers declared
-  swappable in :mod:`sagellm.layers.registry` (``register_layers``).
+  swappable in :mod:`sagellm.layers.registry` (``register_layers``); it also runs the one op
+  of the sampling path a device may do faster, ``logprobs``.
 
 Core owns all bookkeeping (which sequence holds which block, reference counts, scheduling); a
 backend owns memory and kernels. ``CONTRACT_VERSION`` is bumped on every incompatible change; a
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from sagellm.engine.model_runner import ModelRunner
     from sagellm.engine.runner_context import RunnerContext
+    from sagellm.layers.logprobs import LogprobTensors
     from sagellm.layers.quant_linear import QuantizedWeight
     from sagellm.layers.registry import LayerKind
 
@@ -537,6 +539,26 @@ class Platform(abc.ABC):
         A device with asynchronous host-to-device copies must return an event here.
         """
         return None
+
+    def logprobs(self, logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobTensors:
+        """The logprob and rank of ``token_ids[r]`` under ``log_softmax(logits[r])`` and each
+        row's ``min(k, V)`` most likely ids with their logprobs (a
+        :data:`~sagellm.layers.logprobs.LogprobsOp`), without waiting for the device.
+
+        ``logits`` [R, V] are the raw logits, before any mask, penalty, bias or temperature
+        (the model runner keeps a copy of the rows that ask: ``request_logits.raw_logprobs``);
+        ``0 <= k <= sampling_params.MAX_LOGPROBS`` (requests are validated); ``R`` may be 0.
+        Called by the model runner once per step that has logprob rows, after sampling (the
+        chosen ids are the sampled ones), and once per step with prompt-logprob rows (the next
+        prompt tokens). Alternatives come largest first; equal values in any order. A rank is
+        1 + the number of more likely tokens (the default compares float32 logprobs, where two
+        logits closer than their rounding tie; a device may compare the logits themselves).
+        Default: :func:`~sagellm.layers.logprobs.torch_logprobs` (``log_softmax``, then
+        ``gather``, a count and ``topk``); a device may fuse them into fewer passes.
+        """
+        from sagellm.layers.logprobs import torch_logprobs
+
+        return torch_logprobs(logits, token_ids, k)
 
     def max_memory_allocated(self) -> int:
         """Peak bytes allocated by torch on the device since the last reset (0 if unknown)."""

@@ -10,7 +10,8 @@ returns it from ``Platform.make_model_runner(ctx)``; everything such a runner ne
   non-waiting half ``sample_tokens`` with ``fetch_sampled``, which brings ids and logprobs back in
   one copy), ``fetch_ids`` and ``execute``, the one method the engine calls. A runner that picks tokens
   without ``sample`` (an argmax inside a CUDA graph) may do so only where
-  ``argmax_suffices(seqs)`` holds, and must leave prefills of sequences whose
+  ``argmax_suffices(seqs)`` holds, or ``argmax_is_token(seqs)`` with the rows' logprobs from
+  ``argmax_logprobs``, and must leave prefills of sequences whose
   ``needs_prompt_logits`` is true to core's path (their logits are needed at every position);
 * :class:`StepPlan`, :class:`PrefillOp`, :class:`DecodeOp` - the step the scheduler planned;
 * :class:`MaskFill` - a step's structured-output masks, begun by ``begin_mask_fill`` before

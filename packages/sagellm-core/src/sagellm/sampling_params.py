@@ -168,11 +168,17 @@ class SamplingParams(BaseModel):
                 or self.repetition_penalty != 1.0)
 
     @property
-    def argmax_suffices(self) -> bool:
+    def argmax_is_token(self) -> bool:
         """Whether the raw logits' argmax is this request's token: greedy, with nothing that
-        changes or reads the logits first (a runner may then skip them, as CUDA graphs do)."""
+        changes the logits first (logprobs may still read them)."""
         return (self.temperature == 0.0 and not self.min_tokens and not self.has_penalties
-                and not self.logit_bias and self.logprobs is None)
+                and not self.logit_bias)
+
+    @property
+    def argmax_suffices(self) -> bool:
+        """:attr:`argmax_is_token`, and nothing reads the logits either (a runner may then skip
+        them, as CUDA graphs do)."""
+        return self.argmax_is_token and self.logprobs is None
 
 
 def _raise(msg: str) -> int:

@@ -10,7 +10,9 @@ logits. It also leaves its logits in a static buffer: rows with other settings (
 penalties, logit bias, logprobs, a grammar) run core's ``sample_tokens`` on those rows of it,
 not on a second LM head, while the other rows keep the graph's argmax; their host work (the
 grammar masks above all) runs while the graph does, and their logprobs come back in the
-ids' copy (``fetch_sampled``).
+ids' copy (``fetch_sampled``). When the only extra is logprobs on greedy rows, the graph's argmax
+stays every row's token and the logprobs come from the buffer as it is (``argmax_logprobs``,
+the platform's ``logprobs`` op: two Triton launches on the GPU).
 
 A step that prefills exactly one prompt from its start (the common case of a request arriving
 alone: it decides time to first token) replays a prefill graph captured for the next token
@@ -281,15 +283,22 @@ class CudaGraphModelRunner(ModelRunner):
     def _sample_from_graph(self, seqs: list[SequenceState], out_ids: torch.Tensor,
                            out_logits: torch.Tensor | None, fill: MaskFill | None = None
                            ) -> list[int]:
-        """Greedy ids straight from the graph; rows with other settings sample the graph's
-        logits (just those rows) and replace their ids. ``fill``: the masks begun for the
-        constrained rows of ``seqs`` (all of them sample here, never from the argmax)."""
+        """Greedy ids straight from the graph (and, where greedy rows ask for logprobs and no
+        row needs more, their logprobs straight from its logits); rows with other settings
+        sample the graph's logits (just those rows) and replace their ids. ``fill``: the masks
+        begun for the constrained rows of ``seqs`` (all of them sample here, never from the
+        argmax)."""
         n = len(seqs)
         need = [i for i, s in enumerate(seqs) if not self.argmax_suffices([s])]
         if not need:
             assert fill is None, "a mask fill for rows that take the graph's argmax"
             return self.fetch_ids(out_ids[:n])
         assert out_logits is not None
+        if self.argmax_is_token([seqs[i] for i in need]):
+            # The graph's argmax is every row's token and its logits are as the model made them
+            # (nothing masks or penalises them): no float copy, no second argmax.
+            ids = out_ids[:n]
+            return self.fetch_sampled(ids, self.argmax_logprobs(out_logits[:n], ids, seqs), seqs)
         if len(need) == n:
             # The buffer is rewritten by the next replay, so it may be changed in place here
             # (``.float()`` of a float32 buffer is the buffer itself).

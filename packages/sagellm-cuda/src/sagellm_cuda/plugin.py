@@ -16,6 +16,7 @@ from sagellm.hookspecs import hookimpl
 from sagellm.protocols import Availability, Capabilities, KVCacheSpec, LayerRegister, QuantizationRegister
 
 if TYPE_CHECKING:
+    from sagellm.layers.logprobs import LogprobTensors
     from sagellm.runner import RunnerContext
     from sagellm_cuda.attention import TritonAttentionBackend
     from sagellm_cuda.comm import NcclComm
@@ -124,6 +125,14 @@ class CudaPlatform(TorchAcceleratorPlatform):
         event = torch.cuda.Event()
         event.record()
         return event
+
+    def logprobs(self, logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobTensors:
+        """Two Triton launches that read the logits once (:mod:`sagellm_cuda.logprobs_kernel`)
+        instead of ``log_softmax``, ``topk`` and a rank count over them; ties among the
+        alternatives come lowest id first."""
+        from sagellm_cuda.logprobs_kernel import topk_logprobs
+
+        return topk_logprobs(logits, token_ids, k)
 
     def register_layers(self, register: LayerRegister) -> None:
         """This package's fused norm, activation, rotary and mixture-of-experts kernels (before

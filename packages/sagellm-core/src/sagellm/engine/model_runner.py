@@ -221,7 +221,9 @@ class ModelRunner:
         self.suppress_early_stop(logits, seqs)
         request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts)
         ids = self.sampler(logits, self.sampling_batch(seqs))
-        return ids, (request_logits.sampled_logprobs(raw, ids, seqs) if raw is not None else None)
+        if raw is None:
+            return ids, None
+        return ids, request_logits.sampled_logprobs(raw, ids, seqs, self.platform.logprobs)
 
     def fetch_sampled(self, ids: torch.Tensor, logprobs: request_logits.SampledLogprobs | None,
                       seqs: list[SequenceState]) -> list[int]:
@@ -254,9 +256,27 @@ class ModelRunner:
 
     @staticmethod
     def argmax_suffices(seqs: list[SequenceState]) -> bool:
-        """Whether every row's token is the argmax of its raw logits (a runner may then skip
-        :meth:`sample`, as a CUDA graph ending in an argmax does)."""
+        """Whether every row's token is the argmax of its raw logits and no row asks for
+        logprobs (a runner may then skip :meth:`sample`, as a CUDA graph ending in an argmax
+        does)."""
         return all(s.params.argmax_suffices and s.constraint is None for s in seqs)
+
+    @staticmethod
+    def argmax_is_token(seqs: list[SequenceState]) -> bool:
+        """Whether every row's token is the argmax of its raw logits, logprobs or not (a runner
+        may then skip :meth:`sample` and take the rows' logprobs from :meth:`argmax_logprobs`)."""
+        return all(s.params.argmax_is_token and s.constraint is None for s in seqs)
+
+    def argmax_logprobs(self, logits: torch.Tensor, ids: torch.Tensor, seqs: list[SequenceState]
+                        ) -> request_logits.SampledLogprobs | None:
+        """:meth:`sample_tokens`'s logprobs for rows where :meth:`argmax_is_token` holds and
+        ``ids`` are the argmax of ``logits`` (any float dtype; nothing changes them, so rows
+        are read in place where all ask); ``None`` if no row asks. Hand them to
+        :meth:`fetch_sampled` with ``ids``."""
+        raw = request_logits.raw_logprobs(logits, seqs, copy=False)
+        if raw is None:
+            return None
+        return request_logits.sampled_logprobs(raw, ids, seqs, self.platform.logprobs)
 
     def fetch_ids(self, ids: torch.Tensor) -> list[int]:
         """Sampled ids to the host: the step's wait for the device (``Platform.fetch_ids``)."""
@@ -278,7 +298,8 @@ class ModelRunner:
                 return []
             logits = self.compute_logits(hidden)
             if inp.num_prompt_logits:
-                request_logits.record_prompt_logprobs(logits[: inp.num_prompt_logits], plan)
+                request_logits.record_prompt_logprobs(logits[: inp.num_prompt_logits], plan,
+                                                      self.platform.logprobs)
                 logits = logits[inp.num_prompt_logits:]
             if not seqs:
                 return []

@@ -20,9 +20,10 @@ from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.sequence import SequenceState
 from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.logits_processors import apply_logit_bias, apply_penalties
-from sagellm.layers.logprobs import LogprobTensors, gather_logprobs, unpack_logprobs
+from sagellm.layers.logprobs import LogprobsOp, LogprobTensors, unpack_logprobs
 from sagellm.layers.step_tensors import row_index, step_tensor
 
+#: The rows of a step that ask for logprobs, and a copy of their logits as the model made them.
 RawLogprobs = tuple[list[int], torch.Tensor]
 
 
@@ -89,13 +90,19 @@ def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
     apply_logit_bias(logits, bias_rows, bias_ids, biases)
 
 
-def raw_logprobs(logits: torch.Tensor, seqs: list[SequenceState]) -> RawLogprobs | None:
-    """The model's log-distribution of the rows that ask for logprobs, before any change."""
+def raw_logprobs(logits: torch.Tensor, seqs: list[SequenceState], copy: bool = True
+                 ) -> RawLogprobs | None:
+    """The logits of the rows that ask for logprobs, copied before anything changes them in
+    place (masks, penalties, bias); their logprobs are taken after sampling
+    (:func:`sampled_logprobs`). ``copy=False``: nothing will change ``logits`` (the caller's
+    promise), so when every row asks they are kept as they are."""
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not rows:
         return None
     index = row_index(rows, len(seqs), logits.device)
-    return rows, (logits if index is None else logits.index_select(0, index)).log_softmax(-1)
+    if index is None:
+        return rows, logits.clone() if copy else logits
+    return rows, logits.index_select(0, index)
 
 
 @dataclass
@@ -114,20 +121,22 @@ class SampledLogprobs:
             seqs[i].sampled_logprob = lp
 
 
-def sampled_logprobs(raw: RawLogprobs, ids: torch.Tensor, seqs: list[SequenceState]
-                     ) -> SampledLogprobs:
-    """The logprobs of the sampled ``ids`` for the rows in ``raw`` (no wait for the device)."""
-    rows, logprobs = raw
+def sampled_logprobs(raw: RawLogprobs, ids: torch.Tensor, seqs: list[SequenceState],
+                     op: LogprobsOp) -> SampledLogprobs:
+    """The logprobs of the sampled ``ids`` for the rows in ``raw``, by ``op`` (the platform's
+    ``logprobs``; no wait for the device)."""
+    rows, logits = raw
     num_top = [seqs[i].params.logprobs or 0 for i in rows]
     index = row_index(rows, ids.shape[0], ids.device)
     picked = ids if index is None else ids.index_select(0, index)
-    return SampledLogprobs(rows, num_top, gather_logprobs(logprobs, picked, max(num_top)))
+    return SampledLogprobs(rows, num_top, op(logits, picked, max(num_top)))
 
 
-def record_sampled_logprobs(raw: RawLogprobs, ids: torch.Tensor, seqs: list[SequenceState]) -> None:
+def record_sampled_logprobs(raw: RawLogprobs, ids: torch.Tensor, seqs: list[SequenceState],
+                            op: LogprobsOp) -> None:
     """Set ``seq.sampled_logprob`` of the rows in ``raw`` for their sampled token ``ids[row]``
     (waits for the device; the model runner's own steps fetch them with the ids instead)."""
-    pending = sampled_logprobs(raw, ids, seqs)
+    pending = sampled_logprobs(raw, ids, seqs, op)
     pending.record(pending.tensors.pack().tolist(), seqs)
 
 
@@ -139,10 +148,11 @@ def prompt_logit_span(op: PrefillOp) -> tuple[int, int]:
     return op.start, max(0, min(op.end, last) - op.start)
 
 
-def record_prompt_logprobs(logits: torch.Tensor, plan: StepPlan) -> None:
+def record_prompt_logprobs(logits: torch.Tensor, plan: StepPlan, op: LogprobsOp) -> None:
     """Fill ``seq.prompt_logprobs`` from the prompt-logprob rows of ``plan`` (``logits``: one
-    row per position of every ``prompt_logit_span``, in ``plan.prefills`` order). Slots are
-    assigned by position, so a step the engine reruns writes the same values again."""
+    row per position of every ``prompt_logit_span``, in ``plan.prefills`` order), by ``op``
+    (the platform's ``logprobs``). Slots are assigned by position, so a step the engine reruns
+    writes the same values again."""
     spans = [(op.seq, *prompt_logit_span(op)) for op in plan.prefills if op.seq.needs_prompt_logits]
     targets = [t for seq, first, count in spans for t in seq.token_ids[first + 1: first + 1 + count]]
     num_top = [seq.params.prompt_logprobs or 0 for seq, _, count in spans for _ in range(count)]
@@ -150,7 +160,7 @@ def record_prompt_logprobs(logits: torch.Tensor, plan: StepPlan) -> None:
     if not targets:
         return
     ids = step_tensor(targets, torch.int64, logits.device)
-    entries = gather_logprobs(logits.log_softmax(-1), ids, max(num_top)).to_list(num_top)
+    entries = op(logits, ids, max(num_top)).to_list(num_top)
     k = 0
     for seq, first, count in spans:
         assert seq.prompt_logprobs is not None

@@ -6,6 +6,9 @@ top-k/top-p/min-p. So the logprobs of a sequence sum to its log-likelihood under
 whatever the sampling settings, and they match what vLLM reports by default; a token the
 sampler could not have chosen (masked out) still gets its model logprob.
 
+Computing them is the platform's ``Platform.logprobs`` (a :data:`LogprobsOp`); the default is
+:func:`torch_logprobs`, and a backend may run the same in fewer passes over the logits.
+
 Getting them to the host is one copy: :meth:`LogprobTensors.pack` lays every field out in one
 int64 tensor (float32 values by their bits, so they come back exactly), which the model runner
 appends to the step's sampled ids and fetches with them in the step's single wait
@@ -15,6 +18,7 @@ appends to the step's sampled ids and fetches with them in the step's single wai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,3 +81,16 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
     ranks = (logprobs > chosen).sum(-1) + 1
     top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
     return LogprobTensors(ids, chosen[:, 0], ranks, top.indices, top.values)
+
+
+def torch_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobTensors:
+    """:func:`gather_logprobs` of ``log_softmax(logits)`` ([R, V] raw logits): the reference
+    :data:`LogprobsOp` and ``Platform.logprobs``'s default. The alternatives come largest first;
+    the order of equal values is ``torch.topk``'s, which is unspecified."""
+    return gather_logprobs(logits.float().log_softmax(-1), token_ids, k)
+
+
+#: ``op(logits [R, V], token_ids [R], k) -> LogprobTensors``: the logprob and rank of
+#: ``token_ids[r]`` under ``log_softmax(logits[r])`` and the ``min(k, V)`` largest logprobs of
+#: each row (float32 values), with no wait for the device.
+LogprobsOp = Callable[[torch.Tensor, torch.Tensor, int], LogprobTensors]

@@ -142,6 +142,7 @@ def engine_greedy(platform: Platform, model_dir: str | Path, prompts: Sequence[S
     # sample from the graph's logits instead keeps the graph's forward under test and lets
     # every row's logits be recorded.
     runner.argmax_suffices = lambda seqs: False  # type: ignore[attr-defined]
+    runner.argmax_is_token = lambda seqs: False  # type: ignore[attr-defined]
     ids, tokens = run_greedy(engine, prompts, max_tokens)
     engine.shutdown()
     return tokens, [torch.stack(rows[i]) for i in ids]
