@@ -316,9 +316,9 @@ def test_greedy_logprob_rows_keep_the_graph_argmax(tiny: Path, every_row: bool) 
     sampled: list[int] = []
     sample_tokens = runner.sample_tokens
 
-    def counted(logits: torch.Tensor, seqs: list[Any]) -> Any:
+    def counted(logits: torch.Tensor, seqs: list[Any], **kw: Any) -> Any:
         sampled.append(len(seqs))
-        return sample_tokens(logits, seqs)
+        return sample_tokens(logits, seqs, **kw)
 
     runner.sample_tokens = counted  # type: ignore[method-assign]
     got = _outputs(engine, prompts, params)
