@@ -217,7 +217,7 @@ def test_constraints_that_change_every_step_mask_with_fresh_state_in_every_graph
     plain greedy row: each prefill graph, whole-batch decode graph and subset decode graph
     samples with a mask begun before its replay from the state after the previous token (a
     stale or missing mask gives a refused token and the request fails)."""
-    from sagellm.testing.structured import Scripted
+    from sagellm.testing.structured import run_scripted_beside_greedy
 
     scripts = [[5, 9, 200, 31, 63], [17, 17, 2, 255], [128, 1, 96]]
     engine = _engine(CudaPartsOnCpu(), tiny)
@@ -230,21 +230,8 @@ def test_constraints_that_change_every_step_mask_with_fresh_state_in_every_graph
         return sample_tokens(logits, seqs, **kw)
 
     runner.sample_tokens = recording  # type: ignore[method-assign]
-    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    ids = [engine.add_request([9, 8, 7], SamplingParams(max_tokens=12, temperature=0.0,
-                                                        ignore_eos=True))]
-    done: dict[str, Any] = {}
-    pending = list(enumerate(scripts))
-    while pending or engine.has_unfinished_requests():
-        if pending:
-            k, script = pending.pop(0)
-            ids.append(engine.add_request([3 + k, 4, 5], greedy,
-                                          constraint=lambda s=script: Scripted(s)))
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    for rid, script in zip(ids[1:], scripts, strict=True):
-        assert done[rid].error is None and list(done[rid].token_ids) == script
+    for out, script in zip(run_scripted_beside_greedy(engine, scripts, 12), scripts, strict=True):
+        assert out.error is None and list(out.token_ids) == script
     assert runner.num_prefill_graph_steps == 2 and runner.num_graph_steps > 5
     assert begun[0] is False and all(begun[1:])  # the first learns the logits' width
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sagellm.sampling_params import SamplingParams
-from sagellm.testing.structured import Scripted
+from sagellm.testing.structured import run_scripted_beside_greedy
 from sagellm.testing.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.gpu
@@ -37,20 +37,8 @@ def test_every_step_masks_with_fresh_state_on_the_gpu(tmp_path: Path, enforce_ea
     greedy rows (prefill graphs, whole and subset decode graphs): any stale or missing mask
     gives a refused token."""
     engine = _cuda_engine(make_tiny_llama(tmp_path), enforce_eager=enforce_eager)
-    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    engine.add_request([9, 8, 7], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-    pending = list(enumerate(SCRIPTS))
-    ids, done = [], {}
-    while pending or engine.has_unfinished_requests():
-        if pending:
-            k, script = pending.pop(0)
-            ids.append(engine.add_request([3 + k, 4, 5], greedy,
-                                          constraint=lambda s=script: Scripted(s)))
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    for rid, script in zip(ids, SCRIPTS, strict=True):
-        assert done[rid].error is None and list(done[rid].token_ids) == script, done[rid]
+    for out, script in zip(run_scripted_beside_greedy(engine, SCRIPTS), SCRIPTS, strict=True):
+        assert out.error is None and list(out.token_ids) == script, out
     if not enforce_eager:
         assert engine.runner.num_graph_steps > 0 and engine.runner.num_prefill_graph_steps > 0
 
