@@ -4,9 +4,52 @@ the kernels are defined, hence here."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def load_benchmark() -> Iterator[Callable[[str], ModuleType]]:
+    """Import ``benchmarks/<name>.py`` as module ``name`` (registered in ``sys.modules``, where
+    dataclasses look their module up) for the test module, unregistered after it."""
+    loaded: list[str] = []
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[name] = mod
+        loaded.append(name)
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        return mod
+
+    try:
+        yield load
+    finally:
+        for name in loaded:
+            sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def fresh_tile_tables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No tile-table override in the environment and no table or lookup cached from another
+    test, before and after the test."""
+    from sagellm_cuda import gemv_tiles, moe_tiles
+
+    for tiles in (gemv_tiles, moe_tiles):
+        monkeypatch.delenv(tiles.ENV_VAR, raising=False)
+        tiles.clear_cache()
+    yield
+    for tiles in (gemv_tiles, moe_tiles):
+        tiles.clear_cache()

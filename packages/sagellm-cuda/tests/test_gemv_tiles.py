@@ -19,12 +19,7 @@ ACT = torch.bfloat16 if HAS_CUDA else torch.float32
 CFG = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=2)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(gemv_tiles.ENV_VAR, raising=False)
-    gemv_tiles.clear_cache()
-    yield
-    gemv_tiles.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_tile_tables")
 
 
 def _use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tables: dict) -> Path:

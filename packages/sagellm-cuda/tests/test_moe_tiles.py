@@ -25,12 +25,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(moe_tiles.ENV_VAR, raising=False)
-    moe_tiles.clear_cache()
-    yield
-    moe_tiles.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_tile_tables")
 
 
 def _write(path: Path, tables: dict) -> Path:

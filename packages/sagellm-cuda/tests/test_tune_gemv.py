@@ -6,9 +6,7 @@ script's docstring."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -17,19 +15,10 @@ import torch
 
 from sagellm_cuda import gemv_tiles
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "tune_gemv.py"
-
 
 @pytest.fixture(scope="module")
-def tg():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("tune_gemv", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["tune_gemv"] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        yield mod
-    finally:
-        sys.modules.pop("tune_gemv", None)
+def tg(load_benchmark):  # type: ignore[no-untyped-def]
+    return load_benchmark("tune_gemv")
 
 
 def test_candidates_fit_the_kernels_and_the_table(tg) -> None:  # type: ignore[no-untyped-def]

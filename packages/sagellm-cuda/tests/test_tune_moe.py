@@ -4,9 +4,7 @@ itself (timings on an H200) is the lead's: see the script's docstring."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,19 +12,10 @@ import torch
 
 from sagellm_cuda import moe_tiles
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "tune_moe.py"
-
 
 @pytest.fixture(scope="module")
-def tune_moe():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("tune_moe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["tune_moe"] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        yield mod
-    finally:
-        sys.modules.pop("tune_moe", None)
+def tune_moe(load_benchmark):  # type: ignore[no-untyped-def]
+    return load_benchmark("tune_moe")
 
 
 @pytest.mark.interpreted
@@ -119,7 +108,7 @@ def test_precompiler_survives_failing_workers(tune_moe,  # type: ignore[no-untyp
     """Workers that cannot compile (here: no CUDA) cost nothing but a message."""
     if torch.cuda.is_available():
         pytest.skip("has a CUDA device")
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the spawned workers import the script
+    monkeypatch.syspath_prepend(str(Path(tune_moe.__file__).parent))  # the spawned workers import it
     shape = tune_moe.Shape(4, 2, 32, 32, torch.float32)
     pre = tune_moe.Precompiler(1, shape)
     try:

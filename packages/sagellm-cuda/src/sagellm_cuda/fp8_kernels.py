@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from sagellm.quant.fp8_grid import FP8_DTYPE, FP8_MAX, MIN_SCALE
-from sagellm_cuda.split_k import SPLIT_TILES, split_counters
+from sagellm_cuda.split_k import SPLIT_TILES, split_counters, store_tile
 
 
 def _interpreted() -> bool:
@@ -137,9 +137,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, G, stri
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the tile's rows (USE_DOT)
+    mask_m = offs_m < M
     if USE_DOT:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -174,27 +174,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, G, stri
             acc = acc * sc[None, :]
         else:
             acc = acc * sc
-    if USE_DOT:
-        out = offs_m[:, None] * N + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-    else:
-        out = pid_m * N + offs_n
-        mask = mask_n
-    if SPLIT:
-        tl.store(part_ptr + split * M * N + out, acc, mask=mask)
-        tile = pid_m * tl.num_programs(0) + pid_n
-        # Every thread's partial stored before the (acq_rel, GPU-scope) arrival.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + tile, 1)
-        if arrived == tl.num_programs(2) - 1:
-            total = tl.zeros_like(acc)
-            for i in range(0, tl.num_programs(2)):
-                total += tl.load(part_ptr + i * M * N + out, mask=mask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(y_ptr + out, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-    else:
-        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    store_tile(acc, y_ptr, part_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, pid_m, pid_n,
+               split, M, N, USE_DOT, SPLIT)
 
 
 #: The most activation rows :func:`fp8_gemv` takes (one ``tl.dot`` tile of rows).

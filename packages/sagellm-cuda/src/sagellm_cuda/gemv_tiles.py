@@ -2,8 +2,8 @@
 
 Two kernels read a table: the fp8 W8A16 GEMV (:func:`sagellm_cuda.fp8_kernels.fp8_gemv`,
 ``kind="fp8"``) and the W4A16 dequant-GEMM at decode (:func:`sagellm_cuda.int4_gemm.w4a16_matmul`,
-``kind="int4"``). A table is a JSON file in ``gemv_configs/`` named after the device (the MoE
-tables' :func:`~sagellm_cuda.moe_tiles.device_slug`, e.g. ``nvidia_h200.json``), written by
+``kind="int4"``). A table is a JSON file in ``gemv_configs/`` named after the device
+(:func:`~sagellm_cuda.tile_tables.device_slug`, e.g. ``nvidia_h200.json``), written by
 ``benchmarks/tune_gemv.py``::
 
     {"device": "NVIDIA H200",
@@ -14,20 +14,19 @@ tables' :func:`~sagellm_cuda.moe_tiles.device_slug`, e.g. ``nvidia_h200.json``),
 bucket at or above ``M`` (the largest past the end). A shape or device without a table keeps
 the kernel's own heuristic (the lookup answers None). ``SAGELLM_CUDA_GEMV_CONFIGS`` names
 another file or directory to read instead. A malformed table is refused (ValueError naming the
-file, key and field) rather than ignored: a tuned table that silently stops applying would
-look like a regression of the kernel.
+file, key and field). The file mechanics live in :mod:`sagellm_cuda.tile_tables`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from sagellm_cuda.moe_tiles import device_slug
+from sagellm_cuda.tile_tables import TileTables, pick_bucket
+from sagellm_cuda.tile_tables import device_name as _device_name
+from sagellm_cuda.tile_tables import device_slug as device_slug  # the tuners' file names
 
 KINDS = ("fp8", "int4")
 FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
@@ -36,8 +35,6 @@ _POW2_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")
 MAX_M = 16
 CONFIG_DIR = Path(__file__).with_name("gemv_configs")
 ENV_VAR = "SAGELLM_CUDA_GEMV_CONFIGS"
-
-Table = dict[str, dict[int, dict[str, int]]]
 
 
 def table_key(kind: str, n: int, k: int, group: int, dtype: torch.dtype | str) -> str:
@@ -77,66 +74,12 @@ def check_config(cfg: object, where: str) -> dict[str, int]:
     return out
 
 
-def parse_tables(doc: object, where: str) -> Table:
-    """A table file's content (``json.load``), checked, with row buckets as ints."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("tables"), dict):
-        raise ValueError(f"{where}: expected an object with a 'tables' object")
-    tables: Table = {}
-    for key, buckets in doc["tables"].items():
-        if not isinstance(key, str) or not key.startswith("kind="):
-            raise ValueError(f"{where}: table key {key!r} is not 'kind=...,N=...,K=...,group=...,"
-                             "dtype=...'")
-        if not isinstance(buckets, dict) or not buckets:
-            raise ValueError(f"{where}: tables[{key!r}] must be a non-empty object of row "
-                             "buckets")
-        parsed = {}
-        for rows, cfg in buckets.items():
-            try:
-                m = int(rows)
-            except ValueError:
-                raise ValueError(f"{where}: tables[{key!r}]: row bucket {rows!r} is not an "
-                                 "integer") from None
-            if not 1 <= m <= MAX_M:
-                raise ValueError(f"{where}: tables[{key!r}]: row bucket {m} must be in "
-                                 f"1..{MAX_M}")
-            parsed[m] = check_config(cfg, f"{where}: tables[{key!r}][{rows!r}]")
-        tables[key] = dict(sorted(parsed.items()))
-    return tables
-
-
-def load_tables(path: Path) -> Table:
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return parse_tables(doc, str(path))
-
-
-@cache
-def device_tables(device_name: str) -> Table:
-    """``$SAGELLM_CUDA_GEMV_CONFIGS`` (a file, or a directory holding ``<slug>.json``) if set,
-    else the shipped ``gemv_configs/<slug>.json``; empty if none."""
-    override = os.environ.get(ENV_VAR)
-    base = Path(override) if override else CONFIG_DIR
-    path = base if base.is_file() else base / f"{device_slug(device_name)}.json"
-    if override and not path.exists():
-        raise ValueError(f"{ENV_VAR}={override}: no such file (looked for {path})")
-    return load_tables(path) if path.exists() else {}
-
-
-def pick_bucket(buckets: dict[int, dict[str, int]], m: int) -> dict[str, int]:
-    """The config of the smallest bucket at or above ``m``, else of the largest."""
-    for t, cfg in buckets.items():  # sorted ascending by parse_tables
-        if t >= m:
-            return cfg
-    return cfg
-
-
-@cache
-def _device_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return device.type
-    return torch.cuda.get_device_name(device)
+_TABLES = TileTables(env_var=ENV_VAR, config_dir=CONFIG_DIR, check_config=check_config,
+                     bucket="row", max_bucket=MAX_M,
+                     key_form="kind=...,N=...,K=...,group=...,dtype=...")
+parse_tables = _TABLES.parse
+load_tables = _TABLES.load
+device_tables = _TABLES.device_tables
 
 
 @cache
@@ -157,5 +100,5 @@ def tuned_config(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dty
 
 def clear_cache() -> None:
     """Forget loaded tables and lookups (tests, or after writing a new table)."""
-    device_tables.cache_clear()
+    _TABLES.clear_cache()
     _lookup.cache_clear()

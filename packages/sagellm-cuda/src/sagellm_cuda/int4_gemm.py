@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from sagellm.quant.w4a16 import W4A16Weight
-from sagellm_cuda.split_k import SPLIT_TILES, split_counters
+from sagellm_cuda.split_k import SPLIT_TILES, split_counters, store_tile
 
 
 @triton.jit
@@ -85,26 +85,8 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_p
         else:
             a = tl.load(x_ptr + pid_m * stride_xm + cols, mask=k_ok, other=0.0)
             acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None], axis=0)
-    if USE_DOT:
-        out = offs_m[:, None] * N + offs_n[None, :]
-        mask = m_ok[:, None] & n_ok[None, :]
-    else:
-        out = pid_m * N + offs_n
-        mask = n_ok
-    if SPLIT:
-        tl.store(part_ptr + pid_k * M * N + out, acc, mask=mask)
-        tile = pid_m * tl.num_programs(0) + pid_n
-        tl.debug_barrier()  # every thread's partial stored before the arrival
-        arrived = tl.atomic_add(cnt_ptr + tile, 1)
-        if arrived == tl.num_programs(2) - 1:
-            total = tl.zeros_like(acc)
-            for i in range(0, tl.num_programs(2)):
-                total += tl.load(part_ptr + i * M * N + out, mask=mask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptr + out, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-    else:
-        tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_tile(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, pid_m, pid_n, pid_k,
+               M, N, USE_DOT, SPLIT)
 
 
 @functools.cache
