@@ -257,10 +257,13 @@ def test_tool_call_streaming_deltas(client: openai.OpenAI) -> None:
 def test_tool_choice(client: openai.OpenAI, engine: ScriptedEngine) -> None:
     client.chat.completions.create(model=MODEL, messages=user("REPLY:" + CALL), tools=[WEATHER],
                                    tool_choice="required")
-    assert engine.added[-1][2].structured_output.grammar is not None
+    grammar = engine.added[-1][2].structured_output.grammar
+    assert grammar is not None and grammar.splitlines()[0].startswith("start: one (")  # 1 or more
     client.chat.completions.create(model=MODEL, messages=user("REPLY:" + CALL), tools=[WEATHER],
-                                   tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert engine.added[-1][2].structured_output is not None
+                                   tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                   parallel_tool_calls=False)
+    grammar = engine.added[-1][2].structured_output.grammar
+    assert grammar is not None and grammar.splitlines()[0] == "start: one"  # exactly one
     r = client.chat.completions.create(model=MODEL, messages=user("REPLY:" + CALL), tools=[WEATHER],
                                        tool_choice="none")
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == CALL

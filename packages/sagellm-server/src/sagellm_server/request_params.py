@@ -38,7 +38,10 @@ def structured_output(req: Request, tool_style: str | None, tokenizer: object | 
             if isinstance(req.tool_choice, NamedToolChoice) else "required")
         tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
         try:
-            return tool_call_grammar(tools, choice, tool_style, tokenizer=tokenizer), "tool_choice"
+            # OpenAI's default allows several calls; ``parallel_tool_calls: false`` exactly one.
+            return tool_call_grammar(tools, choice, tool_style,
+                                     parallel=req.parallel_tool_calls is not False,
+                                     tokenizer=tokenizer), "tool_choice"
         except ValueError as exc:
             raise ApiError(400, f"invalid tool_choice: {exc}", param="tool_choice",
                            code="invalid_value") from None
