@@ -9,7 +9,9 @@ That Python is the same on every backend, so it is measured here on the CPU back
 random Llama (byte-level tokenizer, so detokenization runs): ``N`` sequences with 512-token
 prompts, greedy, ``ignore_eos``, all decoding. A step's host time is the wall time of
 ``LLMEngine.step()`` less the time spent inside the runner's ``forward``, ``compute_logits``
-and ``sampler`` (wrapped and summed); the median over ``--steps`` steps is reported.
+and ``sampler`` (wrapped and summed); the median over ``--steps`` steps is reported, in thread
+CPU time (``time.thread_time``, torch on one thread: time lost to other processes on a shared
+box is not counted) and in wall time.
 
 ``--profile N`` also runs cProfile over the steps at batch ``N`` with those three calls
 replaced by stubs (cached outputs of the right shape, varying ids), so the top-20 by own time
@@ -55,18 +57,19 @@ MAX_MODEL_LEN = 2048
 
 
 class Stopwatch:
-    """Wraps callables and sums the time spent inside them."""
+    """Wraps callables and sums the wall and thread CPU time spent inside them."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.wall = self.cpu = 0.0
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - t
+                self.wall += time.perf_counter() - t
+                self.cpu += time.thread_time() - c
         return timed
 
 
@@ -123,16 +126,18 @@ def measure_engine(model: Path, n: int, steps: int) -> dict[str, Any]:
     runner.forward = watch.wrap(runner.forward)
     runner.compute_logits = watch.wrap(runner.compute_logits)
     runner.sampler = watch.wrap(runner.sampler)
-    host, wall = [], []
+    host, host_wall, wall = [], [], []
     for _ in range(steps):
-        watch.seconds = 0.0
-        t = time.perf_counter()
+        watch.wall = watch.cpu = 0.0
+        t, c = time.perf_counter(), time.thread_time()
         outs = engine.step()
-        dt = time.perf_counter() - t
+        dt, dc = time.perf_counter() - t, time.thread_time() - c
         assert len(outs) == n, "every sequence decodes every step"
-        host.append((dt - watch.seconds) * 1e6)
+        host.append((dc - watch.cpu) * 1e6)
+        host_wall.append((dt - watch.wall) * 1e6)
         wall.append(dt * 1e6)
-    return {"n": n, "host_us": _stats(host), "wall_us": _stats(wall)}
+    return {"n": n, "host_us": _stats(host), "host_wall_us": _stats(host_wall),
+            "wall_us": _stats(wall)}
 
 
 def profile_engine(model: Path, n: int, steps: int, top: int = 20) -> str:
@@ -181,7 +186,7 @@ def measure_graph_fill(n: int, repeats: int) -> dict[str, Any] | None:
     for _ in range(repeats):
         t = time.perf_counter()
         runner._fill(seqs, bs)
-        times.append((time.perf_counter() - t) * 1e6)
+        times.append((time.perf_counter() - t) * 1e6)  # wall: thread_time is too coarse here
         for s in seqs:  # the next step: one more token each, a new block at block edges
             s.append_token(7)
             if s.num_tokens > len(s.block_table) * BLOCK_SIZE:
@@ -211,13 +216,13 @@ def main() -> None:
         rows = [measure_engine(model, n, args.steps) for n in sizes]
         fills = [measure_graph_fill(n, 200) for n in sizes]
         prof = profile_engine(model, args.profile, args.steps) if args.profile else None
-    print(f"{'N':>5} {'host us/step':>14} {'(min..max)':>18} {'wall us/step':>13} "
-          f"{'graph _fill us':>15}")
+    print(f"{'N':>5} {'host cpu us/step':>17} {'(min..max)':>18} {'host wall us':>13} "
+          f"{'step wall us':>13} {'graph _fill us':>15}")
     for r, f in zip(rows, fills, strict=True):
         h = r["host_us"]
         fill = f"{f['fill_us']['median']:.1f}" if f else "-"
-        print(f"{r['n']:>5} {h['median']:>14.1f} {h['min']:>8.1f}..{h['max']:<9.1f} "
-              f"{r['wall_us']['median']:>13.1f} {fill:>15}")
+        print(f"{r['n']:>5} {h['median']:>17.1f} {h['min']:>8.1f}..{h['max']:<9.1f} "
+              f"{r['host_wall_us']['median']:>13.1f} {r['wall_us']['median']:>13.1f} {fill:>15}")
     if prof:
         print(f"\ncProfile, batch {args.profile}, {args.steps} steps, model stubbed:\n{prof}")
     if args.out:
