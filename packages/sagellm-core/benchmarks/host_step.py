@@ -13,6 +13,10 @@ and ``sampler`` (wrapped and summed); the median over ``--steps`` steps is repor
 CPU time (``time.thread_time``, torch on one thread: time lost to other processes on a shared
 box is not counted) and in wall time.
 
+The same steps with those three calls replaced by stubs (cached outputs of the right shape,
+varying ids) give a second, steadier figure: the thread CPU time of the whole step, host work
+alone, with caches not flushed by the model between steps (as on a GPU).
+
 ``--profile N`` also runs cProfile over the steps at batch ``N`` with those three calls
 replaced by stubs (cached outputs of the right shape, varying ids), so the top-20 by own time
 shows only host work.
@@ -140,6 +144,18 @@ def measure_engine(model: Path, n: int, steps: int) -> dict[str, Any]:
             "wall_us": _stats(wall)}
 
 
+def measure_stubbed(model: Path, n: int, steps: int) -> dict[str, float]:
+    """Thread CPU time of whole steps with the model stubbed (host work alone, warm caches)."""
+    engine = _start(model, n)
+    _stub_model(engine)
+    times = []
+    for _ in range(steps):
+        c = time.thread_time()
+        engine.step()
+        times.append((time.thread_time() - c) * 1e6)
+    return _stats(times)
+
+
 def profile_engine(model: Path, n: int, steps: int, top: int = 20) -> str:
     engine = _start(model, n)
     _stub_model(engine)
@@ -181,6 +197,7 @@ def measure_graph_fill(n: int, repeats: int) -> dict[str, Any] | None:
     runner.table_width = -(-MAX_MODEL_LEN // BLOCK_SIZE)
     runner._mb = max(sizes)
     runner._np = np.zeros(4 * runner._mb + runner._mb * runner.table_width, dtype=np.int32)
+    runner._table_rows = [None] * runner._mb  # the row cache (unused by runners without one)
     seqs = _fake_seqs(n)
     times = []
     for _ in range(repeats):
@@ -214,15 +231,17 @@ def main() -> None:
         model = make_tiny_llama(Path(tmp) / "tiny", tokenizer=True,
                                 max_position_embeddings=MAX_MODEL_LEN)
         rows = [measure_engine(model, n, args.steps) for n in sizes]
+        stubbed = [measure_stubbed(model, n, args.steps) for n in sizes]
         fills = [measure_graph_fill(n, 200) for n in sizes]
         prof = profile_engine(model, args.profile, args.steps) if args.profile else None
     print(f"{'N':>5} {'host cpu us/step':>17} {'(min..max)':>18} {'host wall us':>13} "
-          f"{'step wall us':>13} {'graph _fill us':>15}")
-    for r, f in zip(rows, fills, strict=True):
+          f"{'step wall us':>13} {'stubbed cpu us':>15} {'graph _fill us':>15}")
+    for r, st, f in zip(rows, stubbed, fills, strict=True):
         h = r["host_us"]
         fill = f"{f['fill_us']['median']:.1f}" if f else "-"
         print(f"{r['n']:>5} {h['median']:>17.1f} {h['min']:>8.1f}..{h['max']:<9.1f} "
-              f"{r['host_wall_us']['median']:>13.1f} {r['wall_us']['median']:>13.1f} {fill:>15}")
+              f"{r['host_wall_us']['median']:>13.1f} {r['wall_us']['median']:>13.1f} "
+              f"{st['median']:>15.1f} {fill:>15}")
     if prof:
         print(f"\ncProfile, batch {args.profile}, {args.steps} steps, model stubbed:\n{prof}")
     if args.out:
@@ -230,7 +249,7 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "loadavg_before": load,
             "loadavg_after": os.getloadavg(), "steps": args.steps, "engine": rows,
-            "graph_fill": fills}, indent=2))
+            "stubbed_cpu_us": stubbed, "graph_fill": fills}, indent=2))
 
 
 if __name__ == "__main__":
