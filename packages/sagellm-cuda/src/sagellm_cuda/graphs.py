@@ -292,10 +292,10 @@ class CudaGraphModelRunner(ModelRunner):
         begun for the constrained rows of ``seqs`` (all of them sample here, never from the
         argmax)."""
         n = len(seqs)
-        need = [i for i, s in enumerate(seqs) if not self.argmax_suffices([s])]
-        if not need:
+        if self.argmax_suffices(seqs):  # the common case, decided without a list per row
             assert fill is None, "a mask fill for rows that take the graph's argmax"
             return self.fetch_ids(out_ids[:n])
+        need = [i for i, s in enumerate(seqs) if not self.argmax_suffices([s])]
         assert out_logits is not None
         if self.argmax_is_token([seqs[i] for i in need]):
             # The graph's argmax is every row's token and its logits are as the model made them
