@@ -392,6 +392,23 @@ def test_fill_rewrites_only_changed_table_rows_and_stays_exact() -> None:
     _check_fill(runner, [a, c], 2)
 
 
+def test_table_rows_follow_preemption_fork_and_prefix_hits_and_match_cpu(tiny: Path) -> None:
+    """Engine-level check of the staging rows: a pool too small for all (preemptions, then
+    re-admission into other blocks), shared prompt prefixes with prefix caching (hits), and
+    ``n=2`` (a fork), with requests finishing at different lengths (rows shift up)."""
+    base = _prompts(13)[0]
+    prompts = [base + [5, 6], base + [7], _prompts(9)[0], base[:8] + [9, 9, 9]]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, n=n)
+              for m, n in ((20, 1), (14, 2), (24, 1), (10, 1))]
+    kw: dict[str, Any] = dict(num_kv_blocks=14, enable_prefix_caching=True)
+    engine = _engine(CudaPartsOnCpu(), tiny, **kw)
+    got = _run(engine, prompts, params)
+    cpu = _engine(CpuPlatform(), tiny, **kw)
+    assert got == _run(cpu, prompts, params)
+    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.num_cache_hits > 0
+    assert _runner(engine).num_graph_steps > 0
+
+
 def test_fill_pads_rows_past_the_batch() -> None:
     runner = _staging_runner()
     seq = _decoding("a", 6, 3)
