@@ -162,3 +162,23 @@ def test_mlp_row_chunking_matches_one_pass() -> None:
     whole = mlp(x)
     mlp.chunk_tokens = 16  # 50 rows -> chunks of 16, 16, 16, 2
     assert torch.allclose(mlp(x), whole, atol=1e-5)
+
+
+def test_sequence_status_finished_is_every_status_but_waiting_and_running() -> None:
+    finished = {s.value for s in SequenceStatus if s.finished}
+    assert finished == {"stop", "length", "abort", "error"}
+
+
+def test_scheduler_without_a_window_keeps_every_block_and_can_allocate_with_none_free() -> None:
+    kv = TorchKVBackend(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, block_size=4,
+                                    dtype=torch.float32), num_blocks=2, device=torch.device("cpu"))
+    bm = BlockManager(kv, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_prefill_tokens=64)
+    seq = SequenceState("a", list(range(1, 8)), SamplingParams(max_tokens=4))
+    sched.add(seq)
+    sched.commit(sched.schedule())  # 7 prompt tokens: both blocks
+    assert bm.num_free_blocks == 0 and len(seq.block_table) == 2
+    seq.append_token(9)  # the 8th token still fits the second block
+    assert bm.can_allocate(seq, 1) and not bm.can_allocate(seq, 2)
+    plan = sched.schedule()
+    assert [op.seq for op in plan.decodes] == [seq] and len(seq.block_table) == 2

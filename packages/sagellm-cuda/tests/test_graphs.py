@@ -12,13 +12,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from sagellm.backends.cpu import CpuPlatform
 from sagellm.config import EngineConfig
 from sagellm.engine.llm_engine import LLMEngine
+from sagellm.engine.sequence import SequenceState
 from sagellm.plugins import Registry
+from sagellm.protocols import NO_BLOCK
 from sagellm.sampling_params import SamplingParams
 from sagellm.testing.structured import OnlyToken
 from sagellm.testing.tiny_model import make_tiny_llama
@@ -319,3 +322,84 @@ def test_greedy_logprob_rows_keep_the_graph_argmax(tiny: Path, every_row: bool) 
                                                                    [t for t, _ in b.top])
             assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
 
+
+
+# -- the staging buffer's block-table rows, rewritten only where they changed ----------------
+
+def _staging_runner(mb: int = 8, width: int = 16) -> CudaGraphModelRunner:
+    """Just the staging buffers of a runner (no model): enough for ``_fill``."""
+    runner = object.__new__(CudaGraphModelRunner)
+    runner.block_size, runner.table_width, runner._mb = BLOCK, width, mb
+    runner._np = np.full(4 * mb + mb * width, 99, dtype=np.int32)
+    runner._table_rows = [None] * mb
+    return runner
+
+
+def _decoding(rid: str, num_tokens: int, first_block: int) -> SequenceState:
+    seq = SequenceState(rid, list(range(3, 3 + num_tokens)), SamplingParams())
+    seq.block_table = list(range(first_block, first_block + -(-num_tokens // BLOCK)))
+    seq.num_computed_tokens = num_tokens - 1
+    return seq
+
+
+def _check_fill(runner: CudaGraphModelRunner, seqs: list[SequenceState], bs: int) -> None:
+    """``_fill`` (with its row cache) writes what a fresh runner writes, in every used entry."""
+    runner._fill(seqs, bs)
+    fresh = _staging_runner(runner._mb, runner.table_width)
+    fresh._fill(seqs, bs)
+    got, want = runner._views(runner._np, bs), fresh._views(fresh._np, bs)
+    for g, w in zip(got[:4], want[:4], strict=True):
+        assert g.tolist() == w.tolist()
+    for i, s in enumerate(seqs):
+        assert got[4][i, :len(s.block_table)].tolist() == s.block_table
+
+
+def test_fill_rewrites_only_changed_table_rows_and_stays_exact() -> None:
+    runner = _staging_runner()
+    a, b, c = _decoding("a", 7, 0), _decoding("b", 8, 20), _decoding("c", 5, 40)
+    _check_fill(runner, [a, b, c], 4)
+    for seq in (a, b, c):  # a decode step: b crosses into a new block
+        seq.append_token(5)
+        seq.num_computed_tokens += 1
+        if seq.num_tokens > len(seq.block_table) * BLOCK:
+            seq.block_table.append(60 + len(seq.block_table))
+    _check_fill(runner, [a, b, c], 4)
+    assert runner._table_rows[1] == (b.block_table, 0, 3)
+    # Sliding-window release: head entries become NO_BLOCK in the same list.
+    b.block_table[0:1] = [NO_BLOCK]
+    b.num_released_blocks = 1
+    _check_fill(runner, [a, b, c], 4)
+    # Preemption and re-admission (or a fork, a prefix-cache hit): a new list, other blocks.
+    a.block_table = [30, 31]
+    _check_fill(runner, [a, b, c], 4)
+    # b finished: c moves up a row, where b's longer table was.
+    _check_fill(runner, [a, c], 2)
+    # A same-length list changed in place at its end is caught by the last-entry check.
+    c.block_table[-1] = 77
+    _check_fill(runner, [a, c], 2)
+
+
+def test_table_rows_follow_preemption_fork_and_prefix_hits_and_match_cpu(tiny: Path) -> None:
+    """Engine-level check of the staging rows: a pool too small for all (preemptions, then
+    re-admission into other blocks), shared prompt prefixes with prefix caching (hits), and
+    ``n=2`` (a fork), with requests finishing at different lengths (rows shift up)."""
+    base = _prompts(13)[0]
+    prompts = [base + [5, 6], base + [7], _prompts(9)[0], base[:8] + [9, 9, 9]]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, n=n)
+              for m, n in ((20, 1), (14, 2), (24, 1), (10, 1))]
+    kw: dict[str, Any] = dict(num_kv_blocks=14, enable_prefix_caching=True)
+    engine = _engine(CudaPartsOnCpu(), tiny, **kw)
+    got = _run(engine, prompts, params)
+    cpu = _engine(CpuPlatform(), tiny, **kw)
+    assert got == _run(cpu, prompts, params)
+    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.num_cache_hits > 0
+    assert _runner(engine).num_graph_steps > 0
+
+
+def test_fill_pads_rows_past_the_batch() -> None:
+    runner = _staging_runner()
+    seq = _decoding("a", 6, 3)
+    runner._fill([seq], 4)
+    ids, pos, slots, seq_lens, _ = runner._views(runner._np, 4)
+    assert ids.tolist() == [8, 0, 0, 0] and pos.tolist() == [5, 0, 0, 0]
+    assert slots.tolist() == [4 * BLOCK + 1, -1, -1, -1] and seq_lens.tolist() == [6, 1, 1, 1]

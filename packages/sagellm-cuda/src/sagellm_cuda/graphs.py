@@ -108,6 +108,9 @@ class CudaGraphModelRunner(ModelRunner):
         self._host = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
         self._np = self._host.numpy()
         self._mb = mb
+        #: What each row of the staging block table holds: ``(the block_table list written
+        #: there, its num_released_blocks then, entries written)`` (``_fill_table_row``).
+        self._table_rows: list[tuple[list[int], int, int] | None] = [None] * mb
         self.out_ids = torch.zeros(mb, dtype=torch.int64, device=device)
         #: The graphs' logits ([mb, vocab] and [1, vocab], the LM head's dtype), made by the
         #: first forward, which runs before any capture.
@@ -289,10 +292,10 @@ class CudaGraphModelRunner(ModelRunner):
         begun for the constrained rows of ``seqs`` (all of them sample here, never from the
         argmax)."""
         n = len(seqs)
-        need = [i for i, s in enumerate(seqs) if not self.argmax_suffices([s])]
-        if not need:
+        if self.argmax_suffices(seqs):  # the common case, decided without a list per row
             assert fill is None, "a mask fill for rows that take the graph's argmax"
             return self.fetch_ids(out_ids[:n])
+        need = [i for i, s in enumerate(seqs) if not self.argmax_suffices([s])]
         assert out_logits is not None
         if self.argmax_is_token([seqs[i] for i in need]):
             # The graph's argmax is every row's token and its logits are as the model made them
@@ -323,18 +326,38 @@ class CudaGraphModelRunner(ModelRunner):
         n = len(seqs)
         block = self.block_size
         ids, pos, slots, seq_lens, tables = self._views(self._np, bs)
-        p = np.fromiter((s.num_tokens - 1 for s in seqs), dtype=np.int64, count=n)
-        ids[:n] = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n)
+        last = [len(s.token_ids) - 1 for s in seqs]
+        p = np.array(last, dtype=np.int64)
+        ids[:n] = [s.token_ids[-1] for s in seqs]
         pos[:n] = p
         seq_lens[:n] = p + 1
-        last = np.fromiter((s.block_table[q // block] for s, q in zip(seqs, p.tolist())),
-                           dtype=np.int64, count=n)
-        slots[:n] = last * block + p % block
+        slots[:n] = np.array([s.block_table[q // block] for s, q in zip(seqs, last)],
+                             dtype=np.int64) * block + p % block
         for i, s in enumerate(seqs):
-            bt = s.block_table
-            tables[i, :len(bt)] = bt
+            self._fill_table_row(tables[i], i, s)
         if bs > n:
             ids[n:] = 0
             pos[n:] = 0
             slots[n:] = -1
             seq_lens[n:] = 1
+
+    def _fill_table_row(self, row: np.ndarray, i: int, seq: SequenceState) -> None:
+        """Write ``seq``'s block table into staging row ``i``; only the entries added since the
+        last step if the row already holds the rest.
+
+        A block table changes in place only at its end (``BlockManager.allocate`` appends) and
+        at its head together with ``num_released_blocks`` (sliding-window release); every other
+        change (free, preemption, fork, a prefix-cache hit) gives the sequence a new list. So the
+        row is current up to ``written`` when it was last written from this very list, with the
+        same released count, and the list is no shorter (its last written entry is checked too).
+        """
+        bt = seq.block_table
+        prev = self._table_rows[i]
+        start = 0
+        if prev is not None and prev[0] is bt and prev[1] == seq.num_released_blocks:
+            written = prev[2]
+            if written <= len(bt) and (written == 0 or row[written - 1] == bt[written - 1]):
+                start = written
+        if start < len(bt):
+            row[start:len(bt)] = bt[start:]
+        self._table_rows[i] = (bt, seq.num_released_blocks, len(bt))

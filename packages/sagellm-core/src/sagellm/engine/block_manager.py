@@ -282,7 +282,8 @@ class BlockManager:
         return max(0, need - len(seq.block_table))
 
     def can_allocate(self, seq: SequenceState, num_new_tokens: int, reserve: int = 0) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) + reserve <= self.num_free_blocks
+        need = self.blocks_needed(seq, num_new_tokens) + reserve
+        return need == 0 or need <= self.num_free_blocks  # most decodes need no block
 
     def allocate(self, seq: SequenceState, num_new_tokens: int) -> None:
         """Grow ``seq``'s block table to hold ``num_new_tokens`` more tokens."""

@@ -39,6 +39,10 @@ class IncrementalDetokenizer:
     def step(self, token_ids: list[int]) -> str:
         """Text added by the tokens after those already read (empty while a character is partial)."""
         if self._stream is not None:
+            if len(token_ids) == self.read_offset + 1:  # one new token: the decode step
+                piece = self._stream.step(self._backend, token_ids[-1])
+                self.read_offset += 1
+                return piece or ""
             out = []
             for tok in token_ids[self.read_offset:]:
                 piece = self._stream.step(self._backend, tok)

@@ -128,10 +128,11 @@ class ModelRunner:
         if plan.decodes:
             seqs = [op.seq for op in plan.decodes]
             n = len(seqs)
-            dpos = np.fromiter((s.num_tokens - 1 for s in seqs), dtype=np.int64, count=n)
-            last_blocks = np.fromiter((s.block_table[(s.num_tokens - 1) // bs] for s in seqs),
-                                      dtype=np.int64, count=n)
-            ids.append(np.fromiter((s.last_token_id for s in seqs), dtype=np.int64, count=n))
+            last = [len(s.token_ids) - 1 for s in seqs]
+            dpos = np.array(last, dtype=np.int64)
+            last_blocks = np.array([s.block_table[p // bs] for s, p in zip(seqs, last)],
+                                   dtype=np.int64)
+            ids.append(np.array([s.token_ids[-1] for s in seqs], dtype=np.int64))
             pos.append(dpos)
             slots.append(last_blocks * bs + dpos % bs)
             logits_idx.extend(range(offset, offset + n))

@@ -111,8 +111,13 @@ class Scheduler:
         scheduled: set[str] = set()
         self._release_out_of_window()
 
+        decoding: list[SequenceState] = []
+        resuming: list[SequenceState] = []
+        for seq in self.running:
+            (decoding if self._decodes(seq) else resuming).append(seq)
+
         # 1. Decodes of running sequences, oldest first; preempt the newest when out of blocks.
-        for seq in [s for s in self.running if self._decodes(s)]:
+        for seq in decoding:
             if budget.tokens <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
@@ -126,8 +131,9 @@ class Scheduler:
             scheduled.add(seq.request_id)
             budget.tokens -= 1
 
-        # 2. Resume chunked prefills of running sequences, oldest first.
-        for seq in [s for s in self.running if not self._decodes(s)]:
+        # 2. Resume chunked prefills of running sequences, oldest first (those preempted by
+        # step 1 are skipped: they are waiting again).
+        for seq in resuming:
             n = self._prefill_tokens(seq, budget)
             if n <= 0:
                 break
@@ -177,6 +183,8 @@ class Scheduler:
 
     def _release_out_of_window(self) -> None:
         """Give back the blocks of running sequences that their next queries cannot read."""
+        if self.block_manager.kv_window is None:
+            return  # every block stays readable
         for seq in self.running:
             self.block_manager.release_out_of_window(seq)
 

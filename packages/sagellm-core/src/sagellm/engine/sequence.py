@@ -26,10 +26,8 @@ class SequenceStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in _FINISHED_VALUES
-
-
-_FINISHED_VALUES = frozenset({"stop", "length", "abort", "error"})
+        # Identity tests: ``self.value`` is a Python-level descriptor, read per token.
+        return self is not SequenceStatus.WAITING and self is not SequenceStatus.RUNNING
 
 
 @dataclass
@@ -130,12 +128,12 @@ class SequenceState:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def is_prefill(self) -> bool:
         """More than one token left to compute: a (possibly resumed) prefill."""
-        return self.num_uncomputed_tokens > 1
+        return len(self.token_ids) - self.num_computed_tokens > 1
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
