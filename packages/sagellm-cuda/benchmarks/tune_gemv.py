@@ -92,7 +92,7 @@ def block_ms(m: int) -> list[int]:
 def split_options(e: Entry, block_m: int, block_n: int, block_k: int, num_sms: int) -> list[int]:
     """``SPLIT_K`` values that give distinct launches: each split two K tiles or more, the grid
     within :data:`WAVES` programs per SM (1 always kept)."""
-    from sagellm_cuda.fp8_kernels import SPLIT_TILES
+    from sagellm_cuda.split_k import SPLIT_TILES
 
     tiles = -(-e.n // block_n) * (e.m if block_m == 1 else -(-e.m // block_m))
     k_tiles = -(-e.k // block_k)

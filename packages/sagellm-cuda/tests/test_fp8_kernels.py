@@ -28,8 +28,8 @@ from sagellm_cuda.fp8_kernels import (
     fp8_group_gemm,
     gemv_split_k,
     quantize_rows,
-    split_counters,
 )
+from sagellm_cuda.split_k import split_counters
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"

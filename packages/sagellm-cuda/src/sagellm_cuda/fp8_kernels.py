@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from sagellm.quant.fp8_grid import FP8_DTYPE, FP8_MAX, MIN_SCALE
-from sagellm_cuda.split_k import SPLIT_TILES, split_counters, store_tile
+from sagellm_cuda.split_k import plan_split, split_buffers, store_tile
 
 
 def _interpreted() -> bool:
@@ -182,6 +182,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, G, stri
 GEMV_MAX_M = 16
 _GEMV_BLOCK_N = 32
 _GEMV_BLOCK_K = 128
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -244,17 +246,11 @@ def fp8_gemv(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, split_k: int |
         return y
     m_programs = triton.cdiv(m, block_m) if use_dot else m
     n_programs = triton.cdiv(n, block_n)
-    # Each split a whole number of K tiles (and so of scale groups).
-    per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), block_k) * block_k
-    splits = triton.cdiv(k, per_split)
-    if splits > 1 and m_programs * n_programs > SPLIT_TILES:
-        per_split, splits = triton.cdiv(k, block_k) * block_k, 1
-    split = splits > 1
-    part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if split else y
-    counters = split_counters(x.device) if split else y
+    per_split, splits = plan_split(k, block_k, cfg["SPLIT_K"], m_programs * n_programs)
+    part, counters = split_buffers(y, splits)
     _gemv_kernel[(n_programs, m_programs, splits)](
         x, wq, ws, y, part, counters, m, n, k, g, x.stride(0), per_split, GROUP=group,
-        PER_CHANNEL=per_channel, SPLIT=split, USE_DOT=use_dot, BLOCK_M=block_m,
+        PER_CHANNEL=per_channel, SPLIT=splits > 1, USE_DOT=use_dot, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return y

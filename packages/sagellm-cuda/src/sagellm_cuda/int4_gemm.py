@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from sagellm.quant.w4a16 import W4A16Weight
-from sagellm_cuda.split_k import SPLIT_TILES, split_counters, store_tile
+from sagellm_cuda.split_k import plan_split, split_buffers, split_counters, store_tile
 
 
 @triton.jit
@@ -191,19 +191,13 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     cfg = dict(config or decode_config(m, n, k, group, x.dtype, x.device)
                or launch_config(m, n, k, group, _num_sms(x.device.index),
                                 _smem_per_block(x.device.index)))
-    split = cfg.pop("SPLIT_K")
-    block_k = cfg["BLOCK_K"]
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per_split)
     use_dot = cfg["BLOCK_M"] > 1
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]) if use_dot else m,
-            split)
-    if split > 1 and grid[0] * grid[1] > SPLIT_TILES:
-        k_per_split, split = triton.cdiv(k, block_k) * block_k, 1
-        grid = (grid[0], grid[1], 1)
+    n_programs = triton.cdiv(n, cfg["BLOCK_N"])
+    m_programs = triton.cdiv(m, cfg["BLOCK_M"]) if use_dot else m
+    k_per_split, split = plan_split(k, cfg["BLOCK_K"], cfg.pop("SPLIT_K"), n_programs * m_programs)
+    grid = (n_programs, m_programs, split)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
-    counters = split_counters(x.device) if split > 1 else out
+    part, counters = split_buffers(out, split)
     _launch(grid, (x, qweight, scales, zeros, perm if perm is not None else qweight, out, part,
                    counters, m, n, k, x.stride(0), k_per_split),
             dict(GROUP=group, HAS_PERM=perm is not None, USE_DOT=use_dot,

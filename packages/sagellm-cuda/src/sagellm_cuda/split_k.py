@@ -30,6 +30,27 @@ def split_counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(SPLIT_TILES, dtype=torch.int32, device=device)
 
 
+def plan_split(k: int, block_k: int, want: int, tiles: int) -> tuple[int, int]:
+    """``(inputs per split, splits)`` for ``want`` splits of ``k`` inputs: each split a whole
+    number of ``block_k`` tiles (and so of scale groups), the count what that rounding leaves;
+    unsplit when the launch has more than :data:`SPLIT_TILES` output ``tiles``."""
+    per_split = triton.cdiv(triton.cdiv(k, max(1, want)), block_k) * block_k
+    splits = triton.cdiv(k, per_split)
+    if splits > 1 and tiles > SPLIT_TILES:
+        return triton.cdiv(k, block_k) * block_k, 1
+    return per_split, splits
+
+
+def split_buffers(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' ``(part_ptr, cnt_ptr)`` for an output ``out [M, N]``: float32 partials
+    ``[splits, M, N]`` and the device's counters; unsplit, ``out`` twice (never read)."""
+    if splits == 1:
+        return out, out
+    m, n = out.shape
+    return (torch.empty((splits, m, n), dtype=torch.float32, device=out.device),
+            split_counters(out.device))
+
+
 @triton.jit
 def store_tile(acc, y_ptr, part_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, pid_m, pid_n,
                split, M, N, USE_DOT: tl.constexpr, SPLIT: tl.constexpr):
