@@ -438,7 +438,6 @@ class MemoryInfo:
     total_bytes: int
 
 
-#: Words in an exception's message that mean the device, not one request, is broken.
 class DeviceEvent(Protocol):
     """A point in a device's queue of work (``Platform.record_event``)."""
 
@@ -447,6 +446,7 @@ class DeviceEvent(Protocol):
         ...
 
 
+#: Words in an exception's message that mean the device, not one request, is broken.
 FATAL_ERROR_MARKERS = (
     "CUDA error",
     "device-side assert",

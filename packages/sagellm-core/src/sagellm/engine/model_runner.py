@@ -217,7 +217,7 @@ class ModelRunner:
         waits, so host work here overlaps the forward the device is still running."""
         self.logits_width = logits.shape[-1]
         raw = request_logits.raw_logprobs(logits, seqs)
-        request_logits.apply_constraints(logits, seqs, fill=mask_fill, pool=self.bitmasks,
+        request_logits.apply_constraints(logits, seqs, self.bitmasks, fill=mask_fill,
                                          apply=self.apply_token_bitmask)
         self.suppress_early_stop(logits, seqs)
         request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts)

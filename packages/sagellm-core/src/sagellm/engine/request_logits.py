@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm.engine.constraint import apply_token_bitmask, fill_bitmasks, new_bitmask
+from sagellm.engine.constraint import apply_token_bitmask, fill_bitmasks
 from sagellm.engine.mask_fill import BitmaskPool, MaskFill
 from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.sequence import SequenceState
@@ -32,14 +32,14 @@ RawLogprobs = tuple[list[int], torch.Tensor]
 ApplyBitmask = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
 
-def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState], *,
-                      fill: MaskFill | None = None, pool: BitmaskPool | None = None,
+def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState], pool: BitmaskPool, *,
+                      fill: MaskFill | None = None,
                       apply: ApplyBitmask = apply_token_bitmask) -> None:
     """Mask, in place, the tokens each constrained row's constraint disallows.
 
     ``fill``: the masks begun by the runner for these rows (:mod:`sagellm.engine.mask_fill`,
-    checked to be theirs); without it they are filled here, into a buffer of ``pool`` (or a new
-    one). Either way they go over in one non-blocking copy while the device still runs."""
+    checked to be theirs); without it they are filled here, into a buffer of ``pool``. Either
+    way they go over in one non-blocking copy while the device still runs."""
     rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
     if not rows:
         if fill is not None:
@@ -48,19 +48,14 @@ def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState], *,
     dev, vocab = logits.device, logits.shape[-1]
     if fill is not None:
         bitmask, done = fill.take(seqs, vocab), fill.release
-    elif pool is not None:
+    else:
         slot, bitmask = pool.acquire(len(rows), vocab)
         fill_bitmasks([seqs[i].constraint for i in rows], bitmask)  # type: ignore[misc]
         done = functools.partial(pool.release, slot)
-    else:
-        bitmask = new_bitmask(len(rows), vocab, pin_memory=dev.type == "cuda")
-        fill_bitmasks([seqs[i].constraint for i in rows], bitmask)  # type: ignore[misc]
-        done = None
     try:
         apply(logits, bitmask, row_index(rows, len(seqs), dev))
     finally:
-        if done is not None:
-            done()
+        done()
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],

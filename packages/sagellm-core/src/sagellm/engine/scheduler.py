@@ -134,11 +134,11 @@ class Scheduler:
         # 2. Resume chunked prefills of running sequences, oldest first (those preempted by
         # step 1 are skipped: they are waiting again).
         for seq in resuming:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
             n = self._prefill_tokens(seq, budget)
             if n <= 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
             n = self._fit_prefill(seq, n, scheduled, plan)
             if n > 0:
                 self._schedule_prefill(seq, n, plan, budget, scheduled)
