@@ -79,6 +79,10 @@ HOSTILE: list[tuple[str, str, bytes, str | None, tuple[str, ...]]] = [
      b'{"prompt": "hi", "max_tokens": ' + str(10**30).encode() + b"}", "max_tokens", ("max_tokens",)),
     ("huge token id", "/v1/completions", b'{"prompt": [' + str(10**30).encode() + b"]}", "prompt",
      ("vocabulary",)),
+    ("parallel_tool_calls as a string", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", '
+     b'"tools": [{"type": "function", "function": {"name": "f"}}], "parallel_tool_calls": "no"}',
+     "parallel_tool_calls", ("parallel_tool_calls",)),
     ("a megabyte model name", "/v1/completions", json.dumps({"model": "m" * 1_000_000, "prompt": "x"}).encode(),
      "model", ("does not exist",)),
 ]
