@@ -128,10 +128,14 @@ def test_launch_config_keeps_its_stages_within_shared_memory() -> None:
             cfg = launch_config(m, n, k, 128, 132, h200)
             per = stage_bytes(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], 128)
             assert 1 <= cfg["num_stages"] and cfg["num_stages"] * per <= h200 - 8 * 1024
-    # The decode tile (128 packed rows x 128 outputs, 64 KiB a stage) took 4 stages before:
-    # more than an H200's 227 KiB.
-    assert launch_config(1, 4096, 4096, 128, 132, h200)["num_stages"] == 3
-    assert launch_config(1, 4096, 4096, 128, 132, 100 * 1024)["num_stages"] == 1
+    # A decode tile stages each packed word once (16 word rows x 128 outputs: 8 KiB of words
+    # a stage), so its 4 stages fit; a prefill tile stages a word per input row.
+    assert stage_bytes(1, 128, 128, 128) == 4 * 16 * 128 + 2 * 128 + 4 * 128
+    assert stage_bytes(64, 128, 64, 128) == 4 * 64 * 128 + 2 * 64 * 64 + 4 * 128
+    assert launch_config(1, 4096, 4096, 128, 132, h200)["num_stages"] == 4
+    assert launch_config(1, 4096, 4096, 128, 132, 24 * 1024)["num_stages"] == 1
+    assert launch_config(512, 4096, 4096, 128, 132, h200)["num_stages"] == 3
+    assert launch_config(512, 4096, 4096, 128, 132, 100 * 1024)["num_stages"] == 1
     assert fit_stages(dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, num_stages=4), 32, h200)[
         "num_stages"] == 4
 

@@ -34,11 +34,19 @@ from sagellm_cuda.split_k import plan_split, split_buffers, split_counters, stor
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                   stride_xm, k_per_split, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  WORDS_ONCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """``out[m, n] = sum over k of x[m, perm[k]] * w[k, n]``,
     ``w[k, n] = (code(k, n) - zeros[k // GROUP, n]) * scales[k // GROUP, n]``. ``SPLIT``: each
     split stores its partial and the last to arrive sums them (:mod:`sagellm_cuda.split_k`).
-    Without ``USE_DOT`` a program is one row (program axis 1)."""
+    Without ``USE_DOT`` a program is one row (program axis 1).
+
+    ``WORDS_ONCE`` (decode): each packed word is loaded once, as a ``[BLOCK_K // 8, BLOCK_N]``
+    tile, and its eight nibbles are shifted out into a third axis, so the load instructions
+    move half a byte per weight. Otherwise (prefill) each input row of the tile loads its own
+    word (the eight rows of one word hit the L1), which is simpler for the compiler to lay out
+    for ``tl.dot`` but moves four bytes per weight through the load units: a decode GEMV is
+    bound by exactly that traffic."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -51,6 +59,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_p
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    BLOCK_W: tl.constexpr = BLOCK_K // 8
     for kk in range(0, k_per_split, BLOCK_K):
         offs_k = k_begin + kk + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -58,33 +67,53 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_p
             cols = tl.load(perm_ptr + offs_k, mask=k_ok, other=0)
         else:
             cols = offs_k
-        # Each input row of the tile loads its word; the eight rows of one word hit the cache.
-        words = tl.load(q_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0)
-        codes = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
-        if GROUP % BLOCK_K == 0:  # the whole tile is in one group
+        if WORDS_ONCE:
+            offs_w = (k_begin + kk) // 8 + tl.arange(0, BLOCK_W)
+            words = tl.load(q_ptr + offs_w[:, None] * N + offs_n[None, :],
+                            mask=(offs_w[:, None] < K // 8) & n_ok[None, :], other=0)
+            shifts = tl.arange(0, 8) * 4
+            # [BLOCK_W, 8, BLOCK_N]: input 8 * w + j is nibble j of word w (core's layout).
+            codes3 = (words[:, None, :] >> shifts[None, :, None]) & 0xF
+        else:
+            words = tl.load(q_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
+                            mask=k_ok[:, None] & n_ok[None, :], other=0)
+            codes = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
+        one_group: tl.constexpr = GROUP % BLOCK_K == 0  # the whole tile is in one group
+        if one_group:
             # The last split's last tiles may lie past K: their group row does not exist, and
             # an unmasked read there can be NaN/inf (times a zero code is still NaN).
             g = (k_begin + kk) // GROUP
             g_ok = n_ok & (offs_n * 0 + (k_begin + kk) < K)
-            scale = tl.load(s_ptr + g * N + offs_n, mask=g_ok, other=0.0)[None, :]
-            zero = tl.load(z_ptr + g * N + offs_n, mask=g_ok, other=0.0)[None, :]
+            scale = tl.load(s_ptr + g * N + offs_n, mask=g_ok, other=0.0)
+            zero = tl.load(z_ptr + g * N + offs_n, mask=g_ok, other=0.0)
+        if WORDS_ONCE and not USE_DOT and one_group:
+            # One row, one group: sum_k (c - z) * s * x = s * (sum_k c * x - z * sum_k x), so
+            # the scale and zero apply once per tile instead of once per weight.
+            a = tl.load(x_ptr + pid_m * stride_xm + cols, mask=k_ok, other=0.0).to(tl.float32)
+            a3 = tl.reshape(a, (BLOCK_W, 8))
+            cx = tl.sum(tl.sum(codes3.to(tl.float32) * a3[:, :, None], axis=1), axis=0)
+            acc += (cx - zero.to(tl.float32) * tl.sum(a, axis=0)) * scale.to(tl.float32)
         else:
-            gk = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
-            kn_ok = k_ok[:, None] & n_ok[None, :]
-            scale = tl.load(s_ptr + gk, mask=kn_ok, other=0.0)
-            zero = tl.load(z_ptr + gk, mask=kn_ok, other=0.0)
-        w = (codes.to(scale.dtype) - zero) * scale
-        if USE_DOT:
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
+            if WORDS_ONCE:
+                codes = tl.reshape(codes3, (BLOCK_K, BLOCK_N))
+            if one_group:
+                w = (codes.to(scale.dtype) - zero[None, :]) * scale[None, :]
             else:
-                acc += tl.dot(a, w.to(a.dtype))
-        else:
-            a = tl.load(x_ptr + pid_m * stride_xm + cols, mask=k_ok, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None], axis=0)
+                gk = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
+                kn_ok = k_ok[:, None] & n_ok[None, :]
+                scale2 = tl.load(s_ptr + gk, mask=kn_ok, other=0.0)
+                zero2 = tl.load(z_ptr + gk, mask=kn_ok, other=0.0)
+                w = (codes.to(scale2.dtype) - zero2) * scale2
+            if USE_DOT:
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                if IEEE:
+                    acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
+                else:
+                    acc += tl.dot(a, w.to(a.dtype))
+            else:
+                a = tl.load(x_ptr + pid_m * stride_xm + cols, mask=k_ok, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None], axis=0)
     store_tile(acc, out_ptr, part_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, pid_m, pid_n, pid_k,
                M, N, USE_DOT, SPLIT)
 
@@ -109,12 +138,23 @@ def _smem_per_block(device_index: int | None) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", _DEFAULT_SMEM))
 
 
+#: Tiles of at most this many rows are decode tiles, which load each packed word once
+#: (``WORDS_ONCE`` in the kernel).
+DECODE_ROWS = 16
+
+
+def words_once(block_m: int) -> bool:
+    """Whether a tile of ``block_m`` rows loads each packed word once (decode tiles)."""
+    return block_m <= DECODE_ROWS
+
+
 def stage_bytes(block_m: int, block_n: int, block_k: int, group: int) -> int:
     """Shared memory one pipeline stage of the kernel holds: the packed words of the weight
-    tile (staged as int32, one per input row before the unpack), the activation tile and the
-    tile's scale and zero rows."""
+    tile (once per word for a decode tile, else staged as int32 once per input row before the
+    unpack), the activation tile and the tile's scale and zero rows."""
     group_rows = max(1, block_k // group)
-    return 4 * block_k * block_n + 2 * block_m * block_k + 2 * 2 * group_rows * block_n
+    word_rows = block_k // 8 if words_once(block_m) else block_k
+    return 4 * word_rows * block_n + 2 * block_m * block_k + 2 * 2 * group_rows * block_n
 
 
 def fit_stages(cfg: dict[str, int], group: int, smem: int) -> dict[str, int]:
@@ -130,15 +170,17 @@ def launch_config(m: int, n: int, k: int, group: int, num_sms: int,
     """Tile sizes and the input split for an ``[m, k] x [k, n]`` product, with no more pipeline
     stages than ``smem`` bytes of shared memory hold."""
     block_k = 128 if group % 128 == 0 else group if group in (32, 64) else 64
-    if m <= 16:
-        block_m = 1 if m == 1 else 16
+    if m <= DECODE_ROWS:
+        block_m = 1 if m == 1 else DECODE_ROWS
         block_n = 128 if n >= 2048 else 64
         tiles = triton.cdiv(n, block_n)
         k_blocks = triton.cdiv(k, block_k)
         # A few waves of programs: the decode product is a pure weight read.
         split = max(1, min(k_blocks, (4 * num_sms) // max(tiles, 1), 16))
+        # A one-row tile holds its unpacked [BLOCK_K, BLOCK_N] weights in registers.
+        warps = 8 if block_n * block_k >= 16384 else 4
         return fit_stages(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                               SPLIT_K=split, num_warps=4, num_stages=4), group, smem)
+                               SPLIT_K=split, num_warps=warps, num_stages=4), group, smem)
     block_m = 64 if m <= 64 else 128
     return fit_stages(dict(BLOCK_M=block_m, BLOCK_N=128,
                            BLOCK_K=64 if group % 64 == 0 else block_k, SPLIT_K=1,
@@ -201,7 +243,8 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _launch(grid, (x, qweight, scales, zeros, perm if perm is not None else qweight, out, part,
                    counters, m, n, k, x.stride(0), k_per_split),
             dict(GROUP=group, HAS_PERM=perm is not None, USE_DOT=use_dot,
-                 IEEE=x.dtype == torch.float32, SPLIT=split > 1), cfg)
+                 IEEE=x.dtype == torch.float32, SPLIT=split > 1,
+                 WORDS_ONCE=words_once(cfg["BLOCK_M"])), cfg)
     return out
 
 
