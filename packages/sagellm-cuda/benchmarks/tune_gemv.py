@@ -49,8 +49,7 @@ TILES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
                 (8, 1024, 4, 3)]},
     # A decode tile loads each packed word once, so BLOCK_K 256 stages only 32 word rows; a
     # one-row tile keeps BLOCK_N x BLOCK_K unpacked weights in registers (8 warps past 8 K).
-    "int4": {16: [(128, 128, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3), (64, 256, 4, 4),
-                  (256, 128, 8, 3)],
+    "int4": {16: [(128, 128, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3), (64, 256, 4, 4)],
              1: [(64, 128, 4, 4), (128, 128, 8, 4), (32, 256, 4, 4), (64, 256, 8, 4),
                  (128, 64, 4, 4), (256, 64, 8, 4)]},
 }
