@@ -44,7 +44,8 @@ def build_engine(args: argparse.Namespace, model: str):  # type: ignore[no-untyp
     if args.tiny:
         kw.update(backend="cpu", dtype="float32", block_size=4, num_kv_blocks=2048)
     else:
-        kw.update(backend=args.backend, load_format=args.load_format)
+        kw.update(backend=args.backend, load_format=args.load_format,
+                  quantization=args.quantization)
     return LLMEngine(EngineConfig(**kw))  # type: ignore[arg-type]
 
 
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny random Llama on the CPU backend")
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--quantization", default="none", help="as EngineConfig.quantization")
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)

@@ -31,6 +31,14 @@ from sagellm_cuda.split_k import plan_split, split_buffers, split_counters, stor
 
 
 @triton.jit
+def _codes_to_float(codes):
+    """Nibble values (int32, 0..15) as float32 without an integer conversion instruction (a
+    quarter-rate one on Hopper, and four of them a weight would bound the decode product):
+    the code goes into the mantissa of 2**23 (an OR) and 2**23 is subtracted (exact)."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                   stride_xm, k_per_split, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
@@ -91,19 +99,23 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_p
             # the scale and zero apply once per tile instead of once per weight.
             a = tl.load(x_ptr + pid_m * stride_xm + cols, mask=k_ok, other=0.0).to(tl.float32)
             a3 = tl.reshape(a, (BLOCK_W, 8))
-            cx = tl.sum(tl.sum(codes3.to(tl.float32) * a3[:, :, None], axis=1), axis=0)
+            cx = tl.sum(tl.sum(_codes_to_float(codes3) * a3[:, :, None], axis=1), axis=0)
             acc += (cx - zero.to(tl.float32) * tl.sum(a, axis=0)) * scale.to(tl.float32)
         else:
             if WORDS_ONCE:
                 codes = tl.reshape(codes3, (BLOCK_K, BLOCK_N))
+            if WORDS_ONCE:
+                cf = _codes_to_float(codes)
+            else:
+                cf = codes  # prefill: converted straight to the scale's dtype
             if one_group:
-                w = (codes.to(scale.dtype) - zero[None, :]) * scale[None, :]
+                w = (cf.to(scale.dtype) - zero[None, :]) * scale[None, :]
             else:
                 gk = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
                 kn_ok = k_ok[:, None] & n_ok[None, :]
                 scale2 = tl.load(s_ptr + gk, mask=kn_ok, other=0.0)
                 zero2 = tl.load(z_ptr + gk, mask=kn_ok, other=0.0)
-                w = (codes.to(scale2.dtype) - zero2) * scale2
+                w = (cf.to(scale2.dtype) - zero2) * scale2
             if USE_DOT:
                 a = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
