@@ -20,19 +20,10 @@ from pathlib import Path
 
 import torch
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-          "required": ["name", "age"]}
-
-
 def variants() -> dict[str, dict[str, object]]:
-    from sagellm.structured.params import StructuredOutputParams
+    from sagellm.bench.features import feature_variants
 
-    return {
-        "plain": {},
-        "json_schema": {"structured_output": StructuredOutputParams(json_schema=SCHEMA)},
-        "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1},
-        "logprobs5": {"logprobs": 5},
-    }
+    return feature_variants()
 
 
 def build_engine(args: argparse.Namespace, model: str):  # type: ignore[no-untyped-def]
