@@ -39,3 +39,28 @@ def test_cached_counts_follow_joins_leaves_reorders_and_reruns() -> None:
     assert torch.equal(counts, rebuilt([fresh])[0])
     counts, _ = cache.counts([fresh], V + 1, torch.device("cpu"))  # another vocabulary: rebuilt
     assert counts.shape == (1, V + 1)
+
+
+def test_same_batch_is_updated_in_place_whatever_each_row_gained() -> None:
+    """Rows of a steady batch gain zero, one or several tokens between calls (a row whose
+    prompt is still prefilling gains prompt tokens, which are seen but not counted)."""
+    rnd = random.Random(1)
+    seqs = [SequenceState(f"s{i}", [rnd.randrange(V) for _ in range(3)],
+                          SamplingParams(frequency_penalty=1.0)) for i in range(70)]
+    cache = TokenCountCache()
+    cpu = torch.device("cpu")
+    first, _ = cache.counts(seqs, V, cpu)
+    for gained in (1, 0, 3, 1):
+        for s in seqs:
+            s.token_ids.extend(rnd.randrange(V) for _ in range(gained))
+        counts, seen = cache.counts(list(seqs), V, cpu)
+        assert counts.data_ptr() == first.data_ptr()  # the same tensors, no regather
+        want_counts, want_seen = rebuilt(seqs)
+        assert torch.equal(counts, want_counts) and torch.equal(seen, want_seen), gained
+    partial = SequenceState("p", [1, 2, 3, 4], SamplingParams(frequency_penalty=1.0))
+    partial.token_ids = partial.token_ids[:2]  # counted while only part of the prompt is there
+    cache.counts([partial], V, cpu)
+    partial.token_ids += [3, 4, 5]  # the rest of the prompt, then one output token
+    counts, seen = cache.counts([partial], V, cpu)
+    assert counts[0].nonzero().flatten().tolist() == [5]
+    assert seen[0].nonzero().flatten().tolist() == [1, 2, 3, 4, 5]

@@ -22,7 +22,7 @@ from sagellm.engine.sequence import SequenceState
 from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.attention import ForwardContext
 from sagellm.layers.sampler import Sampler, SamplingBatch
-from sagellm.layers.step_tensors import step_tensor
+from sagellm.layers.step_tensors import RepeatedStepTensor, step_tensor
 from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
 
 
@@ -72,6 +72,8 @@ class ModelRunner:
         self.sampler = Sampler()
         #: Penalised rows' token counts, carried between steps (a cache, checked on use).
         self.token_counts = TokenCountCache()
+        #: Their penalty values, kept on the device while the batch keeps them.
+        self.penalty_settings = RepeatedStepTensor()
         #: The reused host buffers of the structured-output masks.
         self.bitmasks = BitmaskPool(self.platform)
         #: The width of the logits the runner samples from, known after the first sampling
@@ -220,7 +222,8 @@ class ModelRunner:
         request_logits.apply_constraints(logits, seqs, self.bitmasks, fill=mask_fill,
                                          apply=self.apply_token_bitmask)
         self.suppress_early_stop(logits, seqs)
-        request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts)
+        request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts,
+                                                 self.penalty_settings)
         ids = self.sampler(logits, self.sampling_batch(seqs))
         if raw is None:
             return ids, None

@@ -21,7 +21,7 @@ from sagellm.engine.sequence import SequenceState
 from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.logits_processors import apply_logit_bias, apply_penalties
 from sagellm.layers.logprobs import LogprobsOp, LogprobTensors, unpack_logprobs
-from sagellm.layers.step_tensors import row_index, step_tensor
+from sagellm.layers.step_tensors import RepeatedStepTensor, row_index, step_tensor
 
 #: The rows of a step that ask for logprobs, and a copy of their logits as the model made them.
 RawLogprobs = tuple[list[int], torch.Tensor]
@@ -59,20 +59,24 @@ def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState], pool: Bit
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
-                             counts_cache: TokenCountCache) -> None:
-    """Presence, frequency and repetition penalties, then logit bias, in place."""
+                             counts_cache: TokenCountCache,
+                             settings: RepeatedStepTensor | None = None) -> None:
+    """Presence, frequency and repetition penalties, then logit bias, in place.
+
+    ``settings``: where the penalised rows' penalty values stay on the device from step to step
+    (one copy when they change instead of three every step); without it they are copied."""
     vocab, dev = logits.shape[-1], logits.device
     rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
     if rows:
         ps = [seqs[i].params for i in rows]
         counts, seen = counts_cache.counts([seqs[i] for i in rows], vocab, dev)
-        repetition = None
-        if any(p.repetition_penalty != 1.0 for p in ps):
-            repetition = step_tensor([p.repetition_penalty for p in ps], torch.float32, dev)
-        apply_penalties(logits, row_index(rows, len(seqs), dev), counts, seen,
-                        step_tensor([p.presence_penalty for p in ps], torch.float32, dev),
-                        step_tensor([p.frequency_penalty for p in ps], torch.float32, dev),
-                        repetition)
+        values = ([p.presence_penalty for p in ps] + [p.frequency_penalty for p in ps]
+                  + [p.repetition_penalty for p in ps])
+        table = (settings.get(values, torch.float32, dev) if settings is not None
+                 else step_tensor(values, torch.float32, dev)).view(3, len(rows))
+        repetition = table[2] if any(p.repetition_penalty != 1.0 for p in ps) else None
+        apply_penalties(logits, row_index(rows, len(seqs), dev), counts, seen, table[0],
+                        table[1], repetition)
     bias_rows: list[int] = []
     bias_ids: list[int] = []
     biases: list[float] = []

@@ -26,58 +26,81 @@ class TokenCountCache:
     def __init__(self) -> None:
         self._counts: torch.Tensor | None = None
         self._seen: torch.Tensor | None = None
-        #: id(seq) -> (seq, its row in the cached tensors, tokens counted).
-        self._rows: dict[int, tuple[SequenceState, int, int]] = {}
+        #: The rows of the cached tensors: the sequences, and how many tokens of each are counted.
+        self._batch: list[SequenceState] = []
+        self._counted: list[int] = []
+        #: Ones for ``scatter_add_``, grown as needed (a slice of it costs no launch).
+        self._ones: torch.Tensor | None = None
 
     def counts(self, seqs: list[SequenceState], vocab_size: int, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(output_counts float32 [R, V], seen bool [R, V])`` for ``seqs`` (one row each)."""
-        n = len(seqs)
         usable = self._counts is not None and self._counts.shape[1] == vocab_size \
             and self._counts.device == device
+        # The common step: the same sequences in the same order (list equality is identity
+        # here), none shorter than counted: the tensors are updated in place.
+        if usable and seqs == self._batch and all(
+                c <= s.num_tokens for s, c in zip(seqs, self._counted)):
+            starts = self._counted
+            counts, seen = self._counts, self._seen
+            assert counts is not None and seen is not None
+        else:
+            counts, seen, starts = self._regather(seqs, vocab_size, device, usable)
+            self._batch = list(seqs)
+        prompt_new: list[int] = []  # new prompt tokens: seen only
+        out_new: list[int] = []  # new output tokens: seen and counted
+        for i, (s, start) in enumerate(zip(seqs, starts, strict=True)):
+            ids, base, first_out = s.token_ids, i * vocab_size, s.num_prompt_tokens
+            if start >= first_out and len(ids) == start + 1:
+                out_new.append(base + ids[-1])  # one new output token: the decode step
+                continue
+            prompt_new.extend(base + t for t in ids[start:first_out])
+            out_new.extend(base + t for t in ids[max(start, first_out):])
+        if out_new or prompt_new:  # one copy for both: seen takes all, counts the output part
+            index = step_tensor(prompt_new + out_new, torch.int64, device)
+            num_out = len(out_new)
+            if num_out:
+                counts.view(-1).scatter_add_(0, index[len(prompt_new):],
+                                             self._ones_like(num_out, device))
+            # index_fill_ takes the value as a kernel argument; ``seen[idx] = True`` copies a host
+            # scalar to the device from pageable memory, which waits for the stream.
+            seen.view(-1).index_fill_(0, index, True)
+        self._counts, self._seen = counts, seen
+        self._counted = [s.num_tokens for s in seqs]
+        return counts, seen
+
+    def _regather(self, seqs: list[SequenceState], vocab_size: int, device: torch.device,
+                  usable: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The rows of ``seqs`` from the cached tensors where they are there (and still valid),
+        zero rows otherwise; with the tokens each row has counted."""
+        n = len(seqs)
+        where = {id(s): i for i, s in enumerate(self._batch)} if usable else {}
         keep_dst: list[int] = []
         keep_src: list[int] = []
         starts: list[int] = []
         for i, s in enumerate(seqs):
-            entry = self._rows.get(id(s)) if usable else None
-            if entry is not None and entry[0] is s and entry[2] <= s.num_tokens:
+            j = where.get(id(s))
+            if j is not None and self._batch[j] is s and self._counted[j] <= s.num_tokens:
                 keep_dst.append(i)
-                keep_src.append(entry[1])
-                starts.append(entry[2])
+                keep_src.append(j)
+                starts.append(self._counted[j])
             else:
                 starts.append(0)
         old_counts, old_seen = self._counts, self._seen
-        if len(keep_dst) == n and keep_src == list(range(n)) and old_counts is not None \
-                and old_counts.shape[0] == n and old_seen is not None:
-            counts, seen = old_counts, old_seen  # the same batch as last step: update in place
-        elif len(keep_dst) == n and old_counts is not None and old_seen is not None:
+        if len(keep_dst) == n and old_counts is not None and old_seen is not None:
             src = step_tensor(keep_src, torch.int64, device)
-            counts, seen = old_counts.index_select(0, src), old_seen.index_select(0, src)
-        else:
-            counts = torch.zeros((n, vocab_size), dtype=torch.float32, device=device)
-            seen = torch.zeros((n, vocab_size), dtype=torch.bool, device=device)
-            if keep_dst:
-                assert old_counts is not None and old_seen is not None
-                dst = step_tensor(keep_dst, torch.int64, device)
-                src = step_tensor(keep_src, torch.int64, device)
-                counts.index_copy_(0, dst, old_counts.index_select(0, src))
-                seen.index_copy_(0, dst, old_seen.index_select(0, src))
-        out_flat: list[int] = []
-        seen_flat: list[int] = []
-        for i, (s, start) in enumerate(zip(seqs, starts, strict=True)):
-            base = i * vocab_size
-            seen_flat.extend(base + t for t in s.token_ids[start:])
-            out_flat.extend(base + t for t in s.token_ids[max(start, s.num_prompt_tokens):])
-        if out_flat or seen_flat:  # one copy for both index lists
-            index = step_tensor(out_flat + seen_flat, torch.int64, device)
-            num_out = len(out_flat)
-            if num_out:
-                counts.view(-1).scatter_add_(0, index[:num_out],
-                                             torch.ones(num_out, device=device))
-            if seen_flat:
-                # index_fill_ takes the value as a kernel argument; ``seen[idx] = True`` copies
-                # a host scalar to the device from pageable memory, which waits for the stream.
-                seen.view(-1).index_fill_(0, index[num_out:], True)
-        self._counts, self._seen = counts, seen
-        self._rows = {id(s): (s, i, s.num_tokens) for i, s in enumerate(seqs)}
-        return counts, seen
+            return old_counts.index_select(0, src), old_seen.index_select(0, src), starts
+        counts = torch.zeros((n, vocab_size), dtype=torch.float32, device=device)
+        seen = torch.zeros((n, vocab_size), dtype=torch.bool, device=device)
+        if keep_dst:
+            assert old_counts is not None and old_seen is not None
+            dst = step_tensor(keep_dst, torch.int64, device)
+            src = step_tensor(keep_src, torch.int64, device)
+            counts.index_copy_(0, dst, old_counts.index_select(0, src))
+            seen.index_copy_(0, dst, old_seen.index_select(0, src))
+        return counts, seen, starts
+
+    def _ones_like(self, n: int, device: torch.device) -> torch.Tensor:
+        if self._ones is None or self._ones.numel() < n or self._ones.device != device:
+            self._ones = torch.ones(max(n, 64), device=device)
+        return self._ones[:n]

@@ -43,11 +43,14 @@ def apply_penalties(logits: torch.Tensor, rows: torch.Tensor | None, output_coun
     if repetition is not None and seen is not None:
         r = repetition[:, None]
         x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
-    x = x - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0).float()
+    # ``sign`` of the counts (never negative) is ``count > 0`` as 1.0 / 0.0 in one launch; the
+    # last subtraction writes the logits' rows directly when they are all of them.
+    x = x - frequency[:, None] * output_counts
+    penalty = presence[:, None] * output_counts.sign()
     if rows is None:
-        logits.copy_(x)
+        torch.sub(x, penalty, out=logits)
     else:
-        logits.index_copy_(0, rows, x)
+        logits.index_copy_(0, rows, x - penalty)
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[int], token_ids: list[int],
