@@ -42,8 +42,8 @@ def _codes_to_float(codes):
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
                   stride_xm, k_per_split, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-                  WORDS_ONCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  WORDS_ONCE: tl.constexpr, TILE_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out[m, n] = sum over k of x[m, perm[k]] * w[k, n]``,
     ``w[k, n] = (code(k, n) - zeros[k // GROUP, n]) * scales[k // GROUP, n]``. ``SPLIT``: each
     split stores its partial and the last to arrive sums them (:mod:`sagellm_cuda.split_k`).
@@ -54,7 +54,11 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_p
     move half a byte per weight. Otherwise (prefill) each input row of the tile loads its own
     word (the eight rows of one word hit the L1), which is simpler for the compiler to lay out
     for ``tl.dot`` but moves four bytes per weight through the load units: a decode GEMV is
-    bound by exactly that traffic."""
+    bound by exactly that traffic.
+
+    ``TILE_GROUPS`` (:func:`tile_groups`): how many scale groups a ``BLOCK_K`` tile holds when
+    they can be factored out of its sums (1: the tile lies in one group), 0 when they cannot
+    (then each weight is dequantized on its own, in the scale's dtype)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -86,7 +90,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_p
             words = tl.load(q_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
                             mask=k_ok[:, None] & n_ok[None, :], other=0)
             codes = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
-        one_group: tl.constexpr = GROUP % BLOCK_K == 0  # the whole tile is in one group
+        one_group: tl.constexpr = TILE_GROUPS == 1  # the whole tile is in one group
         if one_group:
             # The last split's last tiles may lie past K: their group row does not exist, and
             # an unmasked read there can be NaN/inf (times a zero code is still NaN).
@@ -101,6 +105,21 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_p
             a3 = tl.reshape(a, (BLOCK_W, 8))
             cx = tl.sum(tl.sum(_codes_to_float(codes3) * a3[:, :, None], axis=1), axis=0)
             acc += (cx - zero.to(tl.float32) * tl.sum(a, axis=0)) * scale.to(tl.float32)
+        elif WORDS_ONCE and not USE_DOT and TILE_GROUPS > 1:
+            # One row, several whole groups: the same factoring per group, on [groups, N] sums
+            # (float32 throughout, like the one-group tile).
+            GROUP_W: tl.constexpr = GROUP // 8
+            a = tl.load(x_ptr + pid_m * stride_xm + cols, mask=k_ok, other=0.0).to(tl.float32)
+            a3 = tl.reshape(a, (BLOCK_W, 8))
+            cw = tl.sum(_codes_to_float(codes3) * a3[:, :, None], axis=1)  # [BLOCK_W, BLOCK_N]
+            cx = tl.sum(tl.reshape(cw, (TILE_GROUPS, GROUP_W, BLOCK_N)), axis=1)
+            a_sums = tl.sum(tl.reshape(a, (TILE_GROUPS, GROUP)), axis=1)
+            offs_g = (k_begin + kk) // GROUP + tl.arange(0, TILE_GROUPS)
+            gn = offs_g[:, None] * N + offs_n[None, :]
+            gn_ok = (offs_g[:, None] * GROUP < K) & n_ok[None, :]
+            scale2 = tl.load(s_ptr + gn, mask=gn_ok, other=0.0).to(tl.float32)
+            zero2 = tl.load(z_ptr + gn, mask=gn_ok, other=0.0).to(tl.float32)
+            acc += tl.sum((cx - zero2 * a_sums[:, None]) * scale2, axis=0)
         else:
             if WORDS_ONCE:
                 codes = tl.reshape(codes3, (BLOCK_K, BLOCK_N))
@@ -158,6 +177,17 @@ DECODE_ROWS = 16
 def words_once(block_m: int) -> bool:
     """Whether a tile of ``block_m`` rows loads each packed word once (decode tiles)."""
     return block_m <= DECODE_ROWS
+
+
+def tile_groups(block_k: int, group: int) -> int:
+    """The kernel's ``TILE_GROUPS``: 1 when a ``block_k`` tile lies inside one scale group, the
+    number of whole groups it holds when ``group`` divides it into whole packed words (so a
+    one-row tile sums each group before its scale applies), else 0."""
+    if group % block_k == 0:
+        return 1
+    if block_k % group == 0 and group % 8 == 0:
+        return block_k // group
+    return 0
 
 
 def stage_bytes(block_m: int, block_n: int, block_k: int, group: int) -> int:
@@ -256,7 +286,8 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    counters, m, n, k, x.stride(0), k_per_split),
             dict(GROUP=group, HAS_PERM=perm is not None, USE_DOT=use_dot,
                  IEEE=x.dtype == torch.float32, SPLIT=split > 1,
-                 WORDS_ONCE=words_once(cfg["BLOCK_M"])), cfg)
+                 WORDS_ONCE=words_once(cfg["BLOCK_M"]),
+                 TILE_GROUPS=tile_groups(cfg["BLOCK_K"], group)), cfg)
     return out
 
 
