@@ -1,5 +1,7 @@
 # Sourced by the GPU scripts (gpu_soak.sh, gpu_api_cost.sh, gpu_tests.sh) on the device machine:
-# installs the carried wheels (.whl: shared/device/wheels.sh, plus llguidance) into /tmp/site,
+# installs the carried wheels (.whl: shared/device/wheels.sh, plus llguidance: its wheels since 1.7
+# are manylinux_2_31, which wheels.sh does not ask for, so add `--platform manylinux_2_31_x86_64`
+# or it fetches 1.6, older than core's floor) into /tmp/site,
 # writes entry points for the packages used from source (so backend discovery finds them), and
 # puts both on PYTHONPATH. Run from the repository root.
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
