@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+
 def variants() -> dict[str, dict[str, object]]:
     from sagellm.bench.features import feature_variants
 

@@ -39,6 +39,7 @@ import torch
 
 from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
 from sagellm.runner import MaskFill, ModelRunner, RunnerContext, SequenceState, StepPlan
+from sagellm_cuda.penalties_kernel import apply_penalties_triton
 from sagellm_cuda.token_bitmask import apply_token_bitmask_triton
 
 logger = logging.getLogger("sagellm.cuda.graphs")
@@ -321,6 +322,15 @@ class CudaGraphModelRunner(ModelRunner):
             apply_token_bitmask_triton(logits, bitmask, rows)
         else:
             super().apply_token_bitmask(logits, bitmask, rows)
+
+    def apply_penalties(self, logits: torch.Tensor, rows: torch.Tensor | None,
+                        counts: torch.Tensor, seen: torch.Tensor | None, presence: torch.Tensor,
+                        frequency: torch.Tensor, repetition: torch.Tensor | None) -> None:
+        """On the GPU: one Triton kernel, in place (:mod:`sagellm_cuda.penalties_kernel`)."""
+        if logits.is_cuda:
+            apply_penalties_triton(logits, rows, counts, seen, presence, frequency, repetition)
+        else:
+            super().apply_penalties(logits, rows, counts, seen, presence, frequency, repetition)
 
     def _fill(self, seqs: list[SequenceState], bs: int) -> None:
         n = len(seqs)

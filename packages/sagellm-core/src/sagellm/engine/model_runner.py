@@ -21,6 +21,7 @@ from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.sequence import SequenceState
 from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.attention import ForwardContext
+from sagellm.layers.logits_processors import apply_penalties
 from sagellm.layers.sampler import Sampler, SamplingBatch
 from sagellm.layers.step_tensors import RepeatedStepTensor, step_tensor
 from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
@@ -223,7 +224,7 @@ class ModelRunner:
                                          apply=self.apply_token_bitmask)
         self.suppress_early_stop(logits, seqs)
         request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts,
-                                                 self.penalty_settings)
+                                                 self.penalty_settings, self.apply_penalties)
         ids = self.sampler(logits, self.sampling_batch(seqs))
         if raw is None:
             return ids, None
@@ -257,6 +258,14 @@ class ModelRunner:
         ``[N, words]`` (host) disallows; row ``i`` applies to logits row ``rows[i]`` (``None``:
         row ``i``). Core's torch version; a backend's runner may use its own kernel."""
         apply_token_bitmask(logits, bitmask, rows)
+
+    def apply_penalties(self, logits: torch.Tensor, rows: torch.Tensor | None,
+                        counts: torch.Tensor, seen: torch.Tensor | None, presence: torch.Tensor,
+                        frequency: torch.Tensor, repetition: torch.Tensor | None) -> None:
+        """Presence, frequency and repetition penalties on the logits of ``rows``, in place
+        (:func:`sagellm.layers.logits_processors.apply_penalties`, whose arguments these are).
+        Core's torch version; a backend's runner may use its own kernel."""
+        apply_penalties(logits, rows, counts, seen, presence, frequency, repetition)
 
     @staticmethod
     def argmax_suffices(seqs: list[SequenceState]) -> bool:

@@ -58,10 +58,18 @@ def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState], pool: Bit
         done()
 
 
+#: ``penalize(logits, rows, counts, seen, presence, frequency, repetition)``: in place, as
+#: :func:`sagellm.layers.logits_processors.apply_penalties` (a backend's runner may fuse it).
+PenaltyOp = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.Tensor | None",
+                      torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
 def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
                              counts_cache: TokenCountCache,
-                             settings: RepeatedStepTensor | None = None) -> None:
-    """Presence, frequency and repetition penalties, then logit bias, in place.
+                             settings: RepeatedStepTensor | None = None,
+                             penalize: PenaltyOp = apply_penalties) -> None:
+    """Presence, frequency and repetition penalties (by ``penalize``), then logit bias, in
+    place.
 
     ``settings``: where the penalised rows' penalty values stay on the device from step to step
     (one copy when they change instead of three every step); without it they are copied."""
@@ -75,8 +83,8 @@ def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
         table = (settings.get(values, torch.float32, dev) if settings is not None
                  else step_tensor(values, torch.float32, dev)).view(3, len(rows))
         repetition = table[2] if any(p.repetition_penalty != 1.0 for p in ps) else None
-        apply_penalties(logits, row_index(rows, len(seqs), dev), counts, seen, table[0],
-                        table[1], repetition)
+        penalize(logits, row_index(rows, len(seqs), dev), counts, seen, table[0], table[1],
+                 repetition)
     bias_rows: list[int] = []
     bias_ids: list[int] = []
     biases: list[float] = []
