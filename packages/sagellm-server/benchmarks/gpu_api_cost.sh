@@ -8,7 +8,8 @@
 #
 # Run from the repository root; carry .whl (shared/device/wheels.sh plus the llguidance wheel)
 # and the model folder. Writes $OUT/api_<variant>_<run>.json, $OUT/api_cost_runs.json (all runs)
-# and $OUT/api_cost.txt (the table). Time: server start-up (~45 s) + about 15 s per variant.
+# $OUT/api_cost.txt (the table) and $OUT/api_cpu.txt (per variant, the CPU share of the server
+# process and of the engine process under it). Time: server start-up (~45 s) + about 15 s per variant.
 set -u
 MODEL=${1:?usage: gpu_api_cost.sh MODEL_DIR}
 OUT=${OUT:-bench-results}; PORT=${PORT:-8766}; mkdir -p "$OUT"
@@ -37,15 +38,57 @@ req = u.Request(sys.argv[1] + "/v1/completions", json.dumps(body).encode(), {"Co
 u.urlopen(req, timeout=120).read()
 PY
 }
+# CPU seconds (user + system) of the server process and each process under it (the engine
+# core), as "pid name seconds" lines: taken around each variant's timed runs, they say which
+# side a feature's cost lands on (the event loop's per-token work or the engine's step).
+cpu_times() {
+  python3 - "$SERVER" <<'PY'
+import os, sys
+tick = os.sysconf("SC_CLK_TCK")
+def kids(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+todo, seen = [int(sys.argv[1])], []
+while todo:
+    p = todo.pop()
+    seen.append(p)
+    todo += kids(p)
+for p in seen:
+    try:
+        with open(f"/proc/{p}/stat") as f:
+            stat = f.read()
+    except OSError:
+        continue
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2:].split()
+    print(p, name.replace(" ", "_"), (int(fields[11]) + int(fields[12])) / tick)
+PY
+}
+cpu_share() {  # BEFORE AFTER T0: each process's share of one core since T0 (date +%s.%N)
+  python3 - "$1" "$2" "$3" <<'PY'
+import sys, time
+def read(s):
+    return {ln.split()[0]: (ln.split()[1], float(ln.split()[2])) for ln in s.splitlines() if ln.strip()}
+a, b, wall = read(sys.argv[1]), read(sys.argv[2]), time.time() - float(sys.argv[3])
+print("  ".join(f"{name}[{pid}] {100 * (t - a.get(pid, (name, 0.0))[1]) / wall:.0f}%"
+                for pid, (name, t) in b.items() if t - a.get(pid, (name, 0.0))[1] > 0.05 * wall))
+PY
+}
 for v in plain json_schema penalties logprobs5 plain_again; do
   body=${BODY[${v%_again}]}
   extra=()
   [ -n "$body" ] && extra=(--serve-extra-body "$body")
   warm "$body"
+  before=$(cpu_times); t0=$(date +%s.%N)
   for r in $(seq "$REPS"); do
     python3 -m sagellm.bench --serve-url "$URL" --workloads serve_c16 --out "$OUT/api_${v}_$r.json" \
       "${extra[@]}" > /dev/null 2>&1 || echo "variant $v run $r failed"
   done
+  echo "$v CPU, % of one core: $(cpu_share "$before" "$(cpu_times)" "$t0")" \
+    | tee -a "$OUT/api_cpu.txt"
 done
 python3 - "$OUT" <<'PY' | tee "$OUT/api_cost.txt"
 import json, statistics, sys, pathlib

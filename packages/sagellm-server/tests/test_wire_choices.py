@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 
 from scripted_engine import ScriptedEngine
 
@@ -15,10 +16,21 @@ from sagellm_server.engine_process import WireOutput
 
 
 def test_logprobs_round_trip_including_minus_infinity() -> None:
-    entries = [None, TokenLogprob(5, -math.inf, 3, ((1, -0.1), (2, -0.2)))]
-    wire = json.loads(json.dumps(encode_logprobs(entries)))
-    assert decode_logprobs(wire) == entries
+    """Float32 values (what the engine computes) cross exactly, -inf and NaN included; no
+    float is written as JSON."""
+    f32 = [float(struct.unpack("f", struct.pack("f", x))[0]) for x in (-0.1, -0.2, -1e-30)]
+    entries = [None, TokenLogprob(5, -math.inf, 3, ((1, f32[0]), (2, f32[1]))),
+               TokenLogprob(7, f32[2], 1, ()), TokenLogprob(8, -0.5, 2, ((9, math.nan),))]
+    text = json.dumps(encode_logprobs(entries))
+    assert "." not in text and "Infinity" not in text and "NaN" not in text
+    back = decode_logprobs(json.loads(text))
+    assert back is not None and back[:3] == entries[:3]
+    last = back[3]
+    assert last is not None and last.logprob == -0.5 and math.isnan(last.top[0][1])
     assert decode_logprobs(None) is None
+    rounded = decode_logprobs(json.loads(json.dumps(encode_logprobs(
+        [TokenLogprob(1, -0.1, 1, ())]))))
+    assert rounded is not None and rounded[0] is not None and rounded[0].logprob == f32[0]
 
 
 def test_n_choices_cross_the_wire() -> None:

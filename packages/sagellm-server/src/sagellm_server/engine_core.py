@@ -40,8 +40,9 @@ Child to parent::
                        num_preemptions]
     index: the choice (``SamplingParams.n`` > 1: each choice finishes apart; the request's key
            lives until all ``n`` have)
-    new_logprobs, prompt_logprobs: null, or one [token_id, logprob, rank, [[id, logprob], ...]]
-           per token (null for a prompt token without one); logprobs may be -Infinity
+    new_logprobs, prompt_logprobs: null, or one [token_id, rank, [top id, ...], [logprob,
+           top logprob, ...]] per token (null for a prompt token without one), the logprobs as
+           the int32 bit patterns of their float32 values (encode_logprobs says why)
     stats: {"num_running": n, "num_waiting": n, "kv_usage": x, ...}: every field of
            sagellm.engine.stats.EngineStats by name (EngineStats.to_wire); the parent ignores
            names it does not know and gives missing ones their defaults (EngineStats.from_wire)
@@ -61,11 +62,13 @@ daemonic, because a tensor-parallel engine starts worker processes of its own, w
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -89,21 +92,48 @@ LIFELINE_GRACE_S = 5.0
 ENGINE_ERROR = "EngineError"
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@functools.cache
+def _structs(n: int) -> tuple[struct.Struct, struct.Struct]:
+    """``n`` int32 and ``n`` float32, native order (both ends are one machine)."""
+    return struct.Struct(f"{n}i"), struct.Struct(f"{n}f")
 loads = json.loads
 
 
 def encode_logprobs(entries: list[TokenLogprob | None] | None) -> list[Any] | None:
+    """Each entry as ``[token_id, rank, [top ids], [float32 bits of logprob, top logprobs]]``.
+
+    The engine computes logprobs in float32; as bit patterns (int32) they cross the wire
+    exactly and cheaply: writing a float as JSON takes its shortest round-trip repr (17 digits
+    for a float32 value held in a double), which cost more than the rest of a token's output."""
     if entries is None:
         return None
-    return [None if e is None else [e.token_id, e.logprob, e.rank, [list(t) for t in e.top]]
-            for e in entries]
+    out: list[Any] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        top = e.top
+        as_int, as_float = _structs(len(top) + 1)
+        bits = as_int.unpack(as_float.pack(e.logprob, *(lp for _, lp in top)))
+        out.append([e.token_id, e.rank, [t for t, _ in top], list(bits)])
+    return out
 
 
 def decode_logprobs(wire: list[Any] | None) -> list[TokenLogprob | None] | None:
     if wire is None:
         return None
-    return [None if e is None else TokenLogprob(e[0], e[1], e[2], tuple((t, lp) for t, lp in e[3]))
-            for e in wire]
+    out: list[TokenLogprob | None] = []
+    for e in wire:
+        if e is None:
+            out.append(None)
+            continue
+        bits = e[3]
+        as_int, as_float = _structs(len(bits))
+        lps = as_float.unpack(as_int.pack(*bits))
+        out.append(TokenLogprob(e[0], lps[0], e[1], tuple(zip(e[2], lps[1:]))))
+    return out
 
 
 def frame(msg: list[Any]) -> bytes:
