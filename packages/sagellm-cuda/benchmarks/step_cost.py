@@ -81,7 +81,10 @@ def run_variant(engine, name: str, extra: dict[str, object], args: argparse.Name
                 sync()
                 pr.disable()
                 buf = io.StringIO()
-                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+                stats = pstats.Stats(pr, stream=buf)
+                stats.sort_stats("tottime").print_stats(25)
+                buf.write("\n... by cumulative time:\n")
+                stats.sort_stats("cumulative").print_stats(40)
                 table += "\ncProfile, " + f"{args.profile_steps} steps, by own time:\n" + buf.getvalue()
                 step += args.profile_steps
             continue
