@@ -5,7 +5,7 @@ The kernel computes ``w = (code - 8) * scale + zero``; our grid (:class:`Int4Gri
 is ``w = code * scale + minimum``, so ``zero = minimum + 8 * scale``. Scales and zeros are
 stored in bfloat16, the activation dtype of the kernel's fast path.
 
-Long inputs (prefill) go through a bfloat16 GEMM instead (:mod:`sagellm.quant.prefill`), on a
+Long inputs (prefill) go through a dense GEMM instead (:mod:`sagellm.quant.prefill`), on a
 weight rebuilt per call from a second copy of the codes (the kernel's packing is tiled per CPU
 capability and not read back): ``code - 8`` as one int8 per weight, so the rebuild is three
 elementwise passes (convert, times the scale, plus the zero). That copy is 1 byte per weight:
@@ -27,7 +27,7 @@ import torch
 from sagellm.layers.quant_linear import QuantizedWeight
 from sagellm.quant.cpu_features import has_fast_bf16
 from sagellm.quant.grids import INT4_GROUP, Int4Grid, quantize_int4
-from sagellm.quant.prefill import dense_matmul
+from sagellm.quant.prefill import dense_dtype, dense_matmul
 
 COMPUTE_DTYPE = torch.bfloat16
 #: The packing's inner K tiles (an argument the CPU packing takes and does not constrain K by).
@@ -86,10 +86,10 @@ class Int4Weight(QuantizedWeight):
         return has_fast_bf16()
 
     def dense_weight(self) -> torch.Tensor:
-        """The bfloat16 weight ``[out, in]`` the kernel multiplies by, ``(code - 8) * scale +
-        zero`` (the long-input path builds it per call)."""
+        """The weight ``[out, in]`` the kernel multiplies by, ``(code - 8) * scale + zero``, in
+        the long-input GEMM's dtype (that path builds it per call)."""
         n, k, g = self.out_features, self.in_features, self.group
-        w = self.codes.to(COMPUTE_DTYPE)  # exact: -8..7
+        w = self.codes.to(dense_dtype())  # exact: -8..7
         # In place, one op each: an out-of-place addcmul with these broadcasts ran 2.7x slower.
         w.view(n, k // g, g).mul_(self.dense_scale).add_(self.dense_zero)
         return w

@@ -2,7 +2,7 @@
 
 The kernel's fast path takes bfloat16 activations (float32 ones fall back to a slow
 reference loop), so the product runs in bfloat16 and returns in the caller's dtype. Long inputs
-(prefill) go through a bfloat16 GEMM on the int8 values instead (:mod:`sagellm.quant.prefill`).
+(prefill) go through a dense GEMM on the int8 values instead (:mod:`sagellm.quant.prefill`).
 
 As an LM head its bfloat16 logits are too coarse for greedy decoding: at a logit of 20 one
 bfloat16 step is 0.125, and SmolLM2's first answer token to "What is the capital of France?"
@@ -58,7 +58,7 @@ class Int8Weight(QuantizedWeight):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] >= self.dense_min_tokens:
             # int8 values are exact in bfloat16; the row scale applies to the product.
-            y = dense_matmul(x2, self.q.to(COMPUTE_DTYPE), self.scale)
+            y = dense_matmul(x2, self.q, self.scale)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(COMPUTE_DTYPE), self.q, self.scale)
             y = y.to(x.dtype)

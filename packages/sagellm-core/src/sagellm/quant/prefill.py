@@ -1,4 +1,4 @@
-"""Long inputs (prefill) through a bfloat16 GEMM instead of the packed weight-only kernels.
+"""Long inputs (prefill) through a dense GEMM instead of the packed weight-only kernels.
 
 torch's CPU ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` are GEMV-shaped: at one
 to a few dozen rows they beat a float GEMM by reading fewer weight bytes, but at a 512-token
@@ -15,20 +15,34 @@ of 128 tokens (``backends.cpu.PREFILL_CHUNK_TOKENS``), so the weight is rebuilt 
 whole 512-token prefills, one thread, CPU seconds: float32 2.17, int8 1.32, int4 1.98 with a
 nibble rebuild, 1.68 with the int8-code one against float32's 2.07 in the same process
 (benchmarks/results/cpu-int4-prefill-2026-12-02.json).
+
+The dense GEMM is bfloat16 only where the CPU has native bfloat16 arithmetic
+(:func:`~sagellm.quant.cpu_features.has_fast_bf16`); elsewhere it is float32. On an AVX2 CPU
+the emulated bfloat16 GEMM is both slower than float32 and coarser: SmolLM2's int8 perplexity on
+the test text came out 2.3% above float32's with it (20.84 against 20.38, on CI's machine and
+under ``ATEN_CPU_CAPABILITY=avx2``), 1.6% with the float32 GEMM, 1.55% with native bfloat16
+(the rest is the int8 rounding itself).
 """
 
 from __future__ import annotations
 
 import torch
 
-COMPUTE_DTYPE = torch.bfloat16
+from sagellm.quant.cpu_features import has_fast_bf16
+
+
+def dense_dtype() -> torch.dtype:
+    """The dtype of the long-input GEMM on this CPU: bfloat16 with native bfloat16 arithmetic,
+    float32 without."""
+    return torch.bfloat16 if has_fast_bf16() else torch.float32
 
 
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor,
                  out_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [tokens, in] @ weight[out, in]^T`` in bfloat16, times ``out_scale [out]`` if given,
-    returned in ``x``'s dtype."""
-    y = x.to(COMPUTE_DTYPE) @ weight.t()
+    """``x [tokens, in] @ weight[out, in]^T`` in :func:`dense_dtype` (``weight`` is cast to it,
+    int8 values exactly), times ``out_scale [out]`` if given, returned in ``x``'s dtype."""
+    dtype = dense_dtype()
+    y = x.to(dtype) @ weight.to(dtype).t()
     if out_scale is not None:
         y.mul_(out_scale)
     return y.to(x.dtype)
