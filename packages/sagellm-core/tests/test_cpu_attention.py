@@ -54,3 +54,20 @@ def test_plan_is_made_once_per_step_and_sees_new_keys() -> None:
     out = attn.decode(q, kc2, vc, meta, 0.3)
     assert decode_plan(meta, BS) is plan
     torch.testing.assert_close(out, TorchAttentionBackend().decode(q, kc2, vc, meta, 0.3))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.long])
+@pytest.mark.parametrize("slots", [[5, 9, 2], [5, -1, 2, -1], [-1]])
+def test_write_kv_matches_reference_and_skips_padding(dtype: torch.dtype, slots: list[int]) -> None:
+    g = torch.Generator().manual_seed(len(slots))
+    key, value = torch.randn(len(slots), HKV, D, generator=g), torch.randn(len(slots), HKV, D)
+    mapping = torch.tensor(slots, dtype=dtype)
+    caches = [torch.zeros(4, BS, HKV, D) for _ in range(4)]
+    TorchAttentionBackend().write_kv(key, value, caches[0], caches[1], mapping)
+    CpuAttentionBackend().write_kv(key, value, caches[2], caches[3], mapping)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    flat = caches[2].view(-1, HKV, D)
+    for i, s in enumerate(slots):
+        if s >= 0:
+            assert torch.equal(flat[s], key[i])
+    assert int((flat.abs().sum((1, 2)) > 0).sum()) == sum(s >= 0 for s in slots)

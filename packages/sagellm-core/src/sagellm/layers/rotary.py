@@ -120,15 +120,32 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] at ``positions`` [T]."""
-        cs = self.cos_sin[positions]
-        cos, sin = cs[:, None, : self.half], cs[:, None, self.half:]
+        table = _rotate_half_table(self.cos_sin)[positions]  # [T, 2D]: [cos | cos | -sin | sin]
+        d = 2 * self.half
+        cos, sin = table[:, None, :d], table[:, None, d:]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # [x1 | x2] -> [x1 cos - x2 sin | x2 cos + x1 sin] as x * [cos | cos] + [x2 | x1] *
+        # [-sin | sin]: the same products and sums (bit for bit) in four ops instead of nine.
         dtype = x.dtype
-        x = x.float()
-        x1, x2 = x[..., : self.half], x[..., self.half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(dtype)
+        if dtype != torch.float32:
+            x = x.float()
+        out = x * cos + x.roll(self.half, -1) * sin
+        return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _rotate_half_table(cos_sin: torch.Tensor) -> torch.Tensor:
+    """``cos_sin`` [P, D] = [cos | sin] -> [P, 2D] = [cos | cos | -sin | sin], made on first use
+    and kept on the table itself (every layer's rotary shares its table, so once per model; it
+    goes when the table goes)."""
+    table = getattr(cos_sin, "_rotate_half", None)
+    if table is None:
+        cos, sin = cos_sin.chunk(2, -1)
+        with torch.inference_mode(False):  # a normal tensor, like the table, whatever the caller
+            table = torch.cat([cos, cos, -sin, sin], -1).contiguous()
+        cos_sin._rotate_half = table  # type: ignore[attr-defined]
+    return table  # type: ignore[no-any-return]
 
 
 class PartialRotaryEmbedding(RotaryEmbedding):
