@@ -177,20 +177,27 @@ def measure_stubbed(model: Path, n: int, steps: int) -> dict[str, float]:
     return _stats(times)
 
 
-def profile_engine(model: Path, n: int, steps: int, top: int = 20) -> str:
-    engine = _start(model, n)
-    _stub_model(engine)
-    prof = cProfile.Profile()
+def _profile_steps(engine, n: int, steps: int, top: int, *timer) -> tuple[str, float]:  # type: ignore[no-untyped-def]
+    """cProfile of ``steps`` engine steps (``timer``: cProfile's clock, wall time if none):
+    the top-``top`` table by own time and Python calls per sequence per step."""
+    prof = cProfile.Profile(*timer)
     prof.enable()
     for _ in range(steps):
         engine.step()
     prof.disable()
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)
+    calls = stats.total_calls / steps / n  # type: ignore[attr-defined]
     # Deterministic, unlike the timings on a shared box: compare these between versions.
-    out.write(f"Python calls per sequence per step: {stats.total_calls / steps / n:.1f}\n")
+    out.write(f"Python calls per sequence per step: {calls:.1f}\n")
     stats.sort_stats("tottime").print_stats(top)
-    return out.getvalue()
+    return out.getvalue(), calls
+
+
+def profile_engine(model: Path, n: int, steps: int, top: int = 20) -> str:
+    engine = _start(model, n)
+    _stub_model(engine)
+    return _profile_steps(engine, n, steps, top)[0]
 
 
 def _feature_logits(vocab: int, rows: int = 4096) -> torch.Tensor:
@@ -342,18 +349,11 @@ def measure_features(model: Path, n: int, steps: int, graph: bool, top: int = 15
             assert len(outs) == n and not any(o.finished for o in outs), \
                 f"{name}: every request decodes every measured step"
         ops = _count_torch_ops(engine, 10)
-        prof = cProfile.Profile(time.thread_time)  # CPU time: other processes do not count
-        prof.enable()
-        for _ in range(steps):
-            engine.step()
-        prof.disable()
-        out = io.StringIO()
-        stats = pstats.Stats(prof, stream=out)
-        out.write(f"Python calls per sequence per step: {stats.total_calls / steps / n:.1f}\n")
-        stats.sort_stats("tottime").print_stats(top)
+        # CPU time: other processes do not count.
+        profile, calls = _profile_steps(engine, n, steps, top, time.thread_time)
         rows.append({"variant": name, "host_cpu_us": _stats(times),
-                     "calls_per_seq_step": round(stats.total_calls / steps / n, 1),
-                     "torch_ops_per_step": ops, "profile": out.getvalue()})
+                     "calls_per_seq_step": round(calls, 1),
+                     "torch_ops_per_step": ops, "profile": profile})
         engine.shutdown()
     base = rows[0]["host_cpu_us"]["median"]
     for r in rows:
