@@ -71,3 +71,15 @@ def test_write_kv_matches_reference_and_skips_padding(dtype: torch.dtype, slots:
         if s >= 0:
             assert torch.equal(flat[s], key[i])
     assert int((flat.abs().sum((1, 2)) > 0).sum()) == sum(s >= 0 for s in slots)
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_bfloat16_decode_matches_reference(scattered: bool) -> None:
+    # float32 spans run as bmm + softmax; bfloat16 ones keep the float32-accumulating kernel.
+    q, kc, vc, meta = _case([9, 14], scattered, 6)
+    q, kc, vc = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    ref = TorchAttentionBackend().decode(q.float(), kc.float(), vc.float(), meta, 0.3)
+    fresh = DecodeMetadata(meta.seq_lens, meta.block_tables, meta.max_seq_len)
+    got = CpuAttentionBackend().decode(q, kc, vc, fresh, 0.3)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)

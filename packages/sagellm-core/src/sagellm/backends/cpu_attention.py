@@ -74,6 +74,22 @@ def decode_plan(meta: DecodeMetadata, block_size: int) -> DecodePlan:
     return plan
 
 
+def _attend_span(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+                 ) -> torch.Tensor:
+    """One sequence's decode over its keys and values in place: ``q`` [Hkv, group, D] against
+    ``keys``/``values`` [L, Hkv, D] -> [Hkv, group, D].
+
+    In float32 as two ``bmm`` around a softmax: for one query token that is about twice as fast
+    as ``scaled_dot_product_attention``'s CPU kernel (SmolLM2's shapes, 2 threads: 21 against
+    37 us at 48 keys, 41 against 85 at 400). Other dtypes keep that kernel, which accumulates
+    in float32 where a bfloat16 ``bmm`` and softmax would not."""
+    k, v = keys.transpose(0, 1), values.transpose(0, 1)  # [Hkv, L, D], views
+    if q.dtype == torch.float32 and k.dtype == torch.float32:
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+        return torch.bmm(scores.softmax(-1), v)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale)
+
+
 class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu-sdpa"
 
@@ -98,12 +114,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
         keys = key_cache.view(-1, kv_heads, dim)
         values = value_cache.view(-1, kv_heads, dim)
         if plan.spans is not None:
+            if len(plan.spans) == 1:
+                start, length = plan.spans[0]
+                return _attend_span(q[0], keys[start:start + length],
+                                    values[start:start + length], scale).view(1, heads, dim)
             out = torch.empty_like(query)
             for i, (start, length) in enumerate(plan.spans):
-                k = keys[start:start + length].transpose(0, 1)  # [Hkv, L, D], a view
-                v = values[start:start + length].transpose(0, 1)
-                out[i] = F.scaled_dot_product_attention(
-                    q[i], k.to(q.dtype), v.to(q.dtype), scale=scale).view(heads, dim)
+                out[i] = _attend_span(q[i], keys[start:start + length],
+                                      values[start:start + length], scale).view(heads, dim)
             return out
         assert plan.slots is not None and plan.mask is not None
         rows = (bsz, plan.mask.shape[1], kv_heads, dim)
