@@ -83,6 +83,31 @@ HOSTILE: list[tuple[str, str, bytes, str | None, tuple[str, ...]]] = [
      b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", '
      b'"tools": [{"type": "function", "function": {"name": "f"}}], "parallel_tool_calls": "no"}',
      "parallel_tool_calls", ("parallel_tool_calls",)),
+    # Bounds of the structured-output constraint itself (once a 500: an uncaught ValidationError).
+    ("an empty regex", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": ""}}',
+     "structured_outputs", ("structured_outputs", "regex")),
+    ("an empty choice", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"choice": ["a", ""]}}',
+     "structured_outputs", ("structured_outputs", "empty")),
+    ("an empty grammar", "/v1/completions", b'{"prompt": "hi", "structured_outputs": {"grammar": ""}}',
+     "structured_outputs", ("structured_outputs",)),
+    ("choices over 64 KiB of UTF-8", "/v1/completions",
+     json.dumps({"prompt": "hi", "structured_outputs": {"choice": ["\u00e9" * 1000] * 40}}).encode(),
+     "structured_outputs", ("structured_outputs",)),
+    ("a schema over 64 KiB", "/v1/chat/completions",
+     json.dumps({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+         "name": "s", "schema": {"type": "object", "description": "x" * 70_000}}}}).encode(),
+     "response_format", ("response_format",)),
+    # /v1/tokenize: fields of the messages form sent with a prompt would change nothing.
+    ("add_generation_prompt with a prompt", "/v1/tokenize",
+     b'{"prompt": "hi", "add_generation_prompt": false}', "add_generation_prompt",
+     ("add_generation_prompt", "'messages' only")),
+    ("chat_template with a prompt", "/v1/tokenize", b'{"prompt": "hi", "chat_template": "x"}',
+     "chat_template", ("'messages' only",)),
+    ("add_special_tokens with messages", "/v1/tokenize",
+     b'{"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": true}',
+     "add_special_tokens", ("'prompt' only",)),
     ("a megabyte model name", "/v1/completions", json.dumps({"model": "m" * 1_000_000, "prompt": "x"}).encode(),
      "model", ("does not exist",)),
 ]

@@ -388,6 +388,14 @@ def test_tokenize_detokenize(app: tuple[TestClient, ScriptedEngine]) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     bad = http.post("/v1/tokenize", json={"prompt": "a", "messages": user("b")})
     assert bad.status_code == 400
+    # add_generation_prompt (messages only) reaches the template; with a prompt it is refused.
+    gen = "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    for flag, text in ((None, "hi>"), (True, "hi>"), (False, "hi")):
+        body = {"messages": user("hi"), "chat_template": gen,
+                **({} if flag is None else {"add_generation_prompt": flag})}
+        assert "".join(map(chr, http.post("/v1/tokenize", json=body).json()["tokens"])) == text
+    bad = http.post("/v1/tokenize", json={"prompt": "a", "add_generation_prompt": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "add_generation_prompt"
 
 
 def test_models_report_max_model_len(client: openai.OpenAI) -> None:

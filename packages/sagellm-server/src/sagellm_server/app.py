@@ -594,7 +594,7 @@ class _Server:
         req = await self.parse(request, TokenizeRequest)
         if req.messages is not None:
             chat = ChatCompletionRequest(messages=req.messages, tools=req.tools,
-                                         add_generation_prompt=req.add_generation_prompt,
+                                         add_generation_prompt=req.add_generation_prompt is not False,
                                          chat_template=req.chat_template)
             chat.check_supported()
             ids, _ = await self.render_chat(chat)

@@ -605,7 +605,8 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     #: Default: true for a prompt, false for messages (the template places its own).
     add_special_tokens: StrictBool | None = None
-    add_generation_prompt: StrictBool = True
+    #: Messages only (default true); with a prompt it would change nothing, so it is refused.
+    add_generation_prompt: StrictBool | None = None
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     chat_template: str | None = None
 
@@ -617,10 +618,11 @@ class TokenizeRequest(_Strict):
             raise ApiError(400, "add_special_tokens applies to 'prompt' only (the chat template "
                            "places the special tokens of messages)", param="add_special_tokens",
                            code="invalid_value")
-        if self.prompt is not None and (self.tools is not None or self.chat_template is not None):
-            raise ApiError(400, "tools and chat_template apply to 'messages' only",
-                           param="tools" if self.tools is not None else "chat_template",
-                           code="invalid_value")
+        if self.prompt is not None:
+            for name in ("add_generation_prompt", "tools", "chat_template"):
+                if getattr(self, name) is not None:
+                    raise ApiError(400, f"{name} applies to 'messages' only", param=name,
+                                   code="invalid_value")
 
 
 class DetokenizeRequest(_Strict):

@@ -53,7 +53,7 @@ def structured_output(req: Request, tool_style: str | None, tokenizer: object | 
         assert js is not None  # check_supported
         if js.schema_ is None:
             return StructuredOutputParams(json_object=True), "response_format"
-        return StructuredOutputParams(json_schema=js.schema_, strict=bool(js.strict)), "response_format"
+        return _structured("response_format", json_schema=js.schema_, strict=bool(js.strict)), "response_format"
     so = req.structured_outputs
     if so is None:
         return None, ""
@@ -64,7 +64,17 @@ def structured_output(req: Request, tool_style: str | None, tokenizer: object | 
         raise ApiError(400, "structured_outputs takes exactly one of json, json_object, regex, "
                        f"grammar, choice (got {len(given)})", param="structured_outputs",
                        code="invalid_value")
-    return StructuredOutputParams(**given), "structured_outputs"
+    return _structured("structured_outputs", **given), "structured_outputs"
+
+
+def _structured(param: str, **fields: Any) -> StructuredOutputParams:
+    """The constraint, or a 400 naming ``param`` where it breaks one of ``StructuredOutputParams``'
+    own bounds (an empty regex, grammar or choice, a schema or grammar over its size limit)."""
+    try:
+        return StructuredOutputParams(**fields)
+    except ValidationError as exc:
+        msg = exc.errors(include_url=False)[0].get("msg", "invalid value")
+        raise ApiError(400, f"invalid {param}: {msg}", param=param, code="invalid_value") from None
 
 
 def sampling_params(req: Request, *, max_tokens: int, vocab_size: int, logprobs: int | None,
