@@ -68,6 +68,8 @@ HOSTILE: list[tuple[str, str, bytes, str | None, tuple[str, ...]]] = [
      ("nested",)),
     ("huge seed", "/v1/completions", b'{"prompt": "hi", "seed": ' + str(10**30).encode() + b"}", "seed",
      ("seed",)),
+    ("repetition_penalty past the sampler's bound", "/v1/completions",
+     b'{"prompt": "hi", "repetition_penalty": 5}', "repetition_penalty", ("repetition_penalty", "2")),
     ("huge top_k", "/v1/completions", b'{"prompt": "hi", "top_k": ' + str(10**30).encode() + b"}", "top_k",
      ("top_k",)),
     ("huge stop token id", "/v1/completions",

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
+from sagellm.sampling_params import MAX_ABS_PENALTY, MAX_REPETITION_PENALTY, MAX_SEED, MIN_SEED
+
 
 class ApiError(Exception):
     """Becomes ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
@@ -326,16 +328,16 @@ class _CommonRequest(_Strict):
     min_tokens: int = Field(0, ge=0)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)  # what torch's generators take
     ignore_eos: StrictBool = False
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)
     logit_bias: dict[str, float] | None = None
     structured_outputs: StructuredOutputs | None = None
     #: No-op: names the end user for abuse monitoring, which this server does not do.
