@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sagellm-server",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
-                    "/v1/chat/completions, /v1/models, /v1/backends, /metrics, /health, /version). "
+                    "/v1/chat/completions, /v1/tokenize, /v1/detokenize, /v1/models, /v1/backends, "
+                    "/metrics, /health, /version). "
                     "All clients share one engine, so their requests are batched together.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
