@@ -40,8 +40,8 @@ KERNEL_GROUPS = (32, 64, 128, 256)
 
 class Int4Weight(QuantizedWeight):
     scheme = "int4"
-    #: Rows from which the bfloat16 GEMM path wins (the rebuild costs about a 64-row GEMM;
-    #: measured in sagellm.quant.prefill).
+    #: Rows from which the dense GEMM path wins (the rebuild costs about a 64-row GEMM;
+    #: measured with native bfloat16 in sagellm.quant.prefill).
     dense_min_tokens = 96
     #: SmolLM2-135M on the shipped text (tests/test_perplexity.py): the head in int4 raised
     #: perplexity 5.8% over float, in int8 0.2%, for about 2 ms more per decode step on 2 cores.

@@ -29,8 +29,8 @@ REFINED_LOGITS = 16
 
 class Int8Weight(QuantizedWeight):
     scheme = "int8"
-    #: Rows from which the bfloat16 GEMM path wins (int8 -> bfloat16 is one cheap cast;
-    #: measured in sagellm.quant.prefill).
+    #: Rows from which the dense GEMM path wins (int8 -> bfloat16 is one cheap cast; measured
+    #: with native bfloat16 in sagellm.quant.prefill).
     dense_min_tokens = 16
 
     def __init__(self, grid: Int8Grid) -> None:
@@ -57,7 +57,7 @@ class Int8Weight(QuantizedWeight):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] >= self.dense_min_tokens:
-            # int8 values are exact in bfloat16; the row scale applies to the product.
+            # int8 values are exact in the dense dtype; the row scale applies to the product.
             y = dense_matmul(x2, self.q, self.scale)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(COMPUTE_DTYPE), self.q, self.scale)
