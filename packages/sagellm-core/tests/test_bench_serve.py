@@ -78,3 +78,22 @@ def test_extra_body_reaches_every_request(tmp_path: Path) -> None:
         serve.one_request = orig  # type: ignore[assignment]
     assert rc == 0 and len(seen) == 9 and all(e == {"logprobs": 5} for e in seen)  # warm + 8
     assert json.loads(out.read_text())["serve_c1"]["extra_body"] == {"logprobs": 5}
+
+
+def test_a_response_whose_first_chunk_holds_every_token_has_no_tpot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that sends a whole completion in its first chunk (one of vLLM's serve_c16
+    responses on the H200 did) counts its tokens but gives no TPOT sample; before, the row died dividing by
+    zero."""
+    def fake(url: str, prompt: list[int], max_tokens: int, model: str | None = None,
+             extra: dict[str, object] | None = None) -> dict[str, object]:
+        if len(prompt) == 3:  # one chunk of 4 tokens
+            return {"start": 0.0, "end": 0.5, "times": [0.2], "counts": [4]}
+        return {"start": 0.0, "end": 1.0, "times": [0.1, 0.2, 0.4], "counts": [1, 1, 2]}
+
+    monkeypatch.setattr(serve, "one_request", fake)
+    r = serve.run_requests("http://unused", 1, [[5] * 3, [5] * 6], [4, 4])
+    assert r["completed"] == 2 and r["out_tok_s"] * r["duration_s"] == pytest.approx(8)
+    # Only the second request's (0.4 - 0.1) s over its 3 tokens after the first chunk.
+    assert r["tpot_ms"]["p50"] == pytest.approx(100.0)
+    assert r["ttft_ms"]["p50"] == pytest.approx(150.0)

@@ -158,7 +158,7 @@ def run_requests(url: str, concurrency: int, prompts: list[list[int]], max_token
             continue
         ttft.append((r["times"][0] - r["start"]) * 1e3)
         e2e.append((r["end"] - r["start"]) * 1e3)
-        if n > 1:
+        if n > r["counts"][0]:  # a token arrived after the first chunk
             tpot.append((r["times"][-1] - r["times"][0]) * 1e3 / (n - r["counts"][0]))
         for a, b, c in zip(r["times"], r["times"][1:], r["counts"][1:]):
             itl.extend([(b - a) * 1e3 / c] * c)
