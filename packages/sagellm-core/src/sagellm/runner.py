@@ -17,9 +17,7 @@ returns it from ``Platform.make_model_runner(ctx)``; everything such a runner ne
 * :class:`MaskFill` - a step's structured-output masks, begun by ``begin_mask_fill`` before
   the forward and handed to ``sample_tokens`` (``apply_token_bitmask`` applies them);
 * :class:`SequenceState` - one request as the plan refers to it (tokens, block table, params);
-* :class:`ForwardContext` - what the model's attention layers receive;
-* :func:`warm_up_step` - one eager step with several prompts, a chunk over cached context and
-  decodes, run at start-up by a runner whose kernels compile on first use.
+* :class:`ForwardContext` - what the model's attention layers receive.
 
 These names are covered by ``sagellm.protocols.CONTRACT_VERSION``; anything else under
 ``sagellm.engine`` may change without notice.
@@ -32,7 +30,6 @@ from sagellm.engine.model_runner import ModelInput, ModelRunner, StepRunner
 from sagellm.engine.plan import DecodeOp, PrefillOp, StepPlan
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.sequence import SequenceState
-from sagellm.engine.warm_up import warm_up_step
 from sagellm.layers.attention import ForwardContext
 
 __all__ = [
@@ -46,5 +43,4 @@ __all__ = [
     "SequenceState",
     "StepPlan",
     "StepRunner",
-    "warm_up_step",
 ]

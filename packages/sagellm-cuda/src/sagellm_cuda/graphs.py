@@ -20,10 +20,6 @@ bucket (32 ... 2048). The prompt is padded at its end; causal attention keeps th
 the real rows, padded rows write no KV (slot -1), and the graph returns the last real row. Other
 steps with prefill tokens run eagerly through core's :class:`ModelRunner`.
 
-Before capturing, the runner runs core's start-up warm-up step (``sagellm.runner.warm_up_step``:
-several prompts, a chunk over cached context and decodes, eagerly), so the Triton variants of
-the eager steps compile at start-up rather than in the first busy step a user sends.
-
 Built only on the public runner contract (:mod:`sagellm.runner`): the graphs call the model
 through ``forward_context``, sample through ``sample_tokens`` and wait through
 ``fetch_sampled``, exactly as core's eager steps do.
@@ -42,7 +38,7 @@ import numpy as np
 import torch
 
 from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
-from sagellm.runner import MaskFill, ModelRunner, RunnerContext, SequenceState, StepPlan, warm_up_step
+from sagellm.runner import MaskFill, ModelRunner, RunnerContext, SequenceState, StepPlan
 from sagellm_cuda.penalties_kernel import apply_penalties_triton
 from sagellm_cuda.token_bitmask import apply_token_bitmask_triton
 
@@ -137,10 +133,6 @@ class CudaGraphModelRunner(ModelRunner):
                        for b in self.prefill_sizes}
         self._zero = torch.zeros(1, dtype=torch.int32, device=device)
         self.prefill_out_ids = torch.zeros(1, dtype=torch.int64, device=device)
-        if device.type == "cuda":
-            # Eager steps' kernel variants compile now, not in the first busy step a user sees
-            # (sagellm.engine.warm_up); every rank runs it, as every rank captures.
-            warm_up_step(self)
         if not enforce_eager:
             self.capture()
         if self.out_logits is not None:  # a capture's warm-up made it (a CPU test's may not)
