@@ -205,8 +205,8 @@ def _num_kv_blocks(cfg: EngineConfig, platform: Platform, spec: KVCacheSpec, max
         return cfg.num_kv_blocks
     if platform.device.type == "cpu":
         return max(1, min(cfg.cpu_kv_cache_bytes // per_block, useful))
-    activation = _profile_activation_bytes(platform, spec, min(cfg.max_num_batched_tokens,
-                                                               max_model_len), profile_context)
+    activation = _profile_activation_bytes(platform, spec, cfg.max_num_batched_tokens,
+                                           max_model_len, profile_context)
     mem = platform.memory_info()
     used = mem.total_bytes - mem.free_bytes
     budget = int(mem.total_bytes * cfg.gpu_memory_utilization) - used - activation
@@ -218,20 +218,42 @@ def _num_kv_blocks(cfg: EngineConfig, platform: Platform, spec: KVCacheSpec, max
     return int(budget // per_block)
 
 
+def profile_prompt_lengths(num_tokens: int, max_model_len: int) -> list[int]:
+    """The prompts of the memory profile's step: ``num_tokens`` tokens (the step budget) in
+    prompts of at most ``max_model_len`` each, as a step of several prompts can hold them all."""
+    if num_tokens <= 0 or max_model_len <= 0:
+        raise ValueError(f"the profile needs tokens and a context, got {num_tokens} and "
+                         f"{max_model_len}")
+    full, rest = divmod(num_tokens, max_model_len)
+    return [max_model_len] * full + ([rest] if rest else [])
+
+
 @torch.inference_mode()
-def _profile_activation_bytes(platform: Platform, spec: KVCacheSpec, n: int,
+def _profile_activation_bytes(platform: Platform, spec: KVCacheSpec, n: int, max_model_len: int,
                               profile_context: Callable[[KVBackend], RunnerContext]) -> int:
-    """Peak activation memory of the largest step (``n`` tokens), measured with a dummy prefill
-    over a pool just large enough for it."""
+    """Peak activation memory of the largest step (``n`` tokens, the step budget), measured
+    with a dummy prefill over a pool just large enough for it.
+
+    A step holds up to ``n`` tokens whatever the context length, in several prompts when ``n``
+    is larger than ``max_model_len`` (sixteen 512-token prompts fill an 8192-token budget under
+    a 4096 context): the profile prefills ``n`` tokens in prompts of at most ``max_model_len``
+    (:func:`profile_prompt_lengths`), so that no position passes the context."""
     bs = spec.block_size
-    tmp_kv = platform.make_kv_backend(spec, -(-n // bs))
-    seq = SequenceState("profile", [0] * n, SamplingParams(max_tokens=1))
-    seq.block_table = list(range(-(-n // bs)))
+    lengths = profile_prompt_lengths(n, max_model_len)
+    blocks = [-(-m // bs) for m in lengths]
+    tmp_kv = platform.make_kv_backend(spec, sum(blocks))
+    prefills = []
+    first = 0
+    for i, (m, b) in enumerate(zip(lengths, blocks)):
+        seq = SequenceState(f"profile-{i}", [0] * m, SamplingParams(max_tokens=1))
+        seq.block_table = list(range(first, first + b))
+        first += b
+        prefills.append(PrefillOp(seq, 0, m))
     runner = ModelRunner(profile_context(tmp_kv))
     platform.synchronize()
     platform.reset_peak_memory()
     base = platform.max_memory_allocated()
-    plan = StepPlan(step_id=0, prefills=[PrefillOp(seq, 0, n)])
+    plan = StepPlan(step_id=0, prefills=prefills)
     inp = runner.prepare(plan)
     hidden = runner.forward(inp)
     runner.model.compute_logits(hidden)  # type: ignore[operator]
