@@ -168,3 +168,126 @@ def test_too_many_tools_fail_the_size_bound() -> None:
              for i in range(10)]
     with pytest.raises(ValueError, match="bytes"):
         tool_call_grammar(tools, "required", "hermes")
+
+
+# -- tool_choice "auto" with strict tools ------------------------------------------------------
+
+STRICT = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER,
+                                            "strict": True}}]
+
+
+def test_avoiding_is_exactly_the_strings_without_the_word() -> None:
+    import random
+
+    from sagellm.structured.tools import avoiding
+
+    word = "<tool_call>"
+    pattern = re.compile(avoiding(word))
+    rnd = random.Random(0)
+    alphabet = "<tool_cal>x\n"
+    samples = ["", word, "<" + word, "a" + word + "b", "<tool_callx" + word, word[:-1] + "<"]
+    samples += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
+                for _ in range(4000)]
+    samples += [word[:k] + rnd.choice(alphabet) + word[k:] for k in range(len(word))
+                for _ in range(20)]
+    for s in samples:
+        assert bool(pattern.fullmatch(s)) == (word not in s), repr(s)
+    for bad in ("a", "abca"):
+        with pytest.raises(ValueError, match="first character occurs"):
+            avoiding(bad)
+
+
+def _steer(tok: Any, c: GrammarConstraint, pieces: list[Any], eos: int | None = None) -> str:
+    """Decode under ``c`` with logits that strongly prefer the tokens of ``pieces`` (text, or a
+    token id) in turn, then the end of the sequence; returns the text."""
+    import torch
+
+    script: list[int] = []
+    for p in pieces:
+        script += [p] if isinstance(p, int) else tok.encode(p, add_special_tokens=False)
+    vocab = len(tok)
+    eos = tok.eos_token_id if eos is None else eos
+    gen = torch.Generator().manual_seed(0)
+
+    def logits(done: list[int]) -> torch.Tensor:
+        out = torch.randn(vocab, generator=gen)
+        out[script[len(done)] if len(done) < len(script) else eos] += 100.0
+        return out
+
+    tokens = drive_constraint(c, vocab, logits, max_steps=256)
+    return tok.decode([t for t in tokens if t != eos])
+
+
+def test_auto_llama3_allows_prose_and_holds_calls_to_their_schema(smol_tok: Any) -> None:
+    from sagellm.structured.tools import auto_tool_call_grammar
+
+    params = auto_tool_call_grammar(STRICT, "llama3_json", parallel=False, tokenizer=smol_tok)
+    assert params is not None
+    factory = make_constraint_factory(params, smol_tok, len(smol_tok))
+    assert _steer(smol_tok, factory(), ["It is sunny in Paris."]) == "It is sunny in Paris."
+    good = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}'
+    assert _steer(smol_tok, factory(), [good]) == good
+    # A call with the wrong argument names and a second call: the grammar keeps the first
+    # call inside the schema and allows no second one (parallel_tool_calls false).
+    bad = '{"name": "get_weather", "parameters": {"town": "Rome"}}; {"name": "get_weather"'
+    (call,) = parse_calls(_steer(smol_tok, factory(), [bad]).strip(), "llama3_json")
+    assert call["name"] == "get_weather"
+    assert schema_errors(call["parameters"], WEATHER) == []
+
+
+def test_auto_hermes_needs_the_tag_as_one_token(smol_tok: Any, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from sagellm.structured.bitmask import allocate_bitmask
+    from sagellm.structured.tools import auto_tool_call_grammar
+
+    # SmolLM2 spells "<tool_call>" in several tokens: no grammar (calls stay unconstrained).
+    assert auto_tool_call_grammar(STRICT, "hermes", tokenizer=smol_tok) is None
+    tok = AutoTokenizer.from_pretrained(str(make_tiny_llama(tmp_path, tokenizer=True)))
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    open_id, close_id = tok.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    params = auto_tool_call_grammar(STRICT, "hermes", tokenizer=tok)
+    assert params is not None
+    factory = make_constraint_factory(params, tok, len(tok), [2])
+    assert _steer(tok, factory(), ["Sure, it is sunny."], 2) == "Sure, it is sunny."
+    text = _steer(tok, factory(), ["Let me look.", open_id,
+                                   '\n{"name": "get_weather", "arguments": {"zzz": 5}}\n', close_id],
+                  2)
+    prose, _, rest = text.partition(HERMES_OPEN)
+    assert prose == "Let me look."
+    (call,) = parse_calls(HERMES_OPEN + rest, "hermes")
+    assert schema_errors(call["arguments"], WEATHER) == []
+    # Prose never spells the tag out: after "<tool_call" in ordinary tokens, ">" is refused.
+    c = factory()
+    spelled = [t for ch in "Hi <tool_call" for t in tok.encode(ch, add_special_tokens=False)]
+    assert all(c.accept_token(t) for t in spelled)
+    mask = allocate_bitmask(1, len(tok))
+    c.fill_bitmask(mask, 0)
+    logits = torch.zeros(1, len(tok))
+    from sagellm.engine.constraint import apply_token_bitmask
+
+    apply_token_bitmask(logits, mask, None)
+    (gt,) = tok.encode(">", add_special_tokens=False)
+    assert not torch.isfinite(logits[0, gt]) and torch.isfinite(logits[0, 2])
+
+
+def test_auto_refuses_malformed_tools_and_styles() -> None:
+    from sagellm.structured.tools import auto_tool_call_grammar
+
+    with pytest.raises(ValueError, match="unknown tool-call style"):
+        auto_tool_call_grammar(STRICT, "xml")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one tool"):
+        auto_tool_call_grammar([], "llama3_json")
+
+
+def test_auto_strict_schema_the_engine_cannot_enforce_fails_to_compile(smol_tok: Any) -> None:
+    """What the server turns into a 400 naming ``tools`` before admission."""
+    from sagellm.structured.tools import auto_tool_call_grammar
+
+    loose = {"type": "object", "properties": {"n": {"type": "integer"}}, "if": {"required": ["n"]}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": loose, "strict": True}}]
+    params = auto_tool_call_grammar(tools, "llama3_json")
+    assert params is not None
+    with pytest.raises(ValueError, match="Unimplemented keys"):
+        compiler_for(smol_tok, len(smol_tok)).validate(params)

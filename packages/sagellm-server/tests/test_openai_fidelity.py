@@ -274,6 +274,50 @@ def test_tool_choice(client: openai.OpenAI, engine: ScriptedEngine) -> None:
     assert e.value.body["param"] == "tool_choice"
 
 
+STRICT_WEATHER = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+
+
+def _chat(**body: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": MODEL, "messages": user("x"), **body})
+
+
+def test_strict_tools_under_auto_constrain_calls() -> None:
+    """A strict tool under tool_choice auto (or none given): the output is prose or calls held to
+    the schemas (llama3_json style here; Hermes needs its tag as one token, tested in core)."""
+    from sagellm_server.request_params import structured_output
+
+    for choice in ({}, {"tool_choice": "auto"}):
+        params, param = structured_output(_chat(tools=[STRICT_WEATHER], **choice), "llama3_json")
+        assert params is not None and param == "tools"
+        assert "prose:" in (params.grammar or "") and "start: prose | calls" in (params.grammar or "")
+    one, _ = structured_output(_chat(tools=[STRICT_WEATHER], parallel_tool_calls=False), "llama3_json")
+    assert one is not None and "calls: one\n" in (one.grammar or "") + "\n"
+    # Not strict, tool_choice none, no tool parser, or a Hermes tag that is not one token
+    # (the character tokenizer): calls stay unconstrained, as before.
+    assert structured_output(_chat(tools=[WEATHER]), "llama3_json") == (None, "")
+    assert structured_output(_chat(tools=[STRICT_WEATHER], tool_choice="none"), "llama3_json")[0] is None
+    assert structured_output(_chat(tools=[STRICT_WEATHER]), None)[0] is None
+    assert structured_output(_chat(tools=[STRICT_WEATHER]), "hermes", CharTokenizer())[0] is None
+    # response_format constrains the answer instead (as before).
+    rf, param = structured_output(_chat(tools=[STRICT_WEATHER], response_format={"type": "json_object"}),
+                                  "llama3_json")
+    assert rf is not None and rf.json_object and param == "response_format"
+
+
+def test_strict_tool_from_the_sdk_round_trips(client: openai.OpenAI, engine: ScriptedEngine) -> None:
+    """``openai.pydantic_function_tool`` marks tools strict; on the scripted engine (Hermes tags
+    spelled in characters) the call is parsed as before."""
+    class GetWeather(BaseModel):
+        city: str
+
+    tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
+    assert tool["function"].get("strict") is True
+    r = client.chat.completions.create(model=MODEL, messages=user("REPLY:" + CALL), tools=[tool])
+    (call,) = r.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert engine.added[-1][2].structured_output is None
+
+
 # -- refused and unknown fields ------------------------------------------------------------------
 
 REFUSED_VALUES: dict[str, Any] = {

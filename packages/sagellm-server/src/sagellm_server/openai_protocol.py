@@ -171,7 +171,8 @@ class FunctionDefinition(_Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     #: Honoured: a tool call is parsed from the model's output; with tool_choice required or a
-    #: named function the call is generated under that function's schema in any case.
+    #: named function the call is generated under that function's schema in any case, and
+    #: under auto when any tool is strict (``request_params._strict_auto_tools``).
     strict: StrictBool | None = None
 
     @field_validator("name")

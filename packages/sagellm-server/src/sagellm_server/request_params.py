@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sagellm.sampling_params import SamplingParams
-from sagellm.structured import StructuredOutputParams, tool_call_grammar
+from sagellm.structured import StructuredOutputParams, auto_tool_call_grammar, tool_call_grammar
 from sagellm_server.openai_protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -56,7 +56,8 @@ def structured_output(req: Request, tool_style: str | None, tokenizer: object | 
         return _structured("response_format", json_schema=js.schema_, strict=bool(js.strict)), "response_format"
     so = req.structured_outputs
     if so is None:
-        return None, ""
+        auto = _strict_auto_tools(req, tool_style, tokenizer)
+        return auto, "tools" if auto is not None else ""
     given = {k: v for k, v in (("json_schema", so.json_), ("json_object", so.json_object or None),
                                ("regex", so.regex), ("grammar", so.grammar), ("choice", so.choice))
              if v is not None}
@@ -65,6 +66,28 @@ def structured_output(req: Request, tool_style: str | None, tokenizer: object | 
                        f"grammar, choice (got {len(given)})", param="structured_outputs",
                        code="invalid_value")
     return _structured("structured_outputs", **given), "structured_outputs"
+
+
+def _strict_auto_tools(req: Request, tool_style: str | None, tokenizer: object | None
+                       ) -> StructuredOutputParams | None:
+    """Under ``tool_choice`` ``"auto"`` (or none given), when any tool is ``strict``: prose or
+    calls whose arguments follow the tools' schemas (``auto_tool_call_grammar``); ``None``
+    without strict tools, and where the style cannot be enforced under auto (a Hermes model
+    whose ``<tool_call>`` is not one token: its calls are then parsed unconstrained)."""
+    if not isinstance(req, ChatCompletionRequest) or tool_style is None or not req.tools:
+        return None
+    if req.tool_choice not in (None, "auto"):
+        return None
+    if not any(t.function.strict for t in req.tools):
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    try:
+        return auto_tool_call_grammar(tools, tool_style,  # type: ignore[arg-type]
+                                      parallel=req.parallel_tool_calls is not False,
+                                      tokenizer=tokenizer)
+    except ValueError as exc:
+        raise ApiError(400, f"invalid tools: {exc}", param="tools",
+                       code="invalid_value") from None
 
 
 def _structured(param: str, **fields: Any) -> StructuredOutputParams:

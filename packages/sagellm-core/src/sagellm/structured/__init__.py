@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 from sagellm.structured.params import StructuredOutputParams
 
-__all__ = ["StructuredOutputParams", "TokenConstraint", "tool_call_grammar"]
+__all__ = ["StructuredOutputParams", "TokenConstraint", "auto_tool_call_grammar",
+           "tool_call_grammar"]
 
 if TYPE_CHECKING:
     from sagellm.structured.protocol import TokenConstraint
-    from sagellm.structured.tools import tool_call_grammar
+    from sagellm.structured.tools import auto_tool_call_grammar, tool_call_grammar
 
 
 def __getattr__(name: str) -> object:
@@ -27,8 +28,8 @@ def __getattr__(name: str) -> object:
         from sagellm.structured.protocol import TokenConstraint
 
         return TokenConstraint
-    if name == "tool_call_grammar":
-        from sagellm.structured.tools import tool_call_grammar
+    if name in ("tool_call_grammar", "auto_tool_call_grammar"):
+        from sagellm.structured import tools
 
-        return tool_call_grammar
+        return getattr(tools, name)
     raise AttributeError(f"module 'sagellm.structured' has no attribute {name!r}")

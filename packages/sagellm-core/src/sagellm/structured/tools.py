@@ -13,6 +13,12 @@ tool-call parser reads it like a spontaneous one:
 ``strict`` (default false, as in OpenAI) decides whether keywords the grammar engine cannot
 enforce are refused or ignored for that function.
 
+Under ``tool_choice`` ``"auto"``, :func:`auto_tool_call_grammar` leaves the model free to answer
+in prose but holds any call it starts to the same shapes and schemas, as OpenAI does for tools
+marked ``strict``: in the llama3_json style an answer that starts with ``{`` is a call, in the
+Hermes style a call starts with the single ``<tool_call>`` token (prose never contains the tag;
+without such a token there is no grammar, see the function).
+
 Pass the model's ``tokenizer`` where it has the Hermes tags as single added tokens (Qwen2.5
 does): the grammar then lets the model emit those tokens, as it was trained to. Without it the
 tags must be spelled in ordinary tokens, and llguidance (1.9) may offer the single tag token as
@@ -82,18 +88,87 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: str | Mapping[
     return StructuredOutputParams(grammar=lark)
 
 
+#: Prose in the llama3_json style: anything whose first character after blanks is not ``{``
+#: (an answer starting with ``{`` is a call, as the server's parser reads it).
+LLAMA3_PROSE = r"/\s*[^{\s](?s:.*)/"
+
+
+def avoiding(word: str) -> str:
+    """A regex (Rust syntax, as llguidance reads it) for every string that does not contain
+    ``word``, whose first character must occur in it only once.
+
+    Every ``word[0]`` is either the start of a partial match that breaks on a character other
+    than the next one (back to no match) or is followed straight by another ``word[0]``, or by
+    the end. (llguidance 1.9's own complement and intersection operators would do this, but
+    with ``~`` it refused all text and with ``&`` it never allowed the end of the sequence.)
+    """
+    first, rest = word[0], word[1:]
+    if not rest or first in rest:
+        raise ValueError(f"avoiding() needs a word of 2+ characters whose first character occurs "
+                         f"once, got {word!r}")
+    esc = re.escape
+    prefixes = [rest[:k] for k in range(len(rest))]  # the partial matches after `first`
+    def cls(*chars: str) -> str:
+        return "[^" + "".join(esc(c) for c in chars) + "]"
+    partial = "(?:" + "|".join(esc(p) for p in prefixes) + ")"
+    broken = "(?:" + "|".join(esc(p) + cls(rest[len(p)], first) for p in prefixes) + ")"
+    lead = f"(?:{esc(first)}{partial})*"
+    return f"(?:{cls(first)}|{lead}{esc(first)}{broken})*{lead}"
+
+
+#: Prose in the Hermes style: anything without the opening tag.
+HERMES_PROSE = "/" + avoiding(HERMES_OPEN_TAG) + "/"
+
+
+def auto_tool_call_grammar(tools: Sequence[Mapping[str, Any]], style: ToolCallStyle, *,
+                           parallel: bool = True, tokenizer: object | None = None
+                           ) -> StructuredOutputParams | None:
+    """Structured-output params for ``tool_choice`` ``"auto"``: prose, or calls (``parallel``:
+    one or more) to any of ``tools`` in ``style`` whose arguments follow their schemas; in the
+    Hermes style prose may come before the calls.
+
+    ``None`` in the Hermes style when ``tokenizer`` has no single token for ``<tool_call>``:
+    the prose-or-call boundary is then a spelled-out tag the grammar engine's longest-match
+    lexer cannot split from the prose before it. Raises ``ValueError`` as
+    :func:`tool_call_grammar` does for malformed tools or an unknown style.
+    """
+    if style not in ARGUMENTS_KEY:
+        raise ValueError(f"unknown tool-call style {style!r}; expected one of "
+                         f"{', '.join(ARGUMENTS_KEY)}")
+    functions = _chosen(tools, "required")
+    rules = [f"call_{i}: %json {_embedded(f, style)}" for i, f in enumerate(functions)]
+    rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(functions))))
+    if style == "hermes":
+        open_id = _single_token(HERMES_OPEN_TAG, tokenizer)
+        if open_id is None:
+            return None
+        sep = json.dumps("\n")
+        rules += ["prose: " + HERMES_PROSE, 'one: open "\\n" call "\\n" close',
+                  f"open: <[{open_id}]>", f"close: {_tag(HERMES_CLOSE_TAG, tokenizer)}",
+                  "start: prose | prose calls | calls"]
+    else:
+        sep = json.dumps(LLAMA3_SEPARATOR)
+        rules += ["prose: " + LLAMA3_PROSE, "one: call", "start: prose | calls"]
+    rules.append(f"calls: one ({sep} one)*" if parallel else "calls: one")
+    return StructuredOutputParams(grammar="\n".join(rules))
+
+
+def _single_token(tag: str, tokenizer: object | None) -> int | None:
+    """The id of the one token that spells ``tag``, or ``None``."""
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    if convert is None:
+        return None
+    tid = convert(tag)
+    if not isinstance(tid, int) or tid == getattr(tokenizer, "unk_token_id", None):
+        return None
+    return tid if tokenizer.decode([tid]) == tag else None  # type: ignore[attr-defined]
+
+
 def _tag(tag: str, tokenizer: object | None) -> str:
     """A Lark expression for ``tag``: its text, or the one token that spells it, if any."""
     text = json.dumps(tag)
-    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
-    if convert is None:  # no tokenizer, or one without a token table (not an HF tokenizer)
-        return text
-    tid = convert(tag)
-    if not isinstance(tid, int) or tid == getattr(tokenizer, "unk_token_id", None):
-        return text
-    if tokenizer.decode([tid]) != tag:  # type: ignore[attr-defined]
-        return text
-    return f"{text} | <[{tid}]>"
+    tid = _single_token(tag, tokenizer)
+    return text if tid is None else f"{text} | <[{tid}]>"
 
 
 def _embedded(function: Mapping[str, Any], style: ToolCallStyle) -> str:
