@@ -291,3 +291,30 @@ def test_auto_strict_schema_the_engine_cannot_enforce_fails_to_compile(smol_tok:
     assert params is not None
     with pytest.raises(ValueError, match="Unimplemented keys"):
         compiler_for(smol_tok, len(smol_tok)).validate(params)
+
+
+def test_auto_strict_on_the_real_model(smol_llm: Any) -> None:
+    """SmolLM2 under the llama3_json auto grammar: its greedy answer is prose or a valid call;
+    pushed to open with ``{`` (a logit bias), it writes a call that parses and meets the schema."""
+    from sagellm.sampling_params import SamplingParams
+    from sagellm.structured.tools import auto_tool_call_grammar
+
+    tok = smol_llm.tokenizer
+    params = auto_tool_call_grammar(STRICT, "llama3_json", parallel=False, tokenizer=tok)
+    prompt = "Question: what is the weather in Paris?\nAnswer:"
+    free = smol_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24,
+                                                      structured_output=params),
+                             use_tqdm=False)[0].text
+    if free.lstrip().startswith("{"):
+        (call,) = parse_calls(free.strip(), "llama3_json")
+        assert schema_errors(call["parameters"], WEATHER) == []
+    brace = tok.encode("{", add_special_tokens=False)
+    assert len(brace) == 1
+    out = smol_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=128,
+                                                     structured_output=params,
+                                                     logit_bias={brace[0]: 30.0}),
+                            use_tqdm=False)[0]
+    assert out.finish_reason == "stop", out.text
+    (call,) = parse_calls(out.text.strip(), "llama3_json")
+    assert call["name"] == "get_weather"
+    assert schema_errors(call["parameters"], WEATHER) == []
