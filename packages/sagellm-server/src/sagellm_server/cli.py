@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,10 +202,10 @@ _CONFIG_ERRORS = frozenset({"ValidationError", "BackendError", "FileNotFoundErro
 def _engine_process(config: EngineConfig, args: argparse.Namespace,
                     metrics: ServerMetrics) -> tuple[EngineClient, EngineInfo, Any]:
     from sagellm_server.engine_process import EngineProcess
+    from sagellm_server.tokenizer_preload import TokenizerPreload
 
-    # Import transformers (seconds) while the engine process loads the model.
-    importer = threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True)
-    importer.start()
+    # transformers and a local model folder's tokenizer load while the engine process starts.
+    preload = TokenizerPreload(config.model)
     engine = EngineProcess(config, max_num_seqs=args.max_num_seqs,
                            max_queued_requests=args.max_queued_requests, metrics=metrics,
                            factory=args.engine_factory)
@@ -215,11 +213,7 @@ def _engine_process(config: EngineConfig, args: argparse.Namespace,
     tokenizer = None
     if info.tokenizer is not None:
         try:
-            importer.join()
-            from transformers import AutoTokenizer
-
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            tokenizer = AutoTokenizer.from_pretrained(info.tokenizer)
+            tokenizer = preload.get(info.tokenizer)
         except BaseException:
             engine.shutdown()
             raise
