@@ -136,8 +136,8 @@ def test_packed_logprobs_come_back_exactly_as_the_tensors_hold_them() -> None:
 
 
 def test_fetch_sampled_brings_ids_and_logprobs_in_one_copy() -> None:
-    """``ModelRunner.fetch_sampled``: one ``fetch_ids`` call, the same ids and logprobs as the
-    waiting ``record_sampled_logprobs`` path."""
+    """``ModelRunner.fetch_sampled``: one copy (``start_fetch``), the same ids and logprobs as
+    the waiting ``record_sampled_logprobs`` path."""
     from types import SimpleNamespace
 
     from sagellm.engine import request_logits
@@ -146,9 +146,9 @@ def test_fetch_sampled_brings_ids_and_logprobs_in_one_copy() -> None:
     class Platform:
         calls = 0
 
-        def fetch_ids(self, ids: torch.Tensor) -> list[int]:
+        def start_fetch(self, ids: torch.Tensor):  # type: ignore[no-untyped-def]
             Platform.calls += 1
-            return ids.tolist()  # type: ignore[no-any-return]
+            return ids.tolist
 
     def seq(k: int | None) -> SimpleNamespace:
         return SimpleNamespace(params=SimpleNamespace(logprobs=k), sampled_logprob=None)

@@ -206,3 +206,23 @@ def test_prompt_joining_a_running_batch_uses_both_graphs(hf_model: tuple[Path, t
     eager, _ = _generate_staggered(path, enforce_eager=True)
     assert graph_prefills == len(PROMPT_LENS)
     assert graphs == eager
+
+
+def test_asynchronous_scheduling_is_on_by_default_and_equals_synchronous(
+        hf_model: tuple[Path, torch.nn.Module]) -> None:
+    """Steps queued behind each other (pending inputs patched on the GPU) give the tokens of
+    steps waited for one by one: all at once, staggered through both graphs, and eagerly."""
+    from sagellm.config import EngineConfig
+    from sagellm.engine.llm_engine import LLMEngine
+
+    path, _ = hf_model
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", load_format="safetensors",
+                                    num_kv_blocks=64, max_num_seqs=4, max_model_len=512),
+                       platform=_cuda())  # type: ignore[arg-type]
+    assert engine.async_scheduling
+    del engine
+    assert (_generate(path, _cuda(), "float32")
+            == _generate(path, _cuda(), "float32", async_scheduling=False))
+    assert _generate_staggered(path) == _generate_staggered(path, async_scheduling=False)
+    assert (_generate(path, _cuda(), "float32", enforce_eager=True)
+            == _generate(path, _cuda(), "float32", enforce_eager=True, async_scheduling=False))

@@ -403,3 +403,85 @@ def test_fill_pads_rows_past_the_batch() -> None:
     ids, pos, slots, seq_lens, _ = runner._views(runner._np, 4)
     assert ids.tolist() == [8, 0, 0, 0] and pos.tolist() == [5, 0, 0, 0]
     assert slots.tolist() == [4 * BLOCK + 1, -1, -1, -1] and seq_lens.tolist() == [6, 1, 1, 1]
+
+
+# -- asynchronous scheduling: graph steps queued behind each other -----------------------------
+
+
+def _counting_patches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the runner's placeholder patches, by the staging buffer they write."""
+    import sagellm_cuda.graphs as graphs
+
+    counts = {"decode": 0, "prefill": 0}
+    real = graphs.patch_pending
+
+    def counted(input_ids: torch.Tensor, rows: list[int], *args: Any) -> None:
+        counts["prefill" if input_ids.shape[0] in graphs.PREFILL_BUCKETS else "decode"] += 1
+        real(input_ids, rows, *args)
+
+    monkeypatch.setattr(graphs, "patch_pending", counted)
+    return counts
+
+
+def test_async_staggered_graph_steps_take_pending_ids_on_the_device_and_match_sync(
+        tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts join every 2 steps (prefill graph next to the decode graph, batch 1..4, one
+    eager prompt): each decode graph's inputs are the previous step's ids, patched into the
+    staging buffer before the replay; sampled, greedy and logprob rows mixed."""
+    counts = _counting_patches(monkeypatch)
+    prompts = _prompts(5, 20, 9, 70)
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0.9, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
+    engine = _engine(CudaPartsOnCpu(), tiny, async_scheduling=True)
+    assert engine.async_scheduling
+    got = _run(engine, prompts, params, arrive_every=2)
+    want = _run(_engine(CpuPlatform(), tiny), prompts, params, arrive_every=2)
+    assert got == want
+    runner = _runner(engine)
+    assert runner.num_prefill_graph_steps == 3 and runner.num_graph_steps > 0
+    assert counts["decode"] >= runner.num_graph_steps - 3
+    assert engine.block_manager.ref_counts == {}
+
+
+def test_async_preempted_sequences_recompute_their_pending_token_and_match_sync(
+        tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool too small for all: a sequence preempted while its token is on its way is
+    recomputed from its start, through the prefill graph when it is alone, its last input
+    patched from the step before; prefix hits and an ``n=2`` fork on the way."""
+    counts = _counting_patches(monkeypatch)
+    base = _prompts(13)[0]
+    prompts = [base + [5, 6], base + [7], _prompts(9)[0], base[:8] + [9, 9, 9]]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, n=n)
+              for m, n in ((20, 1), (14, 2), (24, 1), (10, 1))]
+    kw: dict[str, Any] = dict(num_kv_blocks=14, enable_prefix_caching=True)
+    engine = _engine(CudaPartsOnCpu(), tiny, async_scheduling=True, **kw)
+    got = _run(engine, prompts, params)
+    assert got == _run(_engine(CpuPlatform(), tiny, **kw), prompts, params)
+    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.num_cache_hits > 0
+    assert counts["decode"] > 0
+
+
+def test_prefill_graph_takes_a_pending_last_token_from_the_step_before(tiny: Path) -> None:
+    """A whole prompt whose last token is still pending (a sequence preempted and re-admitted
+    at once) replays the prefill graph with that input from the previous step's ids."""
+    from sagellm.runner import PENDING_TOKEN, PrefillOp, StepLaunch, StepPlan
+
+    engine = _engine(CudaPartsOnCpu(), tiny)
+    runner = _runner(engine)
+    prompt = _prompts(10)[0]
+
+    def plan_for(tokens: list[int]) -> tuple[StepPlan, SequenceState]:
+        seq = SequenceState("p", tokens, GREEDY)
+        engine.block_manager.allocate(seq, len(tokens))
+        return StepPlan(1, prefills=[PrefillOp(seq, 0, len(tokens))]), seq
+
+    plan, seq = plan_for(prompt)
+    want = runner.execute(plan)
+    engine.block_manager.free(seq)
+    plan, seq = plan_for(prompt[:-1] + [PENDING_TOKEN])
+    other = SequenceState("q", [1], GREEDY)
+    prev = StepLaunch([other, seq], torch.tensor([7, prompt[-1]]), lambda: [7, prompt[-1]])
+    assert runner.launch(plan, prev).result() == want
+    assert runner.num_prefill_graph_steps == 2

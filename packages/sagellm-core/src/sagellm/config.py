@@ -74,6 +74,13 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(
         False, description="run every step eagerly, never through captured graphs (CUDA graphs "
                            "on the CUDA backend)")
+    async_scheduling: bool | None = Field(
+        None, description="plan and queue each step while the previous one still runs on the "
+                          "device, so the host's work per step (outputs, scheduling, inputs) "
+                          "overlaps the device's; default: on where the backend runs queued work "
+                          "asynchronously (CUDA) and the engine has one rank. Requests with a "
+                          "grammar or penalties need each token first: steps that sample for "
+                          "them wait, as without it")
     tensor_parallel_size: int = Field(
         1, ge=1, description="split the model over this many devices (device_index .. +N-1), one "
                              "worker process each")

@@ -430,6 +430,11 @@ class Capabilities:
     #: and puts :data:`NO_BLOCK` in their entries (``BlockManager.release_out_of_window``);
     #: otherwise every block stays held until the sequence ends. Read once at start-up.
     skips_out_of_window_blocks: bool = False
+    #: Whether work queued on the device runs while the host goes on (a GPU's stream), so that
+    #: planning and queueing step N+1 while step N runs pays: ``EngineConfig.async_scheduling``
+    #: left to ``auto`` turns asynchronous scheduling on where this is true (and the runner
+    #: queues steps through ``ModelRunner.launch``). Read once at start-up.
+    async_steps: bool = False
 
 
 @dataclass(frozen=True)
@@ -528,6 +533,21 @@ class Platform(abc.ABC):
         Default: ``ids.cpu().tolist()``.
         """
         return ids.cpu().tolist()  # type: ignore[no-any-return]
+
+    def start_fetch(self, ids: torch.Tensor) -> Callable[[], list[int]]:
+        """:meth:`fetch_ids` in two halves: queue the copy of ``ids`` to the host now, without
+        waiting, and return the wait, which gives the list once the copy is done.
+
+        With asynchronous scheduling the model runner starts the copy of step N's ids, queues
+        step N+1 behind it and only then waits; a device that copies asynchronously should
+        copy into page-locked memory here behind an event, and wait (with the interpreter lock
+        released) in the returned call. ``ids`` may be a view of a buffer that work queued
+        later overwrites (a CUDA graph's output): what is fetched is ``ids`` as of this call.
+        Default: a device-side copy now, the whole :meth:`fetch_ids` of it in the returned call
+        (correct everywhere; no overlap of the copy with the next step).
+        """
+        snapshot = ids.clone()
+        return lambda: self.fetch_ids(snapshot)
 
     def record_event(self) -> DeviceEvent | None:
         """An event behind the work queued so far on the device's current stream, or ``None``

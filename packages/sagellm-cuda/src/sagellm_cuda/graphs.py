@@ -38,11 +38,24 @@ import numpy as np
 import torch
 
 from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
-from sagellm.runner import MaskFill, ModelRunner, RunnerContext, SequenceState, StepPlan
+from sagellm.runner import (
+    PENDING_TOKEN,
+    MaskFill,
+    ModelRunner,
+    RunnerContext,
+    SampledLogprobs,
+    SequenceState,
+    StepLaunch,
+    StepPlan,
+    patch_pending,
+)
 from sagellm_cuda.penalties_kernel import apply_penalties_triton
 from sagellm_cuda.token_bitmask import apply_token_bitmask_triton
 
 logger = logging.getLogger("sagellm.cuda.graphs")
+
+#: One replay's sampled ids (on the device), their logprobs if any row asked, and those rows.
+_Sampled = tuple[torch.Tensor, "SampledLogprobs | None", list[SequenceState]]
 
 #: Prompt lengths (padded up) that get a captured single-sequence prefill graph.
 PREFILL_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
@@ -222,7 +235,8 @@ class CudaGraphModelRunner(ModelRunner):
             return None
         return next((b for b in self.prefill_sizes if b >= op.num_tokens), None)
 
-    def _run_prefill_graph(self, plan: StepPlan, tb: int, fill: MaskFill | None) -> list[int]:
+    def _run_prefill_graph(self, plan: StepPlan, tb: int, fill: MaskFill | None,
+                           prev: StepLaunch | None) -> _Sampled:
         op = plan.prefills[0]
         seq, n, block = op.seq, op.num_tokens, self.block_size
         ids, pos, slots, table, last = self._pviews(self._pnp, tb)
@@ -235,6 +249,8 @@ class CudaGraphModelRunner(ModelRunner):
         table[0, :len(bt)] = bt
         last[0] = n - 1
         self._pdev.copy_(self._phost, non_blocking=True)
+        if seq.token_ids[n - 1] == PENDING_TOKEN:  # a preempted sequence, recomputed at once
+            patch_pending(self._pdev[:tb], [n - 1], [seq], prev)
         self.prefill_graphs[tb].replay()
         self.num_prefill_graph_steps += 1
         return self._sample_from_graph([seq], self.prefill_out_ids, self.prefill_out_logits, fill)
@@ -248,10 +264,12 @@ class CudaGraphModelRunner(ModelRunner):
     # -- execution -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[int]:
+    def launch(self, plan: StepPlan, prev: StepLaunch | None = None) -> StepLaunch:
         """Graphs where the step's shape allows: decodes alone, one whole prompt alone, or one
         whole prompt plus decodes (two replays: a new request joining a running batch, the
-        common step of online serving). Everything else runs eagerly.
+        common step of online serving). Everything else runs eagerly (core's ``launch``).
+        Either way one copy brings the step's ids (and logprobs) back, and nothing waits for it
+        here: inputs still pending on ``prev`` are taken from its ids on the device.
 
         The structured-output masks of the graph steps' rows start filling first, on a worker
         thread, so the input copies and replays overlap them (``begin_mask_fill``)."""
@@ -260,60 +278,65 @@ class CudaGraphModelRunner(ModelRunner):
         tb = self._prefill_graph_size(plan)
         if (tb is None and plan.prefills) or (n and bs is None):
             self.num_eager_steps += 1
-            return super().execute(plan)
+            return super().launch(plan, prev)
         decodes = [op.seq for op in plan.decodes]
         fills = [self.begin_mask_fill([plan.prefills[0].seq]) if tb is not None else None,
                  self.begin_mask_fill(decodes) if n else None]
         try:
-            ids = self._run_prefill_graph(plan, tb, fills[0]) if tb is not None else []
+            parts: list[_Sampled] = []
+            if tb is not None:
+                parts.append(self._run_prefill_graph(plan, tb, fills[0], prev))
             if n:
                 assert bs is not None
                 self.num_graph_steps += 1
-                ids += self._run_decode_graph(decodes, bs, fills[1])
-            return ids
+                parts.append(self._run_decode_graph(decodes, bs, fills[1], prev))
+            ids = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+            return self.fetch_later(plan.sampling_seqs(), ids,
+                                    [(lp, rows) for _, lp, rows in parts if lp is not None])
         finally:
             for fill in fills:
                 if fill is not None:
                     fill.join()
 
-    def _run_decode_graph(self, seqs: list[SequenceState], bs: int, fill: MaskFill | None
-                          ) -> list[int]:
-        self._fill(seqs, bs)
+    def _run_decode_graph(self, seqs: list[SequenceState], bs: int, fill: MaskFill | None,
+                          prev: StepLaunch | None) -> _Sampled:
+        pending = self._fill(seqs, bs)
         end = 4 * self._mb + bs * self.table_width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        if pending:
+            patch_pending(self._dev[:bs], pending, [seqs[i] for i in pending], prev)
         self.graphs[bs].replay()
         return self._sample_from_graph(seqs, self.out_ids, self.out_logits, fill)
 
     def _sample_from_graph(self, seqs: list[SequenceState], out_ids: torch.Tensor,
                            out_logits: torch.Tensor | None, fill: MaskFill | None = None
-                           ) -> list[int]:
+                           ) -> _Sampled:
         """Greedy ids straight from the graph (and, where greedy rows ask for logprobs and no
         row needs more, their logprobs straight from its logits); rows with other settings
         sample the graph's logits (just those rows) and replace their ids. ``fill``: the masks
         begun for the constrained rows of ``seqs`` (all of them sample here, never from the
-        argmax)."""
+        argmax). Returns the ids on the device, and the logprobs with the rows they are for."""
         n = len(seqs)
         if self.argmax_suffices(seqs):  # the common case, decided without a list per row
             assert fill is None, "a mask fill for rows that take the graph's argmax"
-            return self.fetch_ids(out_ids[:n])
+            return out_ids[:n], None, seqs
         need = [i for i, s in enumerate(seqs) if not self.argmax_suffices([s])]
         assert out_logits is not None
         if self.argmax_is_token([seqs[i] for i in need]):
             # The graph's argmax is every row's token and its logits are as the model made them
             # (nothing masks or penalises them): no float copy, no second argmax.
             ids = out_ids[:n]
-            return self.fetch_sampled(ids, self.argmax_logprobs(out_logits[:n], ids, seqs), seqs)
+            return ids, self.argmax_logprobs(out_logits[:n], ids, seqs), seqs
         if len(need) == n:
             # The buffer is rewritten by the next replay, so it may be changed in place here
             # (``.float()`` of a float32 buffer is the buffer itself).
             ids, logprobs = self.sample_tokens(out_logits[:n].float(), seqs, mask_fill=fill)
-            return self.fetch_sampled(ids, logprobs, seqs)
+            return ids, logprobs, seqs
         index = self.platform.to_device(torch.tensor(need, dtype=torch.int64))
         sub = [seqs[i] for i in need]
         sub_ids, logprobs = self.sample_tokens(out_logits.index_select(0, index).float(), sub,
                                                mask_fill=fill)
-        ids = out_ids[:n].index_copy(0, index, sub_ids)
-        return self.fetch_sampled(ids, logprobs, sub)
+        return out_ids[:n].index_copy(0, index, sub_ids), logprobs, sub
 
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                             rows: torch.Tensor | None) -> None:
@@ -332,13 +355,16 @@ class CudaGraphModelRunner(ModelRunner):
         else:
             super().apply_penalties(logits, rows, counts, seen, presence, frequency, repetition)
 
-    def _fill(self, seqs: list[SequenceState], bs: int) -> None:
+    def _fill(self, seqs: list[SequenceState], bs: int) -> list[int]:
+        """Stage the decode inputs of ``seqs`` (padded to ``bs``); returns the rows whose token
+        is still pending on the step queued before (``PENDING_TOKEN`` staged there)."""
         n = len(seqs)
         block = self.block_size
         ids, pos, slots, seq_lens, tables = self._views(self._np, bs)
         last = [len(s.token_ids) - 1 for s in seqs]
         p = np.array(last, dtype=np.int64)
-        ids[:n] = [s.token_ids[-1] for s in seqs]
+        last_ids = [s.token_ids[-1] for s in seqs]
+        ids[:n] = last_ids
         pos[:n] = p
         seq_lens[:n] = p + 1
         slots[:n] = np.array([s.block_table[q // block] for s, q in zip(seqs, last)],
@@ -350,6 +376,9 @@ class CudaGraphModelRunner(ModelRunner):
             pos[n:] = 0
             slots[n:] = -1
             seq_lens[n:] = 1
+        if PENDING_TOKEN in last_ids:
+            return [i for i, t in enumerate(last_ids) if t == PENDING_TOKEN]
+        return []
 
     def _fill_table_row(self, row: np.ndarray, i: int, seq: SequenceState) -> None:
         """Write ``seq``'s block table into staging row ``i``; only the entries added since the

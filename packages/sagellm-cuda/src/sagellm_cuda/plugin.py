@@ -7,6 +7,7 @@ on machines without CUDA, where :meth:`CudaPlatform.is_available` explains what 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -85,6 +86,7 @@ class CudaPlatform(TorchAcceleratorPlatform):
             supports_sliding_window=True,
             supports_logits_soft_cap=True,
             skips_out_of_window_blocks=True,
+            async_steps=True,
         )
 
     def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> CudaKVBackend:
@@ -113,12 +115,21 @@ class CudaPlatform(TorchAcceleratorPlatform):
         """Wait for the ids in ``Event.synchronize``, which releases the interpreter lock
         (``tensor.tolist()`` would hold it for the whole step), so the server's event loop runs
         while the GPU works."""
+        return self.start_fetch(ids)()
+
+    def start_fetch(self, ids: torch.Tensor) -> Callable[[], list[int]]:
+        """A non-blocking copy into page-locked memory behind an event; the returned wait is
+        ``Event.synchronize`` (interpreter lock released) and then the list."""
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         host.copy_(ids, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        done.synchronize()
-        return host.tolist()  # type: ignore[no-any-return]
+
+        def wait() -> list[int]:
+            done.synchronize()
+            return host.tolist()  # type: ignore[no-any-return]
+
+        return wait
 
     def record_event(self) -> torch.cuda.Event:
         """Copies from page-locked memory run when the stream reaches them, after the call."""

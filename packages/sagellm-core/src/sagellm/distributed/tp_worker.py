@@ -19,6 +19,7 @@ from sagellm.engine.model_runner import ModelInput, ModelRunner
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.scheduler import Scheduler
+from sagellm.engine.step_launch import StepLaunch
 from sagellm.protocols import CommBackend
 
 
@@ -29,8 +30,8 @@ class TPDriverRunner(ModelRunner):
         super().__init__(ctx)
         self.workers = workers
 
-    def prepare(self, plan: StepPlan) -> ModelInput:
-        inp = super().prepare(plan)
+    def prepare(self, plan: StepPlan, prev: StepLaunch | None = None) -> ModelInput:
+        inp = super().prepare(plan, prev)
         self.workers.channel.send(CMD_STEP, inp)
         return inp
 

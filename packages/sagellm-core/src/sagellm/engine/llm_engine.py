@@ -1,4 +1,16 @@
-"""The synchronous engine: requests in, one scheduled and executed step per ``step()`` call."""
+"""The engine: requests in, one scheduled and executed step per ``step()`` call.
+
+With asynchronous scheduling (``EngineConfig.async_scheduling``) a call queues the next step on
+the device before it waits for the one already running, and hands out that one's outputs while
+the next runs: the host's work per step (outputs, scheduling, inputs) overlaps the device's.
+The next step is planned as if every sequence of the running one goes on: each gets
+``PENDING_TOKEN`` as its last token (the runner takes that input from the running step's ids on
+the device) and the real token is written over it when it comes. A sequence that the coming
+token ends by length is held out of the next step; one that ends otherwise (a stop token or
+string, an abort) has its next token computed and dropped. Steps that sample for a request with
+a grammar or penalties (they need each token before the next step's logits are processed) are
+waited for before the next is planned.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +18,7 @@ import logging
 import time
 import weakref
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,9 +27,11 @@ from sagellm.engine.builder import assemble
 from sagellm.engine.constraint import ConstraintFactory
 from sagellm.engine.detokenizer import IncrementalDetokenizer
 from sagellm.engine.layout import Layout
+from sagellm.engine.model_runner import ModelRunner
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.sequence import SequenceState, SequenceStatus
 from sagellm.engine.stats import EngineStats
+from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch
 from sagellm.kv_cache.block_hash import check_cache_salt
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.plugins import Registry, get_registry
@@ -79,6 +94,9 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
         self._next_id = 0
+        #: Asynchronous scheduling: on, and the step queued on the device, not yet waited for.
+        self.async_scheduling = self._async_scheduling()
+        self._inflight: _InFlight | None = None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.startup_seconds = time.perf_counter() - t0
@@ -88,6 +106,22 @@ class LLMEngine:
                     platform.device_name(), parts.loaded.source, parts.loaded.dtype,
                     self.kv.num_blocks, bs, self.kv.num_blocks * bs)
         self._notify_started()
+
+    def _async_scheduling(self) -> bool:
+        """Whether :meth:`step` queues the next step before waiting (see the module doc)."""
+        mode = self.config.async_scheduling
+        if mode is False:
+            return False
+        # A runner that overrides ``execute`` (a multi-rank one) runs each step synchronously.
+        capable = (self.workers is None and isinstance(self.runner, ModelRunner)
+                   and type(self.runner).execute is ModelRunner.execute)
+        if not capable:
+            if mode:
+                logger.warning("async_scheduling needs a one-rank engine whose runner queues "
+                               "steps (ModelRunner.launch); %s runs each step synchronously",
+                               type(self.runner).__name__)
+            return False
+        return bool(mode) or self.platform.capabilities().async_steps
 
     def shutdown(self) -> None:
         """Stop the worker processes of a multi-rank engine (a no-op for one rank)."""
@@ -191,7 +225,8 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._compiling)
+        return (self.scheduler.has_unfinished() or bool(self._compiling)
+                or self._inflight is not None)
 
     def _grammar_factory(self, params: SamplingParams):  # type: ignore[no-untyped-def]
         """The constraint factory of ``params.structured_output`` (compiling in the background;
@@ -264,18 +299,20 @@ class LLMEngine:
         (``Platform.is_fatal_error``: a lost device) propagates.
         """
         outputs = self._admit_compiled() if self._compiling else []
+        if self.async_scheduling:
+            return outputs + self._step_async()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
+        return outputs + self._run(plan)
+
+    def _run(self, plan: StepPlan) -> list[RequestOutput]:
+        """Run ``plan`` and wait for it (a failing request fails alone), commit, advance."""
         tokens, failed = self._execute(plan)
-        outputs += [out for seq, exc in failed for out in self._fail(seq, exc)]
+        outputs = [out for seq, exc in failed for out in self._fail(seq, exc)]
         if failed:
             plan = _without(plan, {seq.request_id for seq, _ in failed})
-        self.scheduler.commit(plan)
-        if self._unforked:
-            self._fork(plan)
-        self.num_prompt_tokens += sum(op.num_tokens for op in plan.prefills
-                                      if op.start < op.seq.num_prompt_tokens)
+        self._commit(plan)
         now = time.monotonic()
         for seq in plan.sampling_seqs():
             num_tokens = seq.num_tokens
@@ -286,6 +323,116 @@ class LLMEngine:
                     raise
                 outputs.extend(self._fail(seq, exc, num_tokens))
         return outputs
+
+    def _commit(self, plan: StepPlan) -> None:
+        """Mark ``plan``'s tokens computed (hashing the blocks they filled), fork the choices
+        waiting for a prompt it finished, count its prompt tokens."""
+        self.scheduler.commit(plan)
+        if self._unforked:
+            self._fork(plan)
+        self.num_prompt_tokens += sum(op.num_tokens for op in plan.prefills
+                                      if op.start < op.seq.num_prompt_tokens)
+
+    # -- asynchronous scheduling (see the module doc) --------------------------------------
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Queue the next step behind the running one (planning it first), then wait for the
+        running one and turn its tokens into outputs."""
+        cur, self._inflight = self._inflight, None
+        if cur is None:
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                return []
+            cur = self._launch(plan, None)
+            if cur is None:  # raised while queueing: run it again one request at a time
+                return self._run(plan)
+        nxt: _InFlight | None = None
+        retry: StepPlan | None = None
+        if cur.overlaps:
+            hold = self._commit_ahead(cur)
+            plan = self.scheduler.schedule(hold)
+            if not plan.is_empty:
+                nxt = self._launch(plan, cur.launch)
+                if nxt is None:
+                    retry = plan  # run synchronously once ``cur``'s tokens are in
+        outputs = self._finish(cur)
+        if retry is not None:
+            outputs += self._run(self._live(retry))
+        self._inflight = nxt
+        return outputs
+
+    def _launch(self, plan: StepPlan, prev: StepLaunch | None) -> _InFlight | None:
+        """Queue ``plan``; ``None`` if queueing it raised (nothing of it committed, seeded
+        generators rewound: the caller runs it again through :meth:`_run`)."""
+        seqs = plan.sampling_seqs()
+        generators = _save_generators(seqs)
+        try:
+            launch = self.runner.launch(plan, prev)  # type: ignore[attr-defined]
+        except Exception as exc:
+            if self.platform.is_fatal_error(exc):
+                raise
+            logger.warning("queueing step %d failed (%s: %s); running it synchronously",
+                           plan.step_id, type(exc).__name__, exc)
+            _restore_generators(generators)
+            return None
+        overlaps = all(s.constraint is None and not s.params.has_penalties for s in seqs)
+        return _InFlight(plan, launch, overlaps)
+
+    def _commit_ahead(self, cur: _InFlight) -> list[str]:
+        """Commit the running step before its tokens are known and give each of its sampling
+        sequences a ``PENDING_TOKEN``; returns those that the coming token ends by length (held
+        out of the next step)."""
+        cur.committed = True
+        self._commit(cur.plan)
+        hold = []
+        for seq in cur.plan.sampling_seqs():
+            cur.pending[seq.request_id] = seq.num_tokens
+            seq.append_token(PENDING_TOKEN)
+            if (seq.num_output_tokens >= seq.params.max_tokens
+                    or seq.num_tokens >= self.max_model_len):
+                hold.append(seq.request_id)
+        return hold
+
+    def _finish(self, cur: _InFlight) -> list[RequestOutput]:
+        """Wait for ``cur``, commit it if that was not done ahead, and advance its live
+        sequences (those aborted, failed or ended while it ran are skipped)."""
+        try:
+            tokens = cur.launch.result()
+        except Exception as exc:
+            if self.platform.is_fatal_error(exc):
+                raise
+            # The step was queued and gave nothing: its sampling requests fail with it.
+            logger.warning("step %d failed on the device (%s: %s)", cur.plan.step_id,
+                           type(exc).__name__, exc)
+            return [out for seq in cur.launch.seqs if self._is_live(seq)
+                    for out in self._fail(seq, exc, cur.pending.get(seq.request_id))]
+        if not cur.committed:
+            self._commit(self._live(cur.plan))
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for seq, tok in zip(cur.launch.seqs, tokens, strict=True):
+            if not self._is_live(seq):
+                continue
+            index = cur.pending.get(seq.request_id)
+            num_tokens = seq.num_tokens if index is None else index
+            try:
+                outputs.append(self._advance(seq, tok, now, index))
+            except Exception as exc:
+                if self.platform.is_fatal_error(exc):
+                    raise
+                outputs.extend(self._fail(seq, exc, num_tokens))
+        return outputs
+
+    def _is_live(self, seq: SequenceState) -> bool:
+        """Whether ``seq`` is still this engine's and unfinished (not aborted, failed or ended
+        while a step computed it)."""
+        return self._seqs.get(seq.request_id) is seq and not seq.status.finished
+
+    def _live(self, plan: StepPlan) -> StepPlan:
+        """``plan`` less the ops of sequences no longer live."""
+        gone = {op.seq.request_id for op in (*plan.prefills, *plan.decodes)
+                if not self._is_live(op.seq)}
+        return _without(plan, gone) if gone else plan
 
     def _execute(self, plan: StepPlan) -> tuple[dict[str, int], list[tuple[SequenceState, Exception]]]:
         """Run ``plan``: the sampled token per request id, and the sequences that failed.
@@ -320,10 +467,17 @@ class LLMEngine:
                 tokens[seq.request_id] = sampled[0]
         return tokens, failed
 
-    def _advance(self, seq: SequenceState, tok: int, now: float) -> RequestOutput:
-        """Append the sampled token (and its logprob), let the constraint accept it, detokenize,
-        check stop conditions, build the output."""
-        seq.append_token(tok)
+    def _advance(self, seq: SequenceState, tok: int, now: float, index: int | None = None
+                 ) -> RequestOutput:
+        """Append the sampled token (or write it over its placeholder at ``index``) and its
+        logprob, let the constraint accept it, detokenize, check stop conditions, build the
+        output."""
+        if index is None:
+            seq.append_token(tok)
+        elif index != seq.num_tokens - 1 or seq.token_ids[index] != PENDING_TOKEN:
+            raise RuntimeError(f"no pending token at {index} for sampled token {tok}")
+        else:
+            seq.token_ids[index] = tok
         if seq.output_logprobs is not None:
             lp, seq.sampled_logprob = seq.sampled_logprob, None
             if lp is None or lp.token_id != tok:
@@ -459,6 +613,19 @@ class LLMEngine:
             num_prefix_cache_hits=self.block_manager.num_cache_hits,
             num_kv_evictions=self.block_manager.num_evicted_blocks,
         )
+
+
+@dataclass
+class _InFlight:
+    """A queued step (asynchronous scheduling): its plan, its launch, whether the next step may
+    be planned before its tokens come (``overlaps``), whether it is committed, and where each
+    sampling sequence's ``PENDING_TOKEN`` is (by request id)."""
+
+    plan: StepPlan
+    launch: StepLaunch
+    overlaps: bool
+    committed: bool = False
+    pending: dict[str, int] = field(default_factory=dict)
 
 
 def _without(plan: StepPlan, request_ids: set[str]) -> StepPlan:

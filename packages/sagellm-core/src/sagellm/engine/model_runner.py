@@ -19,6 +19,7 @@ from sagellm.engine.mask_fill import BitmaskPool, MaskFill, begin_mask_fill
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.sequence import SequenceState
+from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch, patch_pending
 from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.attention import ForwardContext
 from sagellm.layers.logits_processors import apply_penalties
@@ -86,9 +87,15 @@ class ModelRunner:
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def prepare(self, plan: StepPlan) -> ModelInput:
-        """The flat batch of ``plan`` on the device: prefill tokens first, then decodes."""
+    def prepare(self, plan: StepPlan, prev: StepLaunch | None = None) -> ModelInput:
+        """The flat batch of ``plan`` on the device: prefill tokens first, then decodes.
+
+        A sequence whose last token is still :data:`~sagellm.engine.step_launch.PENDING_TOKEN`
+        (sampled by ``prev``, the step queued before this one, not yet on the host) gets that
+        input from ``prev``'s ids on the device."""
         bs = self.block_size
+        pending: list[int] = []
+        owners: list[SequenceState] = []
         ids: list[np.ndarray] = []
         pos: list[np.ndarray] = []
         slots: list[np.ndarray] = []
@@ -108,6 +115,9 @@ class ModelRunner:
                 p = np.arange(op.start, op.end, dtype=np.int64)
                 table = np.asarray(seq.block_table, dtype=np.int64)
                 ids.append(np.asarray(seq.token_ids[op.start:op.end], dtype=np.int64))
+                if op.end == seq.num_tokens and seq.token_ids[-1] == PENDING_TOKEN:
+                    pending.append(offset + op.num_tokens - 1)
+                    owners.append(seq)
                 pos.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
                 offset += op.num_tokens
@@ -135,7 +145,12 @@ class ModelRunner:
             dpos = np.array(last, dtype=np.int64)
             last_blocks = np.array([s.block_table[p // bs] for s, p in zip(seqs, last)],
                                    dtype=np.int64)
-            ids.append(np.array([s.token_ids[-1] for s in seqs], dtype=np.int64))
+            last_ids = [s.token_ids[-1] for s in seqs]
+            ids.append(np.array(last_ids, dtype=np.int64))
+            for i, t in enumerate(last_ids):
+                if t == PENDING_TOKEN:
+                    pending.append(offset + i)
+                    owners.append(seqs[i])
             pos.append(dpos)
             slots.append(last_blocks * bs + dpos % bs)
             logits_idx.extend(range(offset, offset + n))
@@ -151,8 +166,10 @@ class ModelRunner:
             prefill=prefill,
             decode=decode,
         )
+        input_ids = self._to_device(np.concatenate(ids))
+        patch_pending(input_ids, pending, owners, prev)
         return ModelInput(
-            input_ids=self._to_device(np.concatenate(ids)),
+            input_ids=input_ids,
             positions=self._to_device(np.concatenate(pos)),
             attn_metadata=meta,
             logits_indices=self._to_device(np.asarray(prompt_idx + logits_idx, dtype=np.int64)),
@@ -234,12 +251,31 @@ class ModelRunner:
                       seqs: list[SequenceState]) -> list[int]:
         """:meth:`fetch_ids` of ``ids``, the step's one wait; the logprobs ride in the same copy
         (appended to the ids) and are set on ``seqs``."""
-        if logprobs is None:
-            return self.fetch_ids(ids)
+        return self.fetch_later(seqs, ids, [] if logprobs is None else [(logprobs, seqs)]
+                                ).result()
+
+    def fetch_later(self, seqs: list[SequenceState], ids: torch.Tensor,
+                    logprobs: list[tuple[request_logits.SampledLogprobs, list[SequenceState]]]
+                    = []) -> StepLaunch:  # noqa: B006 - never mutated
+        """The queued step whose rows ``seqs`` sampled ``ids`` (on the device): the copy of the
+        ids to the host starts now (``Platform.start_fetch``) and :meth:`StepLaunch.result`
+        waits for it. Each ``(logprobs, rows)`` pair's values ride in the same copy, appended
+        to the ids, and are set on its ``rows`` when the result comes."""
+        if not logprobs:
+            return StepLaunch(seqs, ids, self.platform.start_fetch(ids))
         n = ids.shape[0]
-        values = self.fetch_ids(torch.cat([ids.to(torch.int64), logprobs.tensors.pack()]))
-        logprobs.record(values[n:], seqs)
-        return values[:n]
+        packed = [lp.tensors.pack() for lp, _ in logprobs]
+        wait = self.platform.start_fetch(torch.cat([ids.to(torch.int64), *packed]))
+
+        def result() -> list[int]:
+            values = wait()
+            start = n
+            for (lp, rows), p in zip(logprobs, packed, strict=True):
+                lp.record(values[start:start + p.shape[0]], rows)
+                start += p.shape[0]
+            return values[:n]
+
+        return StepLaunch(seqs, ids, result)
 
     def begin_mask_fill(self, seqs: list[SequenceState]) -> MaskFill | None:
         """Start the structured-output masks of the rows ``seqs`` that are about to sample, on
@@ -295,28 +331,40 @@ class ModelRunner:
         """Sampled ids to the host: the step's wait for the device (``Platform.fetch_ids``)."""
         return self.platform.fetch_ids(ids)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int]:
-        """Run one step; returns one sampled token per ``plan.sampling_seqs()`` entry.
+        """Run one step; returns one sampled token per ``plan.sampling_seqs()`` entry
+        (:meth:`launch`, then its result).
 
         The engine may call it again with a part of a plan that raised (one sequence at a time,
         nothing committed in between), so it must not keep per-plan state across calls.
         """
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, prev: StepLaunch | None = None) -> StepLaunch:
+        """Queue one step on the device and start the copy of its sampled ids to the host;
+        returns without waiting for them (:meth:`StepLaunch.result` waits).
+
+        ``prev``: the step queued just before, whose tokens are not on the host yet; inputs
+        that are :data:`~sagellm.engine.step_launch.PENDING_TOKEN` come from its ids (the
+        engine's asynchronous scheduling). A runner subclass that overrides :meth:`execute`
+        instead of this runs synchronously, as before."""
         seqs = plan.sampling_seqs()
         fill = self.begin_mask_fill(seqs)
         try:
-            inp = self.prepare(plan)
+            inp = self.prepare(plan) if prev is None else self.prepare(plan, prev)
             hidden = self.forward(inp)
             if not inp.logits_indices.numel():
-                return []
+                return StepLaunch.done([], [])
             logits = self.compute_logits(hidden)
             if inp.num_prompt_logits:
                 request_logits.record_prompt_logprobs(logits[: inp.num_prompt_logits], plan,
                                                       self.platform.logprobs)
                 logits = logits[inp.num_prompt_logits:]
             if not seqs:
-                return []
-            return self.fetch_sampled(*self.sample_tokens(logits, seqs, mask_fill=fill), seqs)
+                return StepLaunch.done([], [])
+            ids, logprobs = self.sample_tokens(logits, seqs, mask_fill=fill)
+            return self.fetch_later(seqs, ids, [] if logprobs is None else [(logprobs, seqs)])
         finally:
             if fill is not None:
                 fill.join()

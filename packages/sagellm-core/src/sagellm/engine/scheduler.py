@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sagellm.engine.block_manager import BlockManager
@@ -104,11 +104,13 @@ class Scheduler:
 
     # -- planning --------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, hold: Collection[str] = ()) -> StepPlan:
+        """Plan the next step. ``hold``: running sequences left out of it and never preempted
+        for it (asynchronous scheduling: each has a token on its way that ends it)."""
         self.num_steps += 1
         plan = StepPlan(step_id=self.num_steps)
         budget = Budget(self.max_num_batched_tokens, self.max_prefill_tokens)
-        scheduled: set[str] = set()
+        scheduled: set[str] = set(hold)
         self._release_out_of_window()
 
         decoding: list[SequenceState] = []
@@ -120,8 +122,8 @@ class Scheduler:
         for seq in decoding:
             if budget.tokens <= 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or seq.request_id in hold:
+                continue  # preempted earlier in this loop, or held
             if not self._make_room(self.block_manager, seq, 1, scheduled, plan,
                                    self._decode_victim):
                 self._preempt(seq, plan)
@@ -287,8 +289,11 @@ class Scheduler:
                 bm.register_computed_blocks(op.seq)
 
     def finish(self, seq: SequenceState, status: SequenceStatus) -> None:
+        """End ``seq``, running or (preempted while its last token was on its way) waiting."""
         if seq in self.running:
             self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
         self._finish(seq, status)
 
     def _finish(self, seq: SequenceState, status: SequenceStatus) -> None:

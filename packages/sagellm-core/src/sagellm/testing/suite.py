@@ -152,6 +152,12 @@ class BackendSuite:
         assert dev.device.type == platform.device.type and dev.dtype == torch.int64
         assert platform.fetch_ids(dev * 3) == [0, 3, 6, 9, 12]
         assert platform.fetch_ids(dev[:0]) == []
+        # start_fetch brings the ids as they were at the call, even if later queued work
+        # overwrites them (asynchronous scheduling queues the next step in between).
+        buf = dev * 2
+        wait = platform.start_fetch(buf[1:4])
+        buf.fill_(-7)
+        assert wait() == [2, 4, 6]
 
     # -- swappable layers ------------------------------------------------------------------
 
