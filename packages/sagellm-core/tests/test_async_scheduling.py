@@ -82,8 +82,10 @@ def _pool_returned(engine: LLMEngine) -> None:
     bm = engine.block_manager
     bm.reset_prefix_cache()
     assert bm.ref_counts == {} and engine.kv.num_free_blocks == engine.kv.num_blocks
-    assert engine._seqs == {} and engine._inflight is None
-    assert not engine.has_unfinished_requests()
+    assert engine._seqs == {} and not engine.has_unfinished_requests()
+    # A step queued for requests that all ended while it ran is waited for (and dropped) by
+    # the next step() call.
+    assert engine.step() == [] and engine._inflight is None
 
 
 def _both(model: Path, prompts, params, **kw: Any) -> tuple[dict, dict, LLMEngine]:  # type: ignore[no-untyped-def]
@@ -107,7 +109,8 @@ def test_greedy_staggered_with_chunked_prefills_equals_sync(tiny: Path) -> None:
 
 def test_every_step_after_the_first_is_queued_before_the_previous_is_waited_for(
         tiny: Path) -> None:
-    """The timeline itself: a step's launch comes before the wait of the one before it."""
+    """The timeline itself: a step's launch comes before the wait of the one before it, with a
+    grammar request and a penalised one in the batch too."""
     engine = _engine(tiny, True)
     events: list[tuple[str, int]] = []
     launch = engine.runner.launch
@@ -125,7 +128,13 @@ def test_every_step_after_the_first_is_queued_before_the_previous_is_waited_for(
         return out
 
     engine.runner.launch = recording  # type: ignore[method-assign]
-    _run(engine, _prompts(6, 8), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    from sagellm.structured.params import StructuredOutputParams
+
+    _run(engine, _prompts(6, 8, 7), [
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                       structured_output=StructuredOutputParams(regex="[a-z]{6}")),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, frequency_penalty=0.5)])
     launches = [s for kind, s in events if kind == "launch"]
     waits = [s for kind, s in events if kind == "wait"]
     assert launches == waits == sorted(launches)
@@ -222,9 +231,9 @@ def test_seeded_sampling_logprobs_and_choices_equal_sync(tiny: Path) -> None:
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
-def test_penalties_and_grammars_are_waited_for_and_equal_sync(tiny: Path) -> None:
-    """Rows that need each token before the next step's logits run synchronously; the other
-    requests in the batch still come out equal."""
+def test_penalties_and_grammars_equal_sync(tiny: Path) -> None:
+    """Penalised rows count their pending token from the device, grammar rows get it accepted
+    by the mask-fill worker; every request comes out as without asynchronous scheduling."""
     from sagellm.structured.params import StructuredOutputParams
 
     params = [SamplingParams(temperature=0, max_tokens=10, presence_penalty=1.5,
@@ -236,6 +245,67 @@ def test_penalties_and_grammars_are_waited_for_and_equal_sync(tiny: Path) -> Non
     sync, got, _ = _both(tiny, prompts, params, arrive_every=1)
     assert _ids(got) == _ids(sync)
     assert all(c in "abc" for c in got["r2"].text)
+
+
+def _add_constrained(engine: LLMEngine, factories: list[Any], max_tokens: int = 12
+                     ) -> dict[str, RequestOutput]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, factory in enumerate(factories):
+        engine.add_request(_prompts(5 + i)[0], params, request_id=f"g{i}", constraint=factory)
+    engine.add_request(_prompts(7)[0], params, request_id="free")
+    final: dict[str, RequestOutput] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+def test_a_grammar_that_changes_every_step_sees_each_token_before_its_next_mask(
+        tiny: Path) -> None:
+    """``Scripted`` allows one token per step, a different one each time, and refuses a mask
+    filled before its previous token was accepted: with steps queued ahead it still gets
+    exactly its script, while the graphs' greedy row beside it is unchanged."""
+    from sagellm.testing.structured import Scripted
+
+    scripts = [[40, 41, 42, 43, 44, 45, 46, 47], [9, 99, 9, 99, 9]]
+    engine = _engine(tiny, True)
+    got = _add_constrained(engine, [lambda s=s: Scripted(s) for s in scripts])
+    want = _add_constrained(_engine(tiny, False), [lambda s=s: Scripted(s) for s in scripts])
+    for i, script in enumerate(scripts):
+        assert got[f"g{i}"].token_ids == script and got[f"g{i}"].finish_reason == "stop"
+    assert got["free"].token_ids == want["free"].token_ids
+    _pool_returned(engine)
+
+
+class _RefusesAt:
+    """Allows every token, refuses the ``k``-th it is offered."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.accepted = k, 0
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row] = -1
+
+    def accept_token(self, token_id: int) -> bool:
+        self.accepted += 1
+        return self.accepted != self.k
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+def test_a_token_the_grammar_refuses_on_the_mask_fill_worker_fails_only_its_request(
+        tiny: Path) -> None:
+    engine = _engine(tiny, True)
+    got = _add_constrained(engine, [lambda: _RefusesAt(4)])
+    want = _add_constrained(_engine(tiny, False), [lambda: _RefusesAt(4)])
+    for final in (got, want):
+        assert final["g0"].finish_reason == "error" and "not allowed" in (final["g0"].error or "")
+        assert len(final["g0"].token_ids) == 3  # the refused 4th never comes out
+    assert got["g0"].token_ids == want["g0"].token_ids
+    assert got["free"].token_ids == want["free"].token_ids and got["free"].error is None
+    _pool_returned(engine)
 
 
 def test_abort_with_a_step_in_flight(tiny: Path) -> None:

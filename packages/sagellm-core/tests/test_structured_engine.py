@@ -25,11 +25,13 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    """Steps waited for one by one, and asynchronous scheduling (the next mask filled on the
+    worker after it accepts the pending token)."""
     torch.set_num_threads(1)
     d = make_tiny_llama(tmp_path_factory.mktemp("tiny-structured"), tokenizer=True)
-    return LLM(model=str(d), num_kv_blocks=64)
+    return LLM(model=str(d), num_kv_blocks=64, async_scheduling=request.param)
 
 
 def sp(max_tokens: int = 80, **kw: Any) -> SamplingParams:

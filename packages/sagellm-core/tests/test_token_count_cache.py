@@ -64,3 +64,34 @@ def test_same_batch_is_updated_in_place_whatever_each_row_gained() -> None:
     counts, seen = cache.counts([partial], V, cpu)
     assert counts[0].nonzero().flatten().tolist() == [5]
     assert seen[0].nonzero().flatten().tolist() == [1, 2, 3, 4, 5]
+
+
+def test_pending_tokens_are_counted_from_the_previous_steps_ids_on_the_device() -> None:
+    """Asynchronous scheduling: each step's rows end in ``PENDING_TOKEN``, whose value only the
+    previous launch's ids hold; the counts equal a rebuild from the real tokens, through
+    joins (a new row whose whole history is counted at once, pending last), reorders and a
+    row with nothing new but its pending token."""
+    import pytest
+
+    from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch
+
+    rnd = random.Random(1)
+    pool = [SequenceState(f"s{i}", [rnd.randrange(V) for _ in range(rnd.randint(1, 9))],
+                          SamplingParams(frequency_penalty=1.0)) for i in range(4)]
+    cache = TokenCountCache()
+    for step, rows in enumerate([[0, 1], [0, 1], [1, 0, 2], [2, 3], [2, 3, 0]]):
+        seqs = [pool[i] for i in rows]
+        real = [rnd.randrange(V) for _ in seqs]
+        prev_order = list(reversed(seqs))  # the previous launch's rows, in another order
+        prev = StepLaunch(prev_order, torch.tensor([real[seqs.index(s)] for s in prev_order]),
+                          lambda: [])
+        for s in seqs:
+            s.token_ids.append(PENDING_TOKEN)
+        counts, seen = cache.counts(seqs, V, torch.device("cpu"), prev)
+        for s, tok in zip(seqs, real):
+            s.token_ids[-1] = tok  # the engine writes the token over the placeholder
+        want_counts, want_seen = rebuilt(seqs)
+        assert torch.equal(counts, want_counts) and torch.equal(seen, want_seen), step
+    pool[0].token_ids.append(PENDING_TOKEN)
+    with pytest.raises(RuntimeError, match="no queued step sampled it"):
+        TokenCountCache().counts([pool[0]], V, torch.device("cpu"))

@@ -78,9 +78,7 @@ class EngineConfig(BaseModel):
         None, description="plan and queue each step while the previous one still runs on the "
                           "device, so the host's work per step (outputs, scheduling, inputs) "
                           "overlaps the device's; default: on where the backend runs queued work "
-                          "asynchronously (CUDA) and the engine has one rank. Requests with a "
-                          "grammar or penalties need each token first: steps that sample for "
-                          "them wait, as without it")
+                          "asynchronously (CUDA) and the engine has one rank")
     tensor_parallel_size: int = Field(
         1, ge=1, description="split the model over this many devices (device_index .. +N-1), one "
                              "worker process each")

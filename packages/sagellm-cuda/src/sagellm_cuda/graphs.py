@@ -253,7 +253,8 @@ class CudaGraphModelRunner(ModelRunner):
             patch_pending(self._pdev[:tb], [n - 1], [seq], prev)
         self.prefill_graphs[tb].replay()
         self.num_prefill_graph_steps += 1
-        return self._sample_from_graph([seq], self.prefill_out_ids, self.prefill_out_logits, fill)
+        return self._sample_from_graph([seq], self.prefill_out_ids, self.prefill_out_logits, fill,
+                                       prev)
 
     def _padded(self, n: int) -> int | None:
         for bs in self.graph_sizes:
@@ -280,8 +281,8 @@ class CudaGraphModelRunner(ModelRunner):
             self.num_eager_steps += 1
             return super().launch(plan, prev)
         decodes = [op.seq for op in plan.decodes]
-        fills = [self.begin_mask_fill([plan.prefills[0].seq]) if tb is not None else None,
-                 self.begin_mask_fill(decodes) if n else None]
+        fills = [self.begin_mask_fill([plan.prefills[0].seq], prev) if tb is not None else None,
+                 self.begin_mask_fill(decodes, prev) if n else None]
         try:
             parts: list[_Sampled] = []
             if tb is not None:
@@ -306,11 +307,11 @@ class CudaGraphModelRunner(ModelRunner):
         if pending:
             patch_pending(self._dev[:bs], pending, [seqs[i] for i in pending], prev)
         self.graphs[bs].replay()
-        return self._sample_from_graph(seqs, self.out_ids, self.out_logits, fill)
+        return self._sample_from_graph(seqs, self.out_ids, self.out_logits, fill, prev)
 
     def _sample_from_graph(self, seqs: list[SequenceState], out_ids: torch.Tensor,
-                           out_logits: torch.Tensor | None, fill: MaskFill | None = None
-                           ) -> _Sampled:
+                           out_logits: torch.Tensor | None, fill: MaskFill | None = None,
+                           prev: StepLaunch | None = None) -> _Sampled:
         """Greedy ids straight from the graph (and, where greedy rows ask for logprobs and no
         row needs more, their logprobs straight from its logits); rows with other settings
         sample the graph's logits (just those rows) and replace their ids. ``fill``: the masks
@@ -330,12 +331,13 @@ class CudaGraphModelRunner(ModelRunner):
         if len(need) == n:
             # The buffer is rewritten by the next replay, so it may be changed in place here
             # (``.float()`` of a float32 buffer is the buffer itself).
-            ids, logprobs = self.sample_tokens(out_logits[:n].float(), seqs, mask_fill=fill)
+            ids, logprobs = self.sample_tokens(out_logits[:n].float(), seqs, mask_fill=fill,
+                                               prev=prev)
             return ids, logprobs, seqs
         index = self.platform.to_device(torch.tensor(need, dtype=torch.int64))
         sub = [seqs[i] for i in need]
         sub_ids, logprobs = self.sample_tokens(out_logits.index_select(0, index).float(), sub,
-                                               mask_fill=fill)
+                                               mask_fill=fill, prev=prev)
         return out_ids[:n].index_copy(0, index, sub_ids), logprobs, sub
 
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,

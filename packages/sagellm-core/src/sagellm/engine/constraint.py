@@ -18,7 +18,10 @@ device-side mask. Who calls what, each step:
 * the engine calls :meth:`TokenConstraint.accept_token` once the token is committed to the
   sequence (in ``LLMEngine._advance``, never twice for one token), fails that request alone if
   it returns ``False``, and finishes it with ``finish_reason == "stop"`` once
-  :meth:`TokenConstraint.is_terminated` is true.
+  :meth:`TokenConstraint.is_terminated` is true. With asynchronous scheduling the next step's
+  mask-fill worker may be the one that calls ``accept_token`` for a token still pending on the
+  host (just before it fills that row's next mask); the engine then does not call it again
+  (``SequenceState.num_accepted_tokens``) and fails the request if it refused.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ The next step is planned as if every sequence of the running one goes on: each g
 ``PENDING_TOKEN`` as its last token (the runner takes that input from the running step's ids on
 the device) and the real token is written over it when it comes. A sequence that the coming
 token ends by length is held out of the next step; one that ends otherwise (a stop token or
-string, an abort) has its next token computed and dropped. Steps that sample for a request with
-a grammar or penalties (they need each token before the next step's logits are processed) are
-waited for before the next is planned.
+string, an abort) has its next token computed and dropped. A request with a grammar gets its
+next mask on the mask-fill worker, which waits for the running step's tokens and lets the
+grammar accept its token first (``sagellm.engine.mask_fill``) while the next forward is already
+queued; a request with penalties counts its pending token from those ids on the device
+(``TokenCountCache``).
 """
 
 from __future__ import annotations
@@ -225,8 +227,10 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
+        # A queued step whose requests all ended is not work left: the next step waits for it.
         return (self.scheduler.has_unfinished() or bool(self._compiling)
-                or self._inflight is not None)
+                or (self._inflight is not None
+                    and any(self._is_live(s) for s in self._inflight.launch.seqs)))
 
     def _grammar_factory(self, params: SamplingParams):  # type: ignore[no-untyped-def]
         """The constraint factory of ``params.structured_output`` (compiling in the background;
@@ -348,13 +352,12 @@ class LLMEngine:
                 return self._run(plan)
         nxt: _InFlight | None = None
         retry: StepPlan | None = None
-        if cur.overlaps:
-            hold = self._commit_ahead(cur)
-            plan = self.scheduler.schedule(hold)
-            if not plan.is_empty:
-                nxt = self._launch(plan, cur.launch)
-                if nxt is None:
-                    retry = plan  # run synchronously once ``cur``'s tokens are in
+        hold = self._commit_ahead(cur)
+        plan = self.scheduler.schedule(hold)
+        if not plan.is_empty:
+            nxt = self._launch(plan, cur.launch)
+            if nxt is None:
+                retry = plan  # run synchronously once ``cur``'s tokens are in
         outputs = self._finish(cur)
         if retry is not None:
             outputs += self._run(self._live(retry))
@@ -375,17 +378,16 @@ class LLMEngine:
                            plan.step_id, type(exc).__name__, exc)
             _restore_generators(generators)
             return None
-        overlaps = all(s.constraint is None and not s.params.has_penalties for s in seqs)
-        return _InFlight(plan, launch, overlaps)
+        return _InFlight(plan, launch)
 
     def _commit_ahead(self, cur: _InFlight) -> list[str]:
         """Commit the running step before its tokens are known and give each of its sampling
         sequences a ``PENDING_TOKEN``; returns those that the coming token ends by length (held
         out of the next step)."""
-        cur.committed = True
-        self._commit(cur.plan)
+        plan = self._live(cur.plan)
+        self._commit(plan)
         hold = []
-        for seq in cur.plan.sampling_seqs():
+        for seq in plan.sampling_seqs():
             cur.pending[seq.request_id] = seq.num_tokens
             seq.append_token(PENDING_TOKEN)
             if (seq.num_output_tokens >= seq.params.max_tokens
@@ -394,8 +396,8 @@ class LLMEngine:
         return hold
 
     def _finish(self, cur: _InFlight) -> list[RequestOutput]:
-        """Wait for ``cur``, commit it if that was not done ahead, and advance its live
-        sequences (those aborted, failed or ended while it ran are skipped)."""
+        """Wait for ``cur`` (committed ahead) and advance its live sequences (those aborted,
+        failed or ended while it ran are skipped)."""
         try:
             tokens = cur.launch.result()
         except Exception as exc:
@@ -406,8 +408,6 @@ class LLMEngine:
                            type(exc).__name__, exc)
             return [out for seq in cur.launch.seqs if self._is_live(seq)
                     for out in self._fail(seq, exc, cur.pending.get(seq.request_id))]
-        if not cur.committed:
-            self._commit(self._live(cur.plan))
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for seq, tok in zip(cur.launch.seqs, tokens, strict=True):
@@ -483,10 +483,15 @@ class LLMEngine:
             if lp is None or lp.token_id != tok:
                 raise RuntimeError(f"the runner gave no logprob for sampled token {tok}")
             seq.output_logprobs.append(lp)
-        if seq.constraint is not None and not seq.constraint.accept_token(tok):
-            why = getattr(seq.constraint, "error", None)
-            raise ValueError(f"token {tok} is not allowed by the request's output constraint"
-                             + (f" ({why})" if why else ""))
+        if seq.constraint is not None:
+            if seq.constraint_error is not None:  # refused by the next step's mask fill
+                raise ValueError(seq.constraint_error)
+            if seq.num_accepted_tokens < seq.num_output_tokens:
+                if not seq.constraint.accept_token(tok):
+                    why = getattr(seq.constraint, "error", None)
+                    raise ValueError(f"token {tok} is not allowed by the request's output "
+                                     "constraint" + (f" ({why})" if why else ""))
+                seq.num_accepted_tokens += 1
         self.num_generation_tokens += 1
         m = seq.metrics
         if m.first_token_time is None:
@@ -617,14 +622,11 @@ class LLMEngine:
 
 @dataclass
 class _InFlight:
-    """A queued step (asynchronous scheduling): its plan, its launch, whether the next step may
-    be planned before its tokens come (``overlaps``), whether it is committed, and where each
-    sampling sequence's ``PENDING_TOKEN`` is (by request id)."""
+    """A queued step (asynchronous scheduling): its plan, its launch, and where each sampling
+    sequence's ``PENDING_TOKEN`` is once the step is committed ahead (by request id)."""
 
     plan: StepPlan
     launch: StepLaunch
-    overlaps: bool
-    committed: bool = False
     pending: dict[str, int] = field(default_factory=dict)
 
 

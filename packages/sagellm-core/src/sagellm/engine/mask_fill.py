@@ -4,8 +4,12 @@ the step's inputs and launches its forward.
 The contract, step by step:
 
 * the runner calls :func:`begin_mask_fill` with the rows that will sample, before it builds
-  inputs or launches anything (the engine has accepted the previous step's tokens by then, so
-  each constraint's state is the one this step's token must follow);
+  inputs or launches anything. The engine has accepted the previous step's tokens by then,
+  except with asynchronous scheduling, where a row's last token may still be pending on the
+  step queued before (``prev``): the worker then waits for that step's tokens and lets the
+  constraint accept the row's token first (``SequenceState.num_accepted_tokens`` says so to the
+  engine, ``constraint_error`` holds a refusal), so each constraint's state is the one this
+  step's token must follow;
 * it hands the returned :class:`MaskFill` to ``ModelRunner.sample_tokens`` for exactly those
   rows (or a subset of them with the same constrained rows), which calls :meth:`MaskFill.take`;
   ``take`` checks that the constrained rows are the same sequences, constraints and lengths the
@@ -26,8 +30,9 @@ from types import TracebackType
 
 import torch
 
-from sagellm.engine.constraint import TokenConstraint, fill_bitmasks
+from sagellm.engine.constraint import fill_bitmasks
 from sagellm.engine.sequence import SequenceState
+from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch
 from sagellm.protocols import DeviceEvent, Platform
 from sagellm.structured.bitmask import bitmask_words
 
@@ -103,14 +108,20 @@ def constrained(seqs: list[SequenceState]) -> list[SequenceState]:
 class MaskFill:
     """The bitmask of a step's constrained rows, being filled on the worker thread."""
 
-    def __init__(self, pool: BitmaskPool, seqs: list[SequenceState], vocab: int) -> None:
+    def __init__(self, pool: BitmaskPool, seqs: list[SequenceState], vocab: int,
+                 prev: StepLaunch | None = None) -> None:
         self.pool = pool
         self.vocab = vocab
         self.seqs = list(seqs)
         self.states = [(s.constraint, s.num_tokens) for s in self.seqs]
         self.slot, self.bitmask = pool.acquire(len(self.seqs), vocab)
-        constraints: list[TokenConstraint] = [s.constraint for s in self.seqs]  # type: ignore[misc]
-        self.future: Future[None] = _worker().submit(fill_bitmasks, constraints, self.bitmask)
+        pending = [s for s in self.seqs if s.token_ids[-1] == PENDING_TOKEN
+                   and s.num_accepted_tokens < s.num_output_tokens]
+        if pending and prev is None:
+            raise RuntimeError("a constrained row's last token is pending, but no queued step "
+                               "sampled it")
+        self.future: Future[None] = _worker().submit(_fill, self.seqs, self.bitmask, pending,
+                                                     prev)
         self.taken = False
         self.released = False
 
@@ -158,8 +169,38 @@ class MaskFill:
         self.join()
 
 
-def begin_mask_fill(pool: BitmaskPool, seqs: list[SequenceState], vocab: int
-                    ) -> MaskFill | None:
-    """Start filling the masks of the constrained rows of ``seqs``; ``None`` when none is."""
+def _fill(seqs: list[SequenceState], bitmask: torch.Tensor, pending: list[SequenceState],
+          prev: StepLaunch | None) -> None:
+    """The worker's job: accept the pending tokens (``prev``'s, waited for), then fill."""
+    if pending:
+        assert prev is not None
+        tokens, row = prev.result(), prev.row_of()
+        for s in pending:
+            tok = tokens[row[s.request_id]]
+            constraint = s.constraint
+            assert constraint is not None
+            if constraint.accept_token(tok):
+                s.num_accepted_tokens += 1
+            else:
+                why = getattr(constraint, "error", None)
+                s.constraint_error = (f"token {tok} is not allowed by the request's output "
+                                      f"constraint" + (f" ({why})" if why else ""))
+    broken = [i for i, s in enumerate(seqs) if s.constraint_error is not None]
+    if not broken:
+        fill_bitmasks([s.constraint for s in seqs], bitmask)  # type: ignore[misc]
+        return
+    # A refused row samples anything (its request fails when the engine sees the refusal).
+    ok = [i for i in range(len(seqs)) if i not in broken]
+    if ok:
+        part = bitmask.new_empty((len(ok), bitmask.shape[1]))
+        fill_bitmasks([seqs[i].constraint for i in ok], part)  # type: ignore[misc]
+        bitmask[ok] = part
+    bitmask[broken] = -1
+
+
+def begin_mask_fill(pool: BitmaskPool, seqs: list[SequenceState], vocab: int,
+                    prev: StepLaunch | None = None) -> MaskFill | None:
+    """Start filling the masks of the constrained rows of ``seqs``; ``None`` when none is.
+    ``prev``: the step queued before, which sampled the rows' pending tokens (if any)."""
     rows = constrained(seqs)
-    return MaskFill(pool, rows, vocab) if rows else None
+    return MaskFill(pool, rows, vocab, prev) if rows else None

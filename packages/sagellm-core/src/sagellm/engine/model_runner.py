@@ -227,13 +227,14 @@ class ModelRunner:
         return ids
 
     def sample_tokens(self, logits: torch.Tensor, seqs: list[SequenceState], *,
-                      mask_fill: MaskFill | None = None
+                      mask_fill: MaskFill | None = None, prev: StepLaunch | None = None
                       ) -> tuple[torch.Tensor, request_logits.SampledLogprobs | None]:
         """:meth:`sample` without waiting for the device: the ids and, if any row asks for
         them, their logprobs, both still on the device (hand them to :meth:`fetch_sampled`).
 
         ``mask_fill``: the masks :meth:`begin_mask_fill` started for these rows before the
-        forward (checked to be theirs); without it they are filled here. Queues nothing that
+        forward (checked to be theirs); without it they are filled here. ``prev``: the step
+        queued before, whose ids give the penalised rows' pending tokens. Queues nothing that
         waits, so host work here overlaps the forward the device is still running."""
         self.logits_width = logits.shape[-1]
         raw = request_logits.raw_logprobs(logits, seqs)
@@ -241,7 +242,8 @@ class ModelRunner:
                                          apply=self.apply_token_bitmask)
         self.suppress_early_stop(logits, seqs)
         request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts,
-                                                 self.penalty_settings, self.apply_penalties)
+                                                 self.penalty_settings, self.apply_penalties,
+                                                 prev)
         ids = self.sampler(logits, self.sampling_batch(seqs))
         if raw is None:
             return ids, None
@@ -277,7 +279,8 @@ class ModelRunner:
 
         return StepLaunch(seqs, ids, result)
 
-    def begin_mask_fill(self, seqs: list[SequenceState]) -> MaskFill | None:
+    def begin_mask_fill(self, seqs: list[SequenceState], prev: StepLaunch | None = None
+                        ) -> MaskFill | None:
         """Start the structured-output masks of the rows ``seqs`` that are about to sample, on
         a worker thread, before their forward is queued; ``None`` when no row has a
         constraint (or the logits' width is not known yet: :meth:`sample_tokens` then fills).
@@ -286,7 +289,7 @@ class ModelRunner:
         happens, joins it before the step ends (``with fill:`` or ``fill.join()``)."""
         if self.logits_width is None:
             return None
-        return begin_mask_fill(self.bitmasks, seqs, self.logits_width)
+        return begin_mask_fill(self.bitmasks, seqs, self.logits_width, prev)
 
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                             rows: torch.Tensor | None) -> None:
@@ -350,7 +353,7 @@ class ModelRunner:
         engine's asynchronous scheduling). A runner subclass that overrides :meth:`execute`
         instead of this runs synchronously, as before."""
         seqs = plan.sampling_seqs()
-        fill = self.begin_mask_fill(seqs)
+        fill = self.begin_mask_fill(seqs, prev)
         try:
             inp = self.prepare(plan) if prev is None else self.prepare(plan, prev)
             hidden = self.forward(inp)
@@ -363,7 +366,7 @@ class ModelRunner:
                 logits = logits[inp.num_prompt_logits:]
             if not seqs:
                 return StepLaunch.done([], [])
-            ids, logprobs = self.sample_tokens(logits, seqs, mask_fill=fill)
+            ids, logprobs = self.sample_tokens(logits, seqs, mask_fill=fill, prev=prev)
             return self.fetch_later(seqs, ids, [] if logprobs is None else [(logprobs, seqs)])
         finally:
             if fill is not None:

@@ -18,6 +18,7 @@ from sagellm.engine.constraint import apply_token_bitmask, fill_bitmasks
 from sagellm.engine.mask_fill import BitmaskPool, MaskFill
 from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.sequence import SequenceState
+from sagellm.engine.step_launch import StepLaunch
 from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.logits_processors import apply_logit_bias, apply_penalties
 from sagellm.layers.logprobs import LogprobsOp, LogprobTensors, unpack_logprobs
@@ -67,9 +68,10 @@ PenaltyOp = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.
 def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
                              counts_cache: TokenCountCache,
                              settings: RepeatedStepTensor | None = None,
-                             penalize: PenaltyOp = apply_penalties) -> None:
+                             penalize: PenaltyOp = apply_penalties,
+                             prev: StepLaunch | None = None) -> None:
     """Presence, frequency and repetition penalties (by ``penalize``), then logit bias, in
-    place.
+    place. ``prev``: the step queued before, which sampled the rows' pending tokens (if any).
 
     ``settings``: where the penalised rows' penalty values stay on the device from step to step
     (one copy when they change instead of three every step); without it they are copied."""
@@ -77,7 +79,7 @@ def apply_penalties_and_bias(logits: torch.Tensor, seqs: list[SequenceState],
     rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
     if rows:
         ps = [seqs[i].params for i in rows]
-        counts, seen = counts_cache.counts([seqs[i] for i in rows], vocab, dev)
+        counts, seen = counts_cache.counts([seqs[i] for i in rows], vocab, dev, prev)
         values = ([p.presence_penalty for p in ps] + [p.frequency_penalty for p in ps]
                   + [p.repetition_penalty for p in ps])
         table = (settings.get(values, torch.float32, dev) if settings is not None

@@ -84,6 +84,12 @@ class SequenceState:
         self.generator = None  # torch.Generator for seeded sampling, set by the runner
         #: Structured output: which tokens may come next (``sagellm.engine.constraint``).
         self.constraint = constraint
+        #: Output tokens the constraint has accepted; with asynchronous scheduling the next
+        #: step's mask fill may accept a pending token before the engine sees it.
+        self.num_accepted_tokens = 0
+        #: Why the constraint refused a token the mask fill accepted for it (then the engine
+        #: fails the request when it sees the token).
+        self.constraint_error: str | None = None
         #: With ``params.logprobs``: one entry per generated token, appended by the engine.
         self.output_logprobs: list[TokenLogprob] | None = (
             [] if params.logprobs is not None else None)

@@ -9,6 +9,7 @@ placeholder when step N's :meth:`StepLaunch.result` comes back.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ class StepLaunch:
     ids: torch.Tensor | None
     _wait: Callable[[], list[int]] = field(repr=False)
     _result: list[int] | None = field(default=None, repr=False)
+    #: The next step's mask fill may wait for the tokens on its worker thread.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def done(cls, seqs: list[SequenceState], tokens: list[int]) -> StepLaunch:
@@ -39,9 +42,10 @@ class StepLaunch:
 
     def result(self) -> list[int]:
         """The sampled tokens, one per row of ``seqs``: waits for the device the first time."""
-        if self._result is None:
-            self._result = self._wait()
-        return self._result
+        with self._lock:
+            if self._result is None:
+                self._result = self._wait()
+            return self._result
 
     def row_of(self) -> dict[str, int]:
         """Row of each sampling sequence, by request id."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from sagellm.engine.sequence import SequenceState
+from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch
 from sagellm.layers.step_tensors import step_tensor
 
 
@@ -32,9 +33,12 @@ class TokenCountCache:
         #: Ones for ``scatter_add_``, grown as needed (a slice of it costs no launch).
         self._ones: torch.Tensor | None = None
 
-    def counts(self, seqs: list[SequenceState], vocab_size: int, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(output_counts float32 [R, V], seen bool [R, V])`` for ``seqs`` (one row each)."""
+    def counts(self, seqs: list[SequenceState], vocab_size: int, device: torch.device,
+               prev: StepLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output_counts float32 [R, V], seen bool [R, V])`` for ``seqs`` (one row each).
+
+        A row whose last token is still ``PENDING_TOKEN`` (asynchronous scheduling) counts it
+        from ``prev``'s ids on the device, the step that sampled it."""
         usable = self._counts is not None and self._counts.shape[1] == vocab_size \
             and self._counts.device == device
         # The common step: the same sequences in the same order (list equality is identity
@@ -49,13 +53,20 @@ class TokenCountCache:
             self._batch = list(seqs)
         prompt_new: list[int] = []  # new prompt tokens: seen only
         out_new: list[int] = []  # new output tokens: seen and counted
+        pending: list[int] = []  # rows whose last token is on the device only
         for i, (s, start) in enumerate(zip(seqs, starts, strict=True)):
             ids, base, first_out = s.token_ids, i * vocab_size, s.num_prompt_tokens
-            if start >= first_out and len(ids) == start + 1:
-                out_new.append(base + ids[-1])  # one new output token: the decode step
+            end = len(ids)
+            if ids[-1] == PENDING_TOKEN and start < end:
+                pending.append(i)
+                end -= 1
+                if start == end:
+                    continue
+            if start >= first_out and end == start + 1:
+                out_new.append(base + ids[end - 1])  # one new output token: the decode step
                 continue
             prompt_new.extend(base + t for t in ids[start:first_out])
-            out_new.extend(base + t for t in ids[max(start, first_out):])
+            out_new.extend(base + t for t in ids[max(start, first_out):end])
         if out_new or prompt_new:  # one copy for both: seen takes all, counts the output part
             index = step_tensor(prompt_new + out_new, torch.int64, device)
             num_out = len(out_new)
@@ -65,9 +76,27 @@ class TokenCountCache:
             # index_fill_ takes the value as a kernel argument; ``seen[idx] = True`` copies a host
             # scalar to the device from pageable memory, which waits for the stream.
             seen.view(-1).index_fill_(0, index, True)
+        if pending:
+            self._count_pending(counts, seen, [seqs[i] for i in pending], pending, vocab_size,
+                                prev)
         self._counts, self._seen = counts, seen
         self._counted = [s.num_tokens for s in seqs]
         return counts, seen
+
+    def _count_pending(self, counts: torch.Tensor, seen: torch.Tensor,
+                       seqs: list[SequenceState], rows: list[int], vocab_size: int,
+                       prev: StepLaunch | None) -> None:
+        """Count, on the device, the pending (output) token of each of ``rows`` from ``prev``."""
+        if prev is None or prev.ids is None:
+            raise RuntimeError("a penalised row's last token is pending, but no queued step "
+                               "sampled it")
+        where = prev.row_of()
+        n = len(rows)
+        index = step_tensor([r * vocab_size for r in rows] + [where[s.request_id] for s in seqs],
+                            torch.int64, counts.device)
+        flat = index[:n] + prev.ids.index_select(0, index[n:]).to(torch.int64)
+        counts.view(-1).scatter_add_(0, flat, self._ones_like(n, counts.device))
+        seen.view(-1).index_fill_(0, flat, True)
 
     def _regather(self, seqs: list[SequenceState], vocab_size: int, device: torch.device,
                   usable: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
