@@ -485,3 +485,36 @@ def test_prefill_graph_takes_a_pending_last_token_from_the_step_before(tiny: Pat
     prev = StepLaunch([other, seq], torch.tensor([7, prompt[-1]]), lambda: [7, prompt[-1]])
     assert runner.launch(plan, prev).result() == want
     assert runner.num_prefill_graph_steps == 2
+
+
+def test_host_staging_twins_alternate_and_wait_for_their_last_copy(tiny: Path) -> None:
+    """Steps queued ahead: the host stages each step in the other page-locked twin, and writes
+    a twin again only after the event behind its previous copy (a copy of step N that waits
+    behind a long prefill replay must not read step N+1's inputs)."""
+    engine = _engine(CudaPartsOnCpu(), tiny, async_scheduling=True)
+    runner = _runner(engine)
+    log: list[tuple[str, int]] = []
+
+    class Event:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def synchronize(self) -> None:
+            log.append(("wait", self.n))
+
+    count = iter(range(1000))
+    runner.platform.record_event = lambda: Event(next(count))  # type: ignore[method-assign]
+    used: list[int] = []
+    real = runner._fill
+
+    def fill(seqs: list[SequenceState], bs: int) -> list[int]:
+        used.append(runner._host_slot)
+        return real(seqs, bs)
+
+    runner._fill = fill  # type: ignore[method-assign]
+    prompts = _prompts(9, 30)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    got = _run(engine, prompts, params, arrive_every=2)
+    assert got == _run(_engine(CpuPlatform(), tiny), prompts, params, arrive_every=2)
+    assert len(used) >= 4 and all(a != b for a, b in zip(used, used[1:]))
+    assert [n for kind, n in log if kind == "wait"], "a twin was reused without its event"

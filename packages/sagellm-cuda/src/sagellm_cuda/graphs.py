@@ -4,7 +4,9 @@ At start-up one graph is captured per padded batch size (1, 2, 4, 8, then multip
 ``max_num_seqs``); all graphs share one memory pool and read their inputs from one static int32
 buffer: token ids, positions, KV slots, context lengths and a block table as wide as
 ``max_model_len`` needs. A decode step then costs one host-to-device copy of that buffer (filled in
-pinned memory), one graph launch and one device-to-host copy of the sampled ids, which is the only
+one of two pinned host twins, used in turn, each written again only after its last copy ran: with
+asynchronous scheduling the host stages step N+1 while step N's copy may still be queued behind
+N's prefill replay), one graph launch and one device-to-host copy of the sampled ids, which is the only
 synchronisation. The graph ends in the LM head and an argmax, so greedy requests never move
 logits. It also leaves its logits in a static buffer: rows with other settings (sampling,
 penalties, logit bias, logprobs, a grammar) run core's ``sample_tokens`` on those rows of it,
@@ -37,7 +39,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 import torch
 
-from sagellm.protocols import AttentionMetadata, DecodeMetadata, PrefillMetadata
+from sagellm.protocols import AttentionMetadata, DecodeMetadata, DeviceEvent, PrefillMetadata
 from sagellm.runner import (
     PENDING_TOKEN,
     MaskFill,
@@ -115,16 +117,24 @@ class CudaGraphModelRunner(ModelRunner):
         mb = max(self.graph_sizes)
         self.table_width = -(-max_model_len // block_size)
         pin = device.type == "cuda"  # page-locked host twins on the GPU (CPU tests have none)
-        # One int32 staging buffer, device and pinned host twins:
+        # One int32 staging buffer on the device, filled from page-locked host twins:
         # [ids | positions | slots | seq_lens] each mb long, then the block table mb x width.
+        # Two host twins, used in turn (``_next_host``): with asynchronous scheduling the host
+        # stages step N+1 while step N's copy may still wait behind N's prefill replay.
         n = 4 * mb + mb * self.table_width
         self._dev = torch.zeros(n, dtype=torch.int32, device=device)
-        self._host = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
-        self._np = self._host.numpy()
+        self._hosts = [torch.zeros(n, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._host_arrays = [h.numpy() for h in self._hosts]
+        self._host_events: list[DeviceEvent | None] = [None, None]
+        self._host_slot = 0
+        self._host, self._np = self._hosts[0], self._host_arrays[0]
         self._mb = mb
-        #: What each row of the staging block table holds: ``(the block_table list written
-        #: there, its num_released_blocks then, entries written)`` (``_fill_table_row``).
-        self._table_rows: list[tuple[list[int], int, int] | None] = [None] * mb
+        #: What each row of a staging block table holds: ``(the block_table list written
+        #: there, its num_released_blocks then, entries written)`` (``_fill_table_row``); one
+        #: list per host twin, ``_table_rows`` the current one's.
+        self._host_rows: list[list[tuple[list[int], int, int] | None]] = [[None] * mb,
+                                                                          [None] * mb]
+        self._table_rows = self._host_rows[0]
         self.out_ids = torch.zeros(mb, dtype=torch.int64, device=device)
         #: The graphs' logits ([mb, vocab] and [1, vocab], the LM head's dtype), made by the
         #: first forward, which runs before any capture.
@@ -139,8 +149,9 @@ class CudaGraphModelRunner(ModelRunner):
         pt = self._pt = max(self.prefill_sizes, default=0)
         pn = 3 * pt + self.table_width + 1
         self._pdev = torch.zeros(pn, dtype=torch.int32, device=device)
-        self._phost = torch.zeros(pn, dtype=torch.int32, pin_memory=pin)
-        self._pnp = self._phost.numpy()
+        self._phosts = [torch.zeros(pn, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._phost_events: list[DeviceEvent | None] = [None, None]
+        self._phost_slot = 0
         self._pmeta = {b: (torch.tensor([0, b], dtype=torch.int32, device=device),
                            torch.tensor([b], dtype=torch.int32, device=device))
                        for b in self.prefill_sizes}
@@ -182,8 +193,9 @@ class CudaGraphModelRunner(ModelRunner):
         # Padding rows: one token of context, nothing written.
         self._dev[3 * mb:4 * mb].fill_(1)
         self._dev[2 * mb:3 * mb].fill_(-1)
-        self._np[3 * mb:4 * mb] = 1
-        self._np[2 * mb:3 * mb] = -1
+        for host in self._host_arrays:
+            host[3 * mb:4 * mb] = 1
+            host[2 * mb:3 * mb] = -1
         capture = self.graph_capture(self.device)
         for bs in reversed(self.graph_sizes):
             self.graphs[bs] = capture.capture(functools.partial(self._static_forward, bs))
@@ -239,7 +251,10 @@ class CudaGraphModelRunner(ModelRunner):
                            prev: StepLaunch | None) -> _Sampled:
         op = plan.prefills[0]
         seq, n, block = op.seq, op.num_tokens, self.block_size
-        ids, pos, slots, table, last = self._pviews(self._pnp, tb)
+        self._phost_slot = slot = 1 - self._phost_slot
+        _wait(self._phost_events, slot)
+        host = self._phosts[slot]
+        ids, pos, slots, table, last = self._pviews(host.numpy(), tb)
         p = np.arange(n, dtype=np.int64)
         bt = np.asarray(seq.block_table, dtype=np.int64)
         ids[:n] = seq.token_ids[:n]
@@ -248,7 +263,8 @@ class CudaGraphModelRunner(ModelRunner):
         ids[n:], pos[n:], slots[n:] = 0, 0, -1
         table[0, :len(bt)] = bt
         last[0] = n - 1
-        self._pdev.copy_(self._phost, non_blocking=True)
+        self._pdev.copy_(host, non_blocking=True)
+        self._phost_events[slot] = self.platform.record_event()
         if seq.token_ids[n - 1] == PENDING_TOKEN:  # a preempted sequence, recomputed at once
             patch_pending(self._pdev[:tb], [n - 1], [seq], prev)
         self.prefill_graphs[tb].replay()
@@ -301,9 +317,11 @@ class CudaGraphModelRunner(ModelRunner):
 
     def _run_decode_graph(self, seqs: list[SequenceState], bs: int, fill: MaskFill | None,
                           prev: StepLaunch | None) -> _Sampled:
+        self._next_host()
         pending = self._fill(seqs, bs)
         end = 4 * self._mb + bs * self.table_width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._host_events[self._host_slot] = self.platform.record_event()
         if pending:
             patch_pending(self._dev[:bs], pending, [seqs[i] for i in pending], prev)
         self.graphs[bs].replay()
@@ -357,6 +375,13 @@ class CudaGraphModelRunner(ModelRunner):
         else:
             super().apply_penalties(logits, rows, counts, seen, presence, frequency, repetition)
 
+    def _next_host(self) -> None:
+        """Make the other host twin current, once the copy that last read it has run."""
+        self._host_slot = slot = 1 - self._host_slot
+        _wait(self._host_events, slot)
+        self._host, self._np = self._hosts[slot], self._host_arrays[slot]
+        self._table_rows = self._host_rows[slot]
+
     def _fill(self, seqs: list[SequenceState], bs: int) -> list[int]:
         """Stage the decode inputs of ``seqs`` (padded to ``bs``); returns the rows whose token
         is still pending on the step queued before (``PENDING_TOKEN`` staged there)."""
@@ -402,3 +427,11 @@ class CudaGraphModelRunner(ModelRunner):
         if start < len(bt):
             row[start:len(bt)] = bt[start:]
         self._table_rows[i] = (bt, seq.num_released_blocks, len(bt))
+
+
+def _wait(events: list[DeviceEvent | None], slot: int) -> None:
+    """Wait for the copy that last read host twin ``slot`` (its event), then forget it."""
+    event = events[slot]
+    if event is not None:
+        event.synchronize()
+        events[slot] = None

@@ -6,7 +6,7 @@ Used by core's CPU tests (``tests/test_window_blocks.py``) and the CUDA package'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,13 +52,13 @@ def run_windowed(platform: Platform, model_dir: str | Path, prompts: Sequence[Se
     schedule = engine.scheduler.schedule
     run = WindowRun(tokens=[])
 
-    def checked_schedule() -> StepPlan:
+    def checked_schedule(hold: Collection[str] = ()) -> StepPlan:
         step = engine.scheduler.num_steps + 1
         if preempt_every and step % preempt_every == 0:
             victim = next((s for s in engine.scheduler.running if s.num_released_blocks), None)
             if victim is not None:
                 engine.scheduler._preempt(victim, StepPlan(step_id=0))
-        plan = schedule()
+        plan = schedule(hold)
         run.max_held_blocks = max(run.max_held_blocks, bm.num_held_blocks)
         ops = [(op.seq, op.start, op.num_tokens) for op in plan.prefills]
         ops += [(op.seq, op.position, 1) for op in plan.decodes]
