@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -317,11 +318,19 @@ class LLMEngine:
         if failed:
             plan = _without(plan, {seq.request_id for seq, _ in failed})
         self._commit(plan)
+        return outputs + self._advance_each(
+            (seq, tokens[seq.request_id], None) for seq in plan.sampling_seqs())
+
+    def _advance_each(self, rows: Iterable[tuple[SequenceState, int, int | None]]
+                      ) -> list[RequestOutput]:
+        """:meth:`_advance` each ``(sequence, token, placeholder index)``; a row that raises
+        fails alone (its output holds only what the caller was already given)."""
+        outputs: list[RequestOutput] = []
         now = time.monotonic()
-        for seq in plan.sampling_seqs():
-            num_tokens = seq.num_tokens
+        for seq, tok, index in rows:
+            num_tokens = seq.num_tokens if index is None else index
             try:
-                outputs.append(self._advance(seq, tokens[seq.request_id], now))
+                outputs.append(self._advance(seq, tok, now, index))
             except Exception as exc:
                 if self.platform.is_fatal_error(exc):
                     raise
@@ -408,20 +417,9 @@ class LLMEngine:
                            type(exc).__name__, exc)
             return [out for seq in cur.launch.seqs if self._is_live(seq)
                     for out in self._fail(seq, exc, cur.pending.get(seq.request_id))]
-        outputs: list[RequestOutput] = []
-        now = time.monotonic()
-        for seq, tok in zip(cur.launch.seqs, tokens, strict=True):
-            if not self._is_live(seq):
-                continue
-            index = cur.pending.get(seq.request_id)
-            num_tokens = seq.num_tokens if index is None else index
-            try:
-                outputs.append(self._advance(seq, tok, now, index))
-            except Exception as exc:
-                if self.platform.is_fatal_error(exc):
-                    raise
-                outputs.extend(self._fail(seq, exc, num_tokens))
-        return outputs
+        return self._advance_each((seq, tok, cur.pending.get(seq.request_id))
+                                  for seq, tok in zip(cur.launch.seqs, tokens, strict=True)
+                                  if self._is_live(seq))
 
     def _is_live(self, seq: SequenceState) -> bool:
         """Whether ``seq`` is still this engine's and unfinished (not aborted, failed or ended
