@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from sagellm.engine.async_steps import use_async_scheduling
 from sagellm.engine.llm_engine import LLMEngine
 from sagellm.engine.sequence import SequenceState
 from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch, patch_pending, pending_rows
@@ -85,7 +86,7 @@ def _pool_returned(engine: LLMEngine) -> None:
     assert engine._seqs == {} and not engine.has_unfinished_requests()
     # A step queued for requests that all ended while it ran is waited for (and dropped) by
     # the next step() call.
-    assert engine.step() == [] and engine._inflight is None
+    assert engine.step() == [] and (engine.pipeline is None or engine.pipeline.inflight is None)
 
 
 def _both(model: Path, prompts, params, **kw: Any) -> tuple[dict, dict, LLMEngine]:  # type: ignore[no-untyped-def]
@@ -326,7 +327,7 @@ def test_a_new_request_may_reuse_an_aborted_requests_id_at_once(tiny: Path) -> N
     engine2.add_request(_prompts(6)[0], params, request_id="x")
     engine2.step()
     engine2.step()
-    assert engine2._inflight is not None  # "x" has its next step in flight
+    assert engine2.pipeline is not None and engine2.pipeline.inflight is not None  # "x" has its next step in flight
     assert engine2.abort_request("x")
     engine2.add_request(_prompts(9)[0], params, request_id="x")
     last = None
@@ -415,7 +416,7 @@ def test_auto_is_off_on_the_cpu_and_a_multi_rank_runner_stays_synchronous(
 
     engine.runner.__class__ = Synchronous
     with caplog.at_level("WARNING", logger="sagellm.engine"):
-        assert not engine._async_scheduling()
+        assert not use_async_scheduling(engine)
     assert "runs each step synchronously" in caplog.text
 
 

@@ -1,17 +1,8 @@
 """The engine: requests in, one scheduled and executed step per ``step()`` call.
 
-With asynchronous scheduling (``EngineConfig.async_scheduling``) a call queues the next step on
-the device before it waits for the one already running, and hands out that one's outputs while
-the next runs: the host's work per step (outputs, scheduling, inputs) overlaps the device's.
-The next step is planned as if every sequence of the running one goes on: each gets
-``PENDING_TOKEN`` as its last token (the runner takes that input from the running step's ids on
-the device) and the real token is written over it when it comes. A sequence that the coming
-token ends by length is held out of the next step; one that ends otherwise (a stop token or
-string, an abort) has its next token computed and dropped. A request with a grammar gets its
-next mask on the mask-fill worker, which waits for the running step's tokens and lets the
-grammar accept its token first (``sagellm.engine.mask_fill``) while the next forward is already
-queued; a request with penalties counts its pending token from those ids on the device
-(``TokenCountCache``).
+Steps wait for the device one by one, or, with asynchronous scheduling
+(``EngineConfig.async_scheduling``), one step is queued ahead of the one being waited for
+(``sagellm.engine.async_steps``).
 """
 
 from __future__ import annotations
@@ -21,20 +12,18 @@ import time
 import weakref
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
-
-import torch
 
 from sagellm.config import EngineConfig
+from sagellm.engine.async_steps import StepPipeline, use_async_scheduling
 from sagellm.engine.builder import assemble
 from sagellm.engine.constraint import ConstraintFactory
 from sagellm.engine.detokenizer import IncrementalDetokenizer
+from sagellm.engine.generator_state import restore_generators, save_generators
 from sagellm.engine.layout import Layout
-from sagellm.engine.model_runner import ModelRunner
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.sequence import SequenceState, SequenceStatus
 from sagellm.engine.stats import EngineStats
-from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch
+from sagellm.engine.step_launch import PENDING_TOKEN
 from sagellm.kv_cache.block_hash import check_cache_salt
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.plugins import Registry, get_registry
@@ -97,9 +86,8 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
         self._next_id = 0
-        #: Asynchronous scheduling: on, and the step queued on the device, not yet waited for.
-        self.async_scheduling = self._async_scheduling()
-        self._inflight: _InFlight | None = None
+        #: With asynchronous scheduling: the steps queued ahead (``None``: steps wait one by one).
+        self.pipeline = StepPipeline(self) if use_async_scheduling(self) else None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.startup_seconds = time.perf_counter() - t0
@@ -110,21 +98,10 @@ class LLMEngine:
                     self.kv.num_blocks, bs, self.kv.num_blocks * bs)
         self._notify_started()
 
-    def _async_scheduling(self) -> bool:
-        """Whether :meth:`step` queues the next step before waiting (see the module doc)."""
-        mode = self.config.async_scheduling
-        if mode is False:
-            return False
-        # A runner that overrides ``execute`` (a multi-rank one) runs each step synchronously.
-        capable = (self.workers is None and isinstance(self.runner, ModelRunner)
-                   and type(self.runner).execute is ModelRunner.execute)
-        if not capable:
-            if mode:
-                logger.warning("async_scheduling needs a one-rank engine whose runner queues "
-                               "steps (ModelRunner.launch); %s runs each step synchronously",
-                               type(self.runner).__name__)
-            return False
-        return bool(mode) or self.platform.capabilities().async_steps
+    @property
+    def async_scheduling(self) -> bool:
+        """Whether :meth:`step` queues the next step before it waits (``sagellm.engine.async_steps``)."""
+        return self.pipeline is not None
 
     def shutdown(self) -> None:
         """Stop the worker processes of a multi-rank engine (a no-op for one rank)."""
@@ -230,8 +207,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         # A queued step whose requests all ended is not work left: the next step waits for it.
         return (self.scheduler.has_unfinished() or bool(self._compiling)
-                or (self._inflight is not None
-                    and any(self._is_live(s) for s in self._inflight.launch.seqs)))
+                or (self.pipeline is not None and self.pipeline.has_live_work()))
 
     def _grammar_factory(self, params: SamplingParams):  # type: ignore[no-untyped-def]
         """The constraint factory of ``params.structured_output`` (compiling in the background;
@@ -304,8 +280,8 @@ class LLMEngine:
         (``Platform.is_fatal_error``: a lost device) propagates.
         """
         outputs = self._admit_compiled() if self._compiling else []
-        if self.async_scheduling:
-            return outputs + self._step_async()
+        if self.pipeline is not None:
+            return outputs + self.pipeline.step()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
@@ -316,7 +292,7 @@ class LLMEngine:
         tokens, failed = self._execute(plan)
         outputs = [out for seq, exc in failed for out in self._fail(seq, exc)]
         if failed:
-            plan = _without(plan, {seq.request_id for seq, _ in failed})
+            plan = plan.without({seq.request_id for seq, _ in failed})
         self._commit(plan)
         return outputs + self._advance_each(
             (seq, tokens[seq.request_id], None) for seq in plan.sampling_seqs())
@@ -346,92 +322,6 @@ class LLMEngine:
         self.num_prompt_tokens += sum(op.num_tokens for op in plan.prefills
                                       if op.start < op.seq.num_prompt_tokens)
 
-    # -- asynchronous scheduling (see the module doc) --------------------------------------
-
-    def _step_async(self) -> list[RequestOutput]:
-        """Queue the next step behind the running one (planning it first), then wait for the
-        running one and turn its tokens into outputs."""
-        cur, self._inflight = self._inflight, None
-        if cur is None:
-            plan = self.scheduler.schedule()
-            if plan.is_empty:
-                return []
-            cur = self._launch(plan, None)
-            if cur is None:  # raised while queueing: run it again one request at a time
-                return self._run(plan)
-        nxt: _InFlight | None = None
-        retry: StepPlan | None = None
-        hold = self._commit_ahead(cur)
-        plan = self.scheduler.schedule(hold)
-        if not plan.is_empty:
-            nxt = self._launch(plan, cur.launch)
-            if nxt is None:
-                retry = plan  # run synchronously once ``cur``'s tokens are in
-        outputs = self._finish(cur)
-        if retry is not None:
-            outputs += self._run(self._live(retry))
-        self._inflight = nxt
-        return outputs
-
-    def _launch(self, plan: StepPlan, prev: StepLaunch | None) -> _InFlight | None:
-        """Queue ``plan``; ``None`` if queueing it raised (nothing of it committed, seeded
-        generators rewound: the caller runs it again through :meth:`_run`)."""
-        seqs = plan.sampling_seqs()
-        generators = _save_generators(seqs)
-        try:
-            launch = self.runner.launch(plan, prev)  # type: ignore[attr-defined]
-        except Exception as exc:
-            if self.platform.is_fatal_error(exc):
-                raise
-            logger.warning("queueing step %d failed (%s: %s); running it synchronously",
-                           plan.step_id, type(exc).__name__, exc)
-            _restore_generators(generators)
-            return None
-        return _InFlight(plan, launch)
-
-    def _commit_ahead(self, cur: _InFlight) -> list[str]:
-        """Commit the running step before its tokens are known and give each of its sampling
-        sequences a ``PENDING_TOKEN``; returns those that the coming token ends by length (held
-        out of the next step)."""
-        plan = self._live(cur.plan)
-        self._commit(plan)
-        hold = []
-        for seq in plan.sampling_seqs():
-            cur.pending[seq.request_id] = seq.num_tokens
-            seq.append_token(PENDING_TOKEN)
-            if (seq.num_output_tokens >= seq.params.max_tokens
-                    or seq.num_tokens >= self.max_model_len):
-                hold.append(seq.request_id)
-        return hold
-
-    def _finish(self, cur: _InFlight) -> list[RequestOutput]:
-        """Wait for ``cur`` (committed ahead) and advance its live sequences (those aborted,
-        failed or ended while it ran are skipped)."""
-        try:
-            tokens = cur.launch.result()
-        except Exception as exc:
-            if self.platform.is_fatal_error(exc):
-                raise
-            # The step was queued and gave nothing: its sampling requests fail with it.
-            logger.warning("step %d failed on the device (%s: %s)", cur.plan.step_id,
-                           type(exc).__name__, exc)
-            return [out for seq in cur.launch.seqs if self._is_live(seq)
-                    for out in self._fail(seq, exc, cur.pending.get(seq.request_id))]
-        return self._advance_each((seq, tok, cur.pending.get(seq.request_id))
-                                  for seq, tok in zip(cur.launch.seqs, tokens, strict=True)
-                                  if self._is_live(seq))
-
-    def _is_live(self, seq: SequenceState) -> bool:
-        """Whether ``seq`` is still this engine's and unfinished (not aborted, failed or ended
-        while a step computed it)."""
-        return self._seqs.get(seq.request_id) is seq and not seq.status.finished
-
-    def _live(self, plan: StepPlan) -> StepPlan:
-        """``plan`` less the ops of sequences no longer live."""
-        gone = {op.seq.request_id for op in (*plan.prefills, *plan.decodes)
-                if not self._is_live(op.seq)}
-        return _without(plan, gone) if gone else plan
-
     def _execute(self, plan: StepPlan) -> tuple[dict[str, int], list[tuple[SequenceState, Exception]]]:
         """Run ``plan``: the sampled token per request id, and the sequences that failed.
 
@@ -439,7 +329,7 @@ class LLMEngine:
         its own: its KV writes go to the same slots with the same values.
         """
         seqs = plan.sampling_seqs()
-        generators = _save_generators(seqs)
+        generators = save_generators(seqs)
         try:
             return dict(zip((s.request_id for s in seqs), self.runner.execute(plan))), []
         except Exception as exc:
@@ -449,7 +339,7 @@ class LLMEngine:
             logger.warning("step %d failed (%s: %s); running its %d sequences one at a time to "
                            "find the failing ones", plan.step_id, type(exc).__name__, exc,
                            len(plan.prefills) + len(plan.decodes))
-        _restore_generators(generators)  # seeded requests draw the same numbers again
+        restore_generators(generators)  # seeded requests draw the same numbers again
         tokens: dict[str, int] = {}
         failed: list[tuple[SequenceState, Exception]] = []
         for sub in _one_by_one(plan):
@@ -618,49 +508,8 @@ class LLMEngine:
         )
 
 
-@dataclass
-class _InFlight:
-    """A queued step (asynchronous scheduling): its plan, its launch, and where each sampling
-    sequence's ``PENDING_TOKEN`` is once the step is committed ahead (by request id)."""
-
-    plan: StepPlan
-    launch: StepLaunch
-    pending: dict[str, int] = field(default_factory=dict)
-
-
-def _without(plan: StepPlan, request_ids: set[str]) -> StepPlan:
-    """``plan`` less the ops of ``request_ids`` (failed sequences, which are not committed)."""
-    return StepPlan(
-        step_id=plan.step_id,
-        prefills=[op for op in plan.prefills if op.seq.request_id not in request_ids],
-        decodes=[op for op in plan.decodes if op.seq.request_id not in request_ids],
-        preempted=plan.preempted,
-        kv_transfers=[t for t in plan.kv_transfers if t.request_id not in request_ids],
-    )
-
-
 def _one_by_one(plan: StepPlan) -> list[StepPlan]:
     """One plan per op of ``plan``."""
     subs = [StepPlan(plan.step_id, prefills=[op]) for op in plan.prefills]
     subs += [StepPlan(plan.step_id, decodes=[op]) for op in plan.decodes]
     return subs
-
-
-_GeneratorState = tuple[SequenceState, "torch.Generator | None", "torch.Tensor | None"]
-
-
-def _save_generators(seqs: list[SequenceState]) -> list[_GeneratorState]:
-    """The random state of the seeded sequences, to rewind after a failed step."""
-    saved: list[_GeneratorState] = []
-    for s in seqs:
-        if s.params.seed is not None:
-            g = s.generator
-            saved.append((s, g, g.get_state() if g is not None else None))
-    return saved
-
-
-def _restore_generators(saved: list[_GeneratorState]) -> None:
-    for seq, g, state in saved:
-        seq.generator = g
-        if g is not None and state is not None:
-            g.set_state(state)

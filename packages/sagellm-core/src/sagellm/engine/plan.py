@@ -79,6 +79,16 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not self.prefills and not self.decodes
 
+    def without(self, request_ids: set[str]) -> StepPlan:
+        """This plan less the ops of ``request_ids`` (failed or ended sequences)."""
+        return StepPlan(
+            step_id=self.step_id,
+            prefills=[op for op in self.prefills if op.seq.request_id not in request_ids],
+            decodes=[op for op in self.decodes if op.seq.request_id not in request_ids],
+            preempted=self.preempted,
+            kv_transfers=[t for t in self.kv_transfers if t.request_id not in request_ids],
+        )
+
     def sampling_seqs(self) -> list[SequenceState]:
         """Sequences that get a new token from this step, in batch order."""
         return [op.seq for op in self.prefills if op.samples] + [op.seq for op in self.decodes]
