@@ -352,6 +352,49 @@ def test_preemption_prefix_hits_and_forks_equal_sync(tiny: Path) -> None:
     assert engine.scheduler.num_preemptions > 0 and engine.block_manager.num_cache_hits > 0
 
 
+def test_a_request_preempted_while_its_ending_token_is_on_its_way_leaves_the_queue(
+        tiny: Path) -> None:
+    """Before every step the newest running request is preempted and kept waiting for that
+    step, while its token is still pending; requests end on stop tokens taken from a free run
+    or by length, some of them while waiting. Each ends once, nothing finished stays queued,
+    outputs equal sync."""
+    free = _run(_engine(tiny, False), _prompts(6, 9, 12, 7),
+                SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    params = [SamplingParams(temperature=0, max_tokens=m, stop_token_ids=[o.token_ids[k]])
+              for o, k, m in zip(free.values(), (3, 5, 2, 7), (12, 4, 12, 6))]
+
+    def preempting(engine: LLMEngine) -> LLMEngine:
+        sched = engine.scheduler
+        schedule = sched.schedule
+
+        def wrapped(hold=()):  # type: ignore[no-untyped-def]
+            # Held ones too (the scheduler itself never preempts those): their token ends them.
+            victim = next((s for s in reversed(sched.running) if s.request_id in hold),
+                          sched.running[-1] if sched.running else None)
+            limit = sched.max_num_seqs
+            if victim is not None and len(sched.running) > 1:
+                sched._preempt(victim, StepPlan(step_id=0))
+                sched.max_num_seqs = len(sched.running)  # it waits out this step
+            try:
+                plan = schedule(hold)
+            finally:
+                sched.max_num_seqs = limit
+            assert not any(s.status.finished for s in sched.waiting)
+            return plan
+
+        sched.schedule = wrapped  # type: ignore[method-assign]
+        return engine
+
+    from sagellm.engine.plan import StepPlan
+
+    engine = preempting(_engine(tiny, True))
+    got = _run(engine, _prompts(6, 9, 12, 7), params)
+    want = _run(preempting(_engine(tiny, False)), _prompts(6, 9, 12, 7), params)
+    assert _ids(got) == _ids(want)
+    assert engine.scheduler.num_preemptions > 0 and not engine.scheduler.waiting
+    _pool_returned(engine)
+
+
 @pytest.mark.parametrize("arrive_every", [0, 2])
 def test_a_step_that_raises_while_queued_fails_only_its_request(tiny: Path,
                                                                 arrive_every: int) -> None:

@@ -289,10 +289,11 @@ class Scheduler:
                 bm.register_computed_blocks(op.seq)
 
     def finish(self, seq: SequenceState, status: SequenceStatus) -> None:
-        """End ``seq``, running or (preempted while its last token was on its way) waiting."""
+        """End ``seq``, running or (preempted while its last token was on its way) waiting;
+        its status may already say finished (the engine sets it before calling this)."""
         if seq in self.running:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
         self._finish(seq, status)
 
