@@ -508,7 +508,7 @@ def test_host_staging_twins_alternate_and_wait_for_their_last_copy(tiny: Path) -
     real = runner._fill
 
     def fill(seqs: list[SequenceState], bs: int) -> list[int]:
-        used.append(runner._host_slot)
+        used.append(runner._hosts.slot)
         return real(seqs, bs)
 
     runner._fill = fill  # type: ignore[method-assign]

@@ -38,7 +38,7 @@ from sagellm.engine.plan import DecodeOp, PrefillOp, StepPlan
 from sagellm.engine.request_logits import SampledLogprobs
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.sequence import SequenceState
-from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch, patch_pending
+from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch, patch_pending, pending_rows
 from sagellm.layers.attention import ForwardContext
 
 __all__ = [
@@ -56,4 +56,5 @@ __all__ = [
     "StepPlan",
     "StepRunner",
     "patch_pending",
+    "pending_rows",
 ]

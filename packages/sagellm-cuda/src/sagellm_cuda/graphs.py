@@ -50,6 +50,7 @@ from sagellm.runner import (
     StepLaunch,
     StepPlan,
     patch_pending,
+    pending_rows,
 )
 from sagellm_cuda.penalties_kernel import apply_penalties_triton
 from sagellm_cuda.token_bitmask import apply_token_bitmask_triton
@@ -123,11 +124,8 @@ class CudaGraphModelRunner(ModelRunner):
         # stages step N+1 while step N's copy may still wait behind N's prefill replay.
         n = 4 * mb + mb * self.table_width
         self._dev = torch.zeros(n, dtype=torch.int32, device=device)
-        self._hosts = [torch.zeros(n, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-        self._host_arrays = [h.numpy() for h in self._hosts]
-        self._host_events: list[DeviceEvent | None] = [None, None]
-        self._host_slot = 0
-        self._host, self._np = self._hosts[0], self._host_arrays[0]
+        self._hosts = HostTwins(n, pin)
+        self._host, self._np = self._hosts.tensors[0], self._hosts.arrays[0]
         self._mb = mb
         #: What each row of a staging block table holds: ``(the block_table list written
         #: there, its num_released_blocks then, entries written)`` (``_fill_table_row``); one
@@ -149,9 +147,7 @@ class CudaGraphModelRunner(ModelRunner):
         pt = self._pt = max(self.prefill_sizes, default=0)
         pn = 3 * pt + self.table_width + 1
         self._pdev = torch.zeros(pn, dtype=torch.int32, device=device)
-        self._phosts = [torch.zeros(pn, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-        self._phost_events: list[DeviceEvent | None] = [None, None]
-        self._phost_slot = 0
+        self._phosts = HostTwins(pn, pin)
         self._pmeta = {b: (torch.tensor([0, b], dtype=torch.int32, device=device),
                            torch.tensor([b], dtype=torch.int32, device=device))
                        for b in self.prefill_sizes}
@@ -193,7 +189,7 @@ class CudaGraphModelRunner(ModelRunner):
         # Padding rows: one token of context, nothing written.
         self._dev[3 * mb:4 * mb].fill_(1)
         self._dev[2 * mb:3 * mb].fill_(-1)
-        for host in self._host_arrays:
+        for host in self._hosts.arrays:
             host[3 * mb:4 * mb] = 1
             host[2 * mb:3 * mb] = -1
         capture = self.graph_capture(self.device)
@@ -251,10 +247,9 @@ class CudaGraphModelRunner(ModelRunner):
                            prev: StepLaunch | None) -> _Sampled:
         op = plan.prefills[0]
         seq, n, block = op.seq, op.num_tokens, self.block_size
-        self._phost_slot = slot = 1 - self._phost_slot
-        _wait(self._phost_events, slot)
-        host = self._phosts[slot]
-        ids, pos, slots, table, last = self._pviews(host.numpy(), tb)
+        slot = self._phosts.take()
+        host = self._phosts.tensors[slot]
+        ids, pos, slots, table, last = self._pviews(self._phosts.arrays[slot], tb)
         p = np.arange(n, dtype=np.int64)
         bt = np.asarray(seq.block_table, dtype=np.int64)
         ids[:n] = seq.token_ids[:n]
@@ -264,7 +259,7 @@ class CudaGraphModelRunner(ModelRunner):
         table[0, :len(bt)] = bt
         last[0] = n - 1
         self._pdev.copy_(host, non_blocking=True)
-        self._phost_events[slot] = self.platform.record_event()
+        self._phosts.copied(self.platform.record_event())
         if seq.token_ids[n - 1] == PENDING_TOKEN:  # a preempted sequence, recomputed at once
             patch_pending(self._pdev[:tb], [n - 1], [seq], prev)
         self.prefill_graphs[tb].replay()
@@ -321,7 +316,7 @@ class CudaGraphModelRunner(ModelRunner):
         pending = self._fill(seqs, bs)
         end = 4 * self._mb + bs * self.table_width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
-        self._host_events[self._host_slot] = self.platform.record_event()
+        self._hosts.copied(self.platform.record_event())
         if pending:
             patch_pending(self._dev[:bs], pending, [seqs[i] for i in pending], prev)
         self.graphs[bs].replay()
@@ -377,9 +372,8 @@ class CudaGraphModelRunner(ModelRunner):
 
     def _next_host(self) -> None:
         """Make the other host twin current, once the copy that last read it has run."""
-        self._host_slot = slot = 1 - self._host_slot
-        _wait(self._host_events, slot)
-        self._host, self._np = self._hosts[slot], self._host_arrays[slot]
+        slot = self._hosts.take()
+        self._host, self._np = self._hosts.tensors[slot], self._hosts.arrays[slot]
         self._table_rows = self._host_rows[slot]
 
     def _fill(self, seqs: list[SequenceState], bs: int) -> list[int]:
@@ -403,9 +397,7 @@ class CudaGraphModelRunner(ModelRunner):
             pos[n:] = 0
             slots[n:] = -1
             seq_lens[n:] = 1
-        if PENDING_TOKEN in last_ids:
-            return [i for i, t in enumerate(last_ids) if t == PENDING_TOKEN]
-        return []
+        return pending_rows(last_ids) if PENDING_TOKEN in last_ids else []
 
     def _fill_table_row(self, row: np.ndarray, i: int, seq: SequenceState) -> None:
         """Write ``seq``'s block table into staging row ``i``; only the entries added since the
@@ -429,9 +421,26 @@ class CudaGraphModelRunner(ModelRunner):
         self._table_rows[i] = (bt, seq.num_released_blocks, len(bt))
 
 
-def _wait(events: list[DeviceEvent | None], slot: int) -> None:
-    """Wait for the copy that last read host twin ``slot`` (its event), then forget it."""
-    event = events[slot]
-    if event is not None:
-        event.synchronize()
-        events[slot] = None
+class HostTwins:
+    """Two page-locked int32 host buffers of one staging buffer, used in turn: :meth:`take` the
+    next one (once the copy that last read it has run), fill it, queue its copy to the device,
+    then hand that copy's event to :meth:`copied`. With asynchronous scheduling the host fills
+    step N+1's inputs while step N's copy may still be queued behind N's prefill replay."""
+
+    def __init__(self, numel: int, pin: bool) -> None:
+        self.tensors = [torch.zeros(numel, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self.arrays = [t.numpy() for t in self.tensors]
+        self._events: list[DeviceEvent | None] = [None, None]
+        self.slot = 0
+
+    def take(self) -> int:
+        """Switch to the other twin and return its index, after its last copy's event."""
+        self.slot = slot = 1 - self.slot
+        event, self._events[slot] = self._events[slot], None
+        if event is not None:
+            event.synchronize()
+        return slot
+
+    def copied(self, event: DeviceEvent | None) -> None:
+        """The current twin's copy is queued behind ``event`` (``None``: it has run)."""
+        self._events[self.slot] = event

@@ -52,6 +52,14 @@ class TokenConstraint(Protocol):
 # loads ``sagellm.structured`` for the bit packing) finds it already defined.
 from sagellm.structured.bitmask import bitmask_words, unpack_bitmask  # noqa: E402
 
+
+def refusal(constraint: TokenConstraint, token_id: int) -> str:
+    """Why a request fails when ``constraint`` refused ``token_id`` (its ``error``, if any)."""
+    why = getattr(constraint, "error", None)
+    return (f"token {token_id} is not allowed by the request's output constraint"
+            + (f" ({why})" if why else ""))
+
+
 #: What ``LLMEngine.add_request(..., constraint=...)`` takes: called once per choice (so ``n > 1``
 #: gives each its own state) when the request is added.
 ConstraintFactory = Callable[[], TokenConstraint]

@@ -16,7 +16,7 @@ from collections.abc import Sequence as Seq
 from sagellm.config import EngineConfig
 from sagellm.engine.async_steps import StepPipeline, use_async_scheduling
 from sagellm.engine.builder import assemble
-from sagellm.engine.constraint import ConstraintFactory
+from sagellm.engine.constraint import ConstraintFactory, refusal
 from sagellm.engine.detokenizer import IncrementalDetokenizer
 from sagellm.engine.generator_state import restore_generators, save_generators
 from sagellm.engine.layout import Layout
@@ -376,9 +376,7 @@ class LLMEngine:
                 raise ValueError(seq.constraint_error)
             if seq.num_accepted_tokens < seq.num_output_tokens:
                 if not seq.constraint.accept_token(tok):
-                    why = getattr(seq.constraint, "error", None)
-                    raise ValueError(f"token {tok} is not allowed by the request's output "
-                                     "constraint" + (f" ({why})" if why else ""))
+                    raise ValueError(refusal(seq.constraint, tok))
                 seq.num_accepted_tokens += 1
         self.num_generation_tokens += 1
         m = seq.metrics

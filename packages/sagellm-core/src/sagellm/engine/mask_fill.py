@@ -30,7 +30,7 @@ from types import TracebackType
 
 import torch
 
-from sagellm.engine.constraint import fill_bitmasks
+from sagellm.engine.constraint import fill_bitmasks, refusal
 from sagellm.engine.sequence import SequenceState
 from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch
 from sagellm.protocols import DeviceEvent, Platform
@@ -182,9 +182,7 @@ def _fill(seqs: list[SequenceState], bitmask: torch.Tensor, pending: list[Sequen
             if constraint.accept_token(tok):
                 s.num_accepted_tokens += 1
             else:
-                why = getattr(constraint, "error", None)
-                s.constraint_error = (f"token {tok} is not allowed by the request's output "
-                                      f"constraint" + (f" ({why})" if why else ""))
+                s.constraint_error = refusal(constraint, tok)
     broken = [i for i, s in enumerate(seqs) if s.constraint_error is not None]
     if not broken:
         fill_bitmasks([s.constraint for s in seqs], bitmask)  # type: ignore[misc]

@@ -19,7 +19,7 @@ from sagellm.engine.mask_fill import BitmaskPool, MaskFill, begin_mask_fill
 from sagellm.engine.plan import StepPlan
 from sagellm.engine.runner_context import RunnerContext
 from sagellm.engine.sequence import SequenceState
-from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch, patch_pending
+from sagellm.engine.step_launch import PENDING_TOKEN, StepLaunch, patch_pending, pending_rows
 from sagellm.engine.token_count_cache import TokenCountCache
 from sagellm.layers.attention import ForwardContext
 from sagellm.layers.logits_processors import apply_penalties
@@ -147,10 +147,9 @@ class ModelRunner:
                                    dtype=np.int64)
             last_ids = [s.token_ids[-1] for s in seqs]
             ids.append(np.array(last_ids, dtype=np.int64))
-            for i, t in enumerate(last_ids):
-                if t == PENDING_TOKEN:
-                    pending.append(offset + i)
-                    owners.append(seqs[i])
+            for i in pending_rows(last_ids):
+                pending.append(offset + i)
+                owners.append(seqs[i])
             pos.append(dpos)
             slots.append(last_blocks * bs + dpos % bs)
             logits_idx.extend(range(offset, offset + n))

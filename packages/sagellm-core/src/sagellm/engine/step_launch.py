@@ -34,6 +34,7 @@ class StepLaunch:
     _result: list[int] | None = field(default=None, repr=False)
     #: The next step's mask fill may wait for the tokens on its worker thread.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _rows: dict[str, int] | None = field(default=None, repr=False)
 
     @classmethod
     def done(cls, seqs: list[SequenceState], tokens: list[int]) -> StepLaunch:
@@ -48,8 +49,11 @@ class StepLaunch:
             return self._result
 
     def row_of(self) -> dict[str, int]:
-        """Row of each sampling sequence, by request id."""
-        return {s.request_id: i for i, s in enumerate(self.seqs)}
+        """Row of each sampling sequence, by request id (built once; several consumers of the
+        next step read it)."""
+        if self._rows is None:
+            self._rows = {s.request_id: i for i, s in enumerate(self.seqs)}
+        return self._rows
 
 
 def pending_rows(tokens: Sequence[int]) -> list[int]:
