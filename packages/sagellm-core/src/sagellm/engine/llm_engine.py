@@ -93,9 +93,11 @@ class LLMEngine:
         self.startup_seconds = time.perf_counter() - t0
         bs = self.config.block_size
         logger.info("engine ready in %.1f s: backend %s (%s), model %s, dtype %s, KV pool %d blocks "
-                    "x %d tokens = %d tokens", self.startup_seconds, platform.name,
+                    "x %d tokens = %d tokens, %s", self.startup_seconds, platform.name,
                     platform.device_name(), parts.loaded.source, parts.loaded.dtype,
-                    self.kv.num_blocks, bs, self.kv.num_blocks * bs)
+                    self.kv.num_blocks, bs, self.kv.num_blocks * bs,
+                    "asynchronous scheduling" if self.pipeline is not None
+                    else "steps waited for one by one")
         self._notify_started()
 
     @property
