@@ -233,10 +233,90 @@ def test_constraints_that_change_every_step_mask_with_fresh_state_in_every_graph
         return sample_tokens(logits, seqs, **kw)
 
     runner.sample_tokens = recording  # type: ignore[method-assign]
+    folded: list[int] = []
+    masked_argmax = runner.masked_argmax
+
+    def folding(logits: torch.Tensor, bitmask: torch.Tensor, rows: Any) -> torch.Tensor:
+        folded.append(bitmask.shape[0])
+        return masked_argmax(logits, bitmask, rows)
+
+    runner.masked_argmax = folding  # type: ignore[method-assign]
     for out, script in zip(run_scripted_beside_greedy(engine, scripts, 12), scripts, strict=True):
         assert out.error is None and list(out.token_ids) == script
     assert runner.num_prefill_graph_steps == 2 and runner.num_graph_steps > 5
     assert begun[0] is False and all(begun[1:])  # the first learns the logits' width
+    # The greedy constrained rows of later graph steps fold their mask into the argmax.
+    assert len(folded) > 5 and max(folded) == 3
+
+
+class _EveryKth:
+    """Allows the tokens that are multiples of ``k`` (a mask with a real choice in it, so the
+    argmax over the allowed tokens depends on the model's logits)."""
+
+    fills_whole_bitmask_row = False
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        words = [0] * bitmask.shape[1]
+        for t in range(0, 32 * len(words), self.k):
+            words[t // 32] |= 1 << (t % 32)
+        # As signed int32 words (bit 31 is the sign bit).
+        bitmask[row] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words],
+                                    dtype=torch.int32)
+
+    def accept_token(self, token_id: int) -> bool:
+        return token_id % self.k == 0
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(("constrained", "ahead"), [((1, 3), False), ((0, 1, 2, 3), False),
+                                                   ((1, 3), True)])
+def test_greedy_constrained_rows_fold_the_mask_into_the_argmax(
+        tiny: Path, constrained: tuple[int, ...], ahead: bool) -> None:
+    """Greedy rows whose only reason to leave the graph's argmax is a grammar take the argmax
+    over their allowed tokens from the graph's logits (part of the batch through a row index,
+    or the whole batch), equal to core's eager mask-then-argmax on the CPU, with steps queued
+    ahead (``ahead``) or not; a constrained row that also asks for logprobs still samples
+    through ``sample_tokens``."""
+    prompts = _prompts(5, 6, 7, 8)
+    lp = SamplingParams(max_tokens=5, temperature=0.0, logprobs=2, ignore_eos=True)
+
+    def run(platform: object, params: list[SamplingParams]) -> tuple[list[list[int]], int]:
+        engine = _engine(platform, tiny, async_scheduling=ahead)
+        assert engine.async_scheduling is ahead
+        ids = [engine.add_request(p, sp, constraint=(lambda k=3 + i: _EveryKth(k))
+                                  if i in constrained else None)
+               for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        calls = [0]
+        if isinstance(engine.runner, CudaGraphModelRunner):
+            inner = engine.runner.masked_argmax
+
+            def counted(*a: Any) -> torch.Tensor:
+                calls[0] += 1
+                return inner(*a)
+
+            engine.runner.masked_argmax = counted  # type: ignore[method-assign]
+        done: dict[str, Any] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    assert out.error is None
+                    done[out.request_id] = list(out.token_ids)
+        return [done[i] for i in ids], calls[0]
+
+    params = [GREEDY] * 4
+    got, folds = run(CudaPartsOnCpu(), params)
+    want, _ = run(CpuPlatform(), params)
+    assert got == want and folds >= 3
+    for i in constrained:
+        assert all(t % (3 + i) == 0 for t in got[i])
+    with_lp = [lp if i == constrained[0] else GREEDY for i in range(4)]
+    got, folds = run(CudaPartsOnCpu(), with_lp)
+    assert got == run(CpuPlatform(), with_lp)[0] and folds == 0
 
 
 def _outputs(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sagellm.engine.constraint import apply_token_bitmask, bitmask_words
-from sagellm_cuda.token_bitmask import apply_token_bitmask_triton
+from sagellm_cuda.token_bitmask import ARGMAX_BLOCK, apply_token_bitmask_triton, masked_argmax
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -81,3 +81,73 @@ def test_kernel_refuses_bad_inputs_naming_them() -> None:
     before = logits.clone()
     apply_token_bitmask_triton(logits, empty)
     assert torch.equal(logits, before)
+
+
+def _masked_then_argmax(logits: torch.Tensor, words: torch.Tensor,
+                        rows: torch.Tensor | None) -> torch.Tensor:
+    """The path masked_argmax replaces: core's mask on a float copy, then argmax."""
+    picked = logits[: words.shape[0]] if rows is None else logits[rows]
+    sub = picked.cpu().to(torch.float32, copy=True)
+    apply_token_bitmask(sub, words, None)
+    return sub.argmax(dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("vocab", "mask_vocab"), [(1000, 1000), (64, 64), (4100, 4100),
+                                                   (1100, 1000), (33, 1),
+                                                   (ARGMAX_BLOCK + 31, ARGMAX_BLOCK + 31)])
+def test_masked_argmax_equals_masking_then_argmax(vocab: int, mask_vocab: int,
+                                                  dtype: torch.dtype) -> None:
+    """Every row: all allowed, none allowed (gives 0, as argmax of an all -inf row does), random
+    masks; several loop iterations and a padded vocabulary past the mask's last word."""
+    logits, words = _case(5, vocab, mask_vocab, seed=vocab + 3)
+    logits = logits.to(dtype)
+    got = masked_argmax(logits, words)
+    assert got.dtype == torch.int64 and got.device == logits.device
+    assert torch.equal(got.cpu(), _masked_then_argmax(logits, words, None))
+    assert got[1].item() == 0  # the row that allows nothing
+    assert (got.cpu() < 32 * words.shape[1]).all()
+
+
+def test_masked_argmax_breaks_ties_toward_the_first_allowed_token() -> None:
+    """Equal logits (bf16 makes many) in several lanes and loop iterations: the first allowed
+    index wins, as torch.argmax's first maximum; the logits are never written."""
+    vocab = 3 * ARGMAX_BLOCK + 5
+    logits = torch.zeros(3, vocab, device=DEVICE)
+    logits[0, [7, ARGMAX_BLOCK + 7, 2 * ARGMAX_BLOCK]] = 2.0  # a tie across iterations
+    logits[1, [ARGMAX_BLOCK + 9, ARGMAX_BLOCK + 3]] = 1.0  # a tie inside one iteration
+    words = torch.full((3, bitmask_words(vocab)), -1, dtype=torch.int32)
+    words[0, 0] = 0  # 7 disallowed: the next 2.0 wins
+    words[2] = 0
+    words[2, 5] = 1 << 4  # only token 164 allowed, its logit 0 like every other
+    before = logits.clone()
+    got = masked_argmax(logits, words).cpu().tolist()
+    assert got == [ARGMAX_BLOCK + 7, ARGMAX_BLOCK + 3, 164]
+    assert got == _masked_then_argmax(logits, words, None).tolist()
+    assert torch.equal(logits, before)
+
+
+def test_masked_argmax_reads_the_indexed_rows_of_a_strided_buffer() -> None:
+    base = torch.randn(6, 1200, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    view = base[:, :1000]  # a static buffer wider than the step, as the graphs' logits
+    _, words = _case(3, 1000, 1000, seed=13)
+    rows = torch.tensor([4, 0, 2], dtype=torch.int64)
+    got = masked_argmax(view, words, rows.to(DEVICE))
+    assert torch.equal(got.cpu(), _masked_then_argmax(view, words, rows))
+    assert torch.equal(masked_argmax(view, words[:2]).cpu(),
+                       _masked_then_argmax(view, words[:2], None))
+
+
+def test_masked_argmax_refuses_bad_inputs_naming_them() -> None:
+    logits, words = _case(2, 64, 64, seed=1)
+    with pytest.raises(ValueError, match="logits must be a 2-D float"):
+        masked_argmax(logits[0], words)
+    with pytest.raises(ValueError, match="logits must be a 2-D float"):
+        masked_argmax(logits.to(torch.int32), words)
+    with pytest.raises(ValueError, match="bitmask must be a 2-D int32"):
+        masked_argmax(logits, words.to(torch.int64))
+    with pytest.raises(ValueError, match="the bitmask has 3 rows, the logits only 2"):
+        masked_argmax(logits, torch.zeros(3, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rows must be a 1-D int64 index of 2 rows"):
+        masked_argmax(logits, words, torch.tensor([0], device=DEVICE))
+    assert masked_argmax(logits, torch.zeros(0, 2, dtype=torch.int32)).shape == (0,)

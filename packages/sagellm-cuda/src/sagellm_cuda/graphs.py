@@ -54,6 +54,7 @@ from sagellm.runner import (
 )
 from sagellm_cuda.penalties_kernel import apply_penalties_triton
 from sagellm_cuda.token_bitmask import apply_token_bitmask_triton
+from sagellm_cuda.token_bitmask import masked_argmax as masked_argmax_triton
 
 logger = logging.getLogger("sagellm.cuda.graphs")
 
@@ -328,8 +329,10 @@ class CudaGraphModelRunner(ModelRunner):
         """Greedy ids straight from the graph (and, where greedy rows ask for logprobs and no
         row needs more, their logprobs straight from its logits); rows with other settings
         sample the graph's logits (just those rows) and replace their ids. ``fill``: the masks
-        begun for the constrained rows of ``seqs`` (all of them sample here, never from the
-        argmax). Returns the ids on the device, and the logprobs with the rows they are for."""
+        begun for the constrained rows of ``seqs`` (never the graph's argmax: greedy ones with
+        nothing else to apply take the argmax over their allowed tokens, :meth:`masked_argmax`,
+        the others sample). Returns the ids on the device, and the logprobs with the rows they
+        are for."""
         n = len(seqs)
         if self.argmax_suffices(seqs):  # the common case, decided without a list per row
             assert fill is None, "a mask fill for rows that take the graph's argmax"
@@ -341,6 +344,19 @@ class CudaGraphModelRunner(ModelRunner):
             # (nothing masks or penalises them): no float copy, no second argmax.
             ids = out_ids[:n]
             return ids, self.argmax_logprobs(out_logits[:n], ids, seqs), seqs
+        if fill is not None and all(seqs[i].params.argmax_suffices for i in need):
+            # Greedy rows that leave the argmax for their grammar alone: the mask goes into the
+            # argmax itself (one launch, logits only read; no float copy, mask and argmax).
+            index = None if len(need) == n else \
+                self.platform.to_device(torch.tensor(need, dtype=torch.int64))
+            try:
+                sub_ids = self.masked_argmax(out_logits, fill.take(seqs, out_logits.shape[1]),
+                                             index)
+            finally:
+                fill.release()
+            if index is None:
+                return sub_ids, None, seqs
+            return out_ids[:n].index_copy(0, index, sub_ids), None, [seqs[i] for i in need]
         if len(need) == n:
             # The buffer is rewritten by the next replay, so it may be changed in place here
             # (``.float()`` of a float32 buffer is the buffer itself).
@@ -352,6 +368,19 @@ class CudaGraphModelRunner(ModelRunner):
         sub_ids, logprobs = self.sample_tokens(out_logits.index_select(0, index).float(), sub,
                                                mask_fill=fill, prev=prev)
         return out_ids[:n].index_copy(0, index, sub_ids), logprobs, sub
+
+    def masked_argmax(self, logits: torch.Tensor, bitmask: torch.Tensor,
+                      rows: torch.Tensor | None) -> torch.Tensor:
+        """Greedy ids of the constrained rows (bitmask row ``i``: logits row ``rows[i]``, or
+        ``i``) among their allowed tokens, the logits left as they are. On the GPU one Triton
+        kernel (:func:`sagellm_cuda.token_bitmask.masked_argmax`); elsewhere the mask on a
+        float copy, then ``argmax``."""
+        if logits.is_cuda:
+            return masked_argmax_triton(logits, bitmask, rows)
+        picked = logits[: bitmask.shape[0]] if rows is None else logits.index_select(0, rows)
+        sub = picked.to(torch.float32, copy=True)
+        self.apply_token_bitmask(sub, bitmask, None)
+        return sub.argmax(dim=-1)
 
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                             rows: torch.Tensor | None) -> None:

@@ -1,4 +1,5 @@
-"""Structured-output masks applied to the logits in one Triton launch, in place.
+"""Structured-output masks on the device in one Triton launch: applied to the logits in place,
+or (for greedy rows) folded into the argmax that picks their token (:func:`masked_argmax`).
 
 Core's torch version (``sagellm.engine.constraint.apply_token_bitmask``) unpacks the packed
 words into a boolean ``[rows, vocab]`` tensor with shifts, then masks, gathers and scatters: six
@@ -66,3 +67,79 @@ def apply_token_bitmask_triton(logits: torch.Tensor, bitmask: torch.Tensor,
     grid = (n, triton.cdiv(vocab, BLOCK))
     _apply_bitmask_kernel[grid](logits, mask, index, vocab, words, logits.stride(0),
                                 mask.stride(0), HAS_ROWS=rows is not None, BLOCK=BLOCK)
+
+
+#: Logits per loop iteration of :func:`masked_argmax` (one program walks a whole row).
+ARGMAX_BLOCK = 2048
+
+
+@triton.jit
+def _masked_argmax_kernel(logits_ptr, mask_ptr, rows_ptr, out_ptr, vocab, words, logits_stride,
+                          mask_stride, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program ``i``: the index of the largest allowed logit of row ``rows[i]`` (or ``i``).
+    Each lane keeps the first maximum of its columns (a strict ``>`` as the columns rise), so
+    the smallest index among the lanes that hold the row's maximum is the row's first one, as
+    ``torch.argmax`` gives; a row with no allowed finite logit gives 0, as it does too."""
+    i = tl.program_id(0)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + i).to(tl.int64)
+    else:
+        row = i.to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    where = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + lanes
+        in_vocab = cols < vocab
+        w = cols // 32
+        word = tl.load(mask_ptr + i.to(tl.int64) * mask_stride + w,
+                       mask=in_vocab & (w < words), other=0)
+        allowed = in_vocab & (((word >> (cols % 32)) & 1) != 0)
+        x = tl.load(logits_ptr + row * logits_stride + cols, mask=allowed,
+                    other=float("-inf")).to(tl.float32)
+        better = x > best
+        best = tl.where(better, x, best)
+        where = tl.where(better, cols, where)
+    top = tl.max(best, axis=0)
+    first = tl.min(tl.where(best == top, where, vocab), axis=0)
+    tl.store(out_ptr + i, tl.where(top == float("-inf"), 0, first).to(tl.int64))
+
+
+def masked_argmax(logits: torch.Tensor, bitmask: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The greedy token of each constrained row in one launch, without masking the logits: for
+    bitmask row ``i``, the index of the largest logit of logits row ``rows[i]`` (or ``i``)
+    among the tokens the mask allows, the first one on a tie. Equal to applying the mask
+    (:func:`apply_token_bitmask_triton`) to a float copy and taking ``argmax`` (a row with no
+    allowed finite logit gives 0, as there), except that a NaN logit is never chosen. ``logits``
+    ``[R, V]`` in any float dtype (last dim contiguous) are only read; ``bitmask`` int32
+    ``[N, words]`` on the host (page-locked: the copy does not wait) or the device. Returns
+    int64 ids ``[N]`` on the logits' device."""
+    if logits.dim() != 2 or not logits.is_floating_point() or logits.stride(1) != 1:
+        raise ValueError(f"logits must be a 2-D float tensor with a contiguous last dim, got "
+                         f"{logits.dtype} {tuple(logits.shape)} strides {logits.stride()}")
+    if bitmask.dim() != 2 or bitmask.dtype != torch.int32:
+        raise ValueError(f"the bitmask must be a 2-D int32 tensor, got {bitmask.dtype} "
+                         f"{tuple(bitmask.shape)}")
+    n, words = bitmask.shape
+    num_rows, vocab = logits.shape
+    if rows is None:
+        if n > num_rows:
+            raise ValueError(f"the bitmask has {n} rows, the logits only {num_rows}")
+    elif rows.dim() != 1 or rows.numel() != n or rows.dtype != torch.int64:
+        raise ValueError(f"rows must be a 1-D int64 index of {n} rows (one per bitmask row), got "
+                         f"{rows.dtype} {tuple(rows.shape)}")
+    dev = logits.device
+    out = torch.empty(n, dtype=torch.int64, device=dev)
+    if n == 0:
+        return out
+    if vocab >= 2**31:
+        raise ValueError(f"masked_argmax indexes a row with int32, got {vocab} logits")
+    mask = bitmask.to(dev, non_blocking=True)
+    if mask.stride(1) != 1:
+        mask = mask.contiguous()
+    index = mask if rows is None else rows.to(dev, non_blocking=True)
+    _masked_argmax_kernel[(n,)](logits, mask, index, out, vocab, words, logits.stride(0),
+                                mask.stride(0), HAS_ROWS=rows is not None, BLOCK=ARGMAX_BLOCK,
+                                num_warps=8)
+    return out
