@@ -7,8 +7,6 @@ CPU in CI (same kernel programs, checked against the same references).
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -108,42 +106,6 @@ def test_paged_decode(dtype: torch.dtype, case: tuple, num_splits: int | None,  
     meta = DecodeMetadata(seq_lens=seq_lens, block_tables=table, max_seq_len=max(lens))
     ref = REF.decode(q.float(), kc.float(), vc.float(), meta, scale, layer)
     assert rel_err(out, ref) < tol(dtype)
-
-
-def test_paged_decode_merges_in_the_split_launch_and_leaves_the_counters_zero(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Split decode merges its splits in the same launch (the last split of each sequence and KV
-    head); past ``SPLIT_TILES`` such pairs the second merge kernel does. Both give the
-    reference's values, with splits that hold no key for short sequences, and the shared
-    arrival counters are all zero after each launch (the next one, or a graph replay, finds
-    them so)."""
-    import sagellm_cuda.attention as attention
-    from sagellm_cuda.split_k import split_counters
-
-    heads, kv_heads, head_dim, bs, lens = DECODE_CASES[4]
-    nb = sum(-(-n // bs) for n in lens) + 8
-    kc, vc = make_pool(nb, bs, kv_heads, head_dim, torch.float32)
-    table = block_tables(lens, bs, nb)
-    q = torch.randn(len(lens), heads, head_dim, device=DEV)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    meta = DecodeMetadata(seq_lens=seq_lens, block_tables=table, max_seq_len=max(lens))
-    ref = REF.decode(q, kc, vc, meta, head_dim ** -0.5)
-    merges: list[int] = []
-    kernel = attention._decode_merge_kernel
-
-    class Counting:
-        def __getitem__(self, grid: Any) -> Any:
-            merges.append(1)
-            return kernel[grid]
-
-    monkeypatch.setattr(attention, "_decode_merge_kernel", Counting())
-    folded = attention.paged_decode(q, kc, vc, table, seq_lens, max(lens), head_dim ** -0.5, 5)
-    assert not merges and rel_err(folded, ref) < tol(torch.float32)
-    assert not split_counters(q.device).any()
-    monkeypatch.setattr(attention, "SPLIT_TILES", len(lens) * kv_heads - 1)
-    apart = attention.paged_decode(q, kc, vc, table, seq_lens, max(lens), head_dim ** -0.5, 5)
-    assert merges == [1] and rel_err(apart, ref) < tol(torch.float32)
-    assert torch.allclose(folded, apart, atol=1e-5)
 
 
 PREFILL_CASES = [

@@ -5,10 +5,8 @@ num_kv_heads, head_dim]``. A token's slot is ``block * block_size + offset``.
 
 Decode is flash-decoding: the grid is ``(batch, kv_heads, splits)``; every program holds the
 queries of all heads that share one KV head (GQA group, padded to 16 rows so the dot runs on
-the tensor cores) and walks its share of the context in tiles of ``BLOCK_N`` tokens; the split
-that finishes last for its (sequence, KV head) merges the splits by their log-sum-exp in the same
-launch (the arrival counters of ``sagellm_cuda.split_k``; a second kernel merges them past
-``SPLIT_TILES`` such pairs). The split count depends only on the batch size and
+the tensor cores) and walks its share of the context in tiles of ``BLOCK_N`` tokens; a second
+kernel merges the splits by their log-sum-exp. The split count depends only on the batch size and
 the longest context the caller declares, never on the data, so the launch can be captured in a
 CUDA graph. With one split the first kernel writes the output directly.
 
@@ -33,7 +31,6 @@ from sagellm.protocols import (
     DecodeMetadata,
     PrefillMetadata,
 )
-from sagellm_cuda.split_k import SPLIT_TILES, split_counters
 
 #: Programs to aim for per decode launch (a few per SM keeps the memory system busy).
 _TARGET_PROGRAMS = 2 * 132
@@ -109,12 +106,12 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
 
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, out_ptr, part_o_ptr,
-                         part_lse_ptr, cnt_ptr, scale_log2, soft_cap, window,
+                         part_lse_ptr, scale_log2, soft_cap, window,
                          q_stride_b, q_stride_h, o_stride_b, o_stride_h, bt_stride,
                          c_stride_blk, c_stride_tok, c_stride_h, num_splits,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DIRECT: tl.constexpr, MERGE: tl.constexpr, PRECISION: tl.constexpr,
+                         DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                          HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -170,34 +167,6 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, out_ptr, par
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=gmask[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=gmask)
-        if MERGE:
-            # The split that arrives last at its (sequence, KV head) counter merges them all
-            # and resets the counter (``sagellm_cuda.split_k``): no merge launch after.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + b * tl.num_programs(1) + kvh, 1)
-            if arrived == num_splits - 1:
-                base = (b64 * NUM_HEADS + heads) * num_splits
-                m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-                w_all = tl.zeros([GROUP_PAD], tl.float32)
-                o_all = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-                for i in range(0, num_splits):
-                    # .cg: past the L1, where another SM's partial cannot be stale.
-                    lse_i = tl.load(part_lse_ptr + base + i, mask=gmask, other=float("-inf"),
-                                    cache_modifier=".cg")
-                    o_i = tl.load(part_o_ptr + (base + i)[:, None] * HEAD_DIM + d[None, :],
-                                  mask=gmask[:, None], other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m_all, lse_i)
-                    # While every split so far is empty (-inf), both weights are exp2(-inf) = 0.
-                    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-                    alpha = tl.exp2(m_all - m_safe)
-                    beta = tl.exp2(lse_i - m_safe)
-                    w_all = w_all * alpha + beta
-                    o_all = o_all * alpha[:, None] + o_i * beta[:, None]
-                    m_all = m_new
-                merged = o_all / tl.where(w_all > 0, w_all, 1.0)[:, None]
-                tl.store(out_ptr + b64 * o_stride_b + heads[:, None] * o_stride_h + d[None, :],
-                         merged.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
-                tl.atomic_xchg(cnt_ptr + b * tl.num_programs(1) + kvh, 0)
 
 
 @triton.jit
@@ -244,8 +213,6 @@ def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         span = min(max_seq_len, window + block_n) if window else max_seq_len
         num_splits = decode_num_splits(batch, num_kv_heads, span, block_n)
     direct = num_splits == 1
-    merge_here = not direct and batch * num_kv_heads <= SPLIT_TILES
-    counters = split_counters(query.device) if merge_here else out  # unused unless merge_here
     if direct:
         part_o = part_lse = out  # unused
     else:
@@ -254,16 +221,16 @@ def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32,
                                device=query.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, block_tables, seq_lens, out, part_o, part_lse, counters,
+        query, key_cache, value_cache, block_tables, seq_lens, out, part_o, part_lse,
         scale * 1.4426950408889634, layer.logits_soft_cap or 1.0, window,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), num_splits,
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT=direct,
-        MERGE=merge_here, PRECISION=_tl_precision(query.dtype), HAS_CAP=layer.logits_soft_cap is not None,
+        PRECISION=_tl_precision(query.dtype), HAS_CAP=layer.logits_soft_cap is not None,
         HAS_WINDOW=window > 0, num_warps=4, num_stages=2,
     )
-    if not direct and not merge_here:
+    if not direct:
         _decode_merge_kernel[(batch, num_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
@@ -399,12 +366,6 @@ class TritonAttentionBackend(AttentionBackend):
     windows and score soft-capping included."""
 
     name = "triton"
-
-    def __init__(self, device: torch.device | None = None) -> None:
-        # The decode kernel's arrival counters, made (zeroed) now: a first decode inside a CUDA
-        # graph capture would record the zero-fill instead of running it.
-        if device is not None:
-            split_counters(device)
 
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping):  # type: ignore[override]
         write_kv(key, value, key_cache, value_cache, slot_mapping)

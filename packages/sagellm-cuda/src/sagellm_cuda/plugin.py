@@ -97,7 +97,7 @@ class CudaPlatform(TorchAcceleratorPlatform):
     def make_attention_backend(self) -> TritonAttentionBackend:
         from sagellm_cuda.attention import TritonAttentionBackend
 
-        return TritonAttentionBackend(self.device)
+        return TritonAttentionBackend()
 
     def make_comm_backend(self, rank: int, world_size: int) -> NcclComm:
         from sagellm_cuda.comm import NcclComm
