@@ -25,6 +25,7 @@ FIELDS: tuple[dict[str, Any], ...] = (
     {'name': 'max_num_seqs', 'kind': 'int', 'default': 256, 'help': 'most requests decoded together in one step (the running batch)', 'choices': None},
     {'name': 'max_num_batched_tokens', 'kind': 'int', 'default': 8192, 'help': 'token budget of one engine step (prefill chunks plus decodes)', 'choices': None},
     {'name': 'max_prefill_tokens', 'kind': 'int', 'default': None, 'help': "prefill token budget of one step; longer prompts are prefilled in chunks of at most this; default: the backend's chunk size", 'choices': None},
+    {'name': 'max_prefill_tokens_decoding', 'kind': 'int', 'default': None, 'help': "prefill token budget of a step in which running requests also decode (so prompts coming in delay their next token by one such chunk, not a whole burst); default: the backend's, else max_prefill_tokens", 'choices': None},
     {'name': 'enable_prefix_caching', 'kind': 'bool', 'default': True, 'help': 'reuse the KV blocks of identical prompt prefixes across requests', 'choices': None},
     {'name': 'kv_eviction', 'kind': 'str', 'default': 'lru', 'help': 'which cached KV blocks the prefix cache gives back first when the pool runs short: lru (least recently used), lfu (least reused) or s3fifo (S3-FIFO: blocks used once leave first)', 'choices': ('lru', 'lfu', 's3fifo')},
     {'name': 'enforce_eager', 'kind': 'bool', 'default': False, 'help': 'run every step eagerly, never through captured graphs (CUDA graphs on the CUDA backend)', 'choices': None},

@@ -65,6 +65,13 @@ class EngineConfig(BaseModel):
     max_prefill_tokens: int | None = Field(
         None, ge=16, description="prefill token budget of one step; longer prompts are prefilled in "
                                  "chunks of at most this; default: the backend's chunk size")
+    #: ``None``: the backend's default (``Capabilities.decoding_prefill_tokens``), else
+    #: ``max_prefill_tokens``; the engine fills in the value it uses.
+    max_prefill_tokens_decoding: int | None = Field(
+        None, ge=16, description="prefill token budget of a step in which running requests also "
+                                 "decode (so prompts coming in delay their next token by one such "
+                                 "chunk, not a whole burst); default: the backend's, else "
+                                 "max_prefill_tokens")
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV blocks of identical prompt prefixes across requests")
     kv_eviction: EvictionName = Field(
@@ -93,12 +100,24 @@ class EngineConfig(BaseModel):
         # ``None`` stays None here: the default depends on the backend, known only to the engine.
         if self.max_prefill_tokens is not None and self.max_prefill_tokens > self.max_num_batched_tokens:
             raise ValueError("max_prefill_tokens must not exceed max_num_batched_tokens")
+        decoding = self.max_prefill_tokens_decoding
+        if decoding is not None and decoding > (self.max_prefill_tokens or self.max_num_batched_tokens):
+            raise ValueError("max_prefill_tokens_decoding must not exceed max_prefill_tokens "
+                             "(or max_num_batched_tokens)")
         return self
 
-    def with_prefill_budget(self, platform_chunk: int | None) -> EngineConfig:
-        """A copy with ``max_prefill_tokens`` set: as given, else ``platform_chunk`` (the
-        backend's default chunk), else ``max_num_batched_tokens``; never above the latter."""
-        if self.max_prefill_tokens is not None:
-            return self
-        budget = min(platform_chunk or self.max_num_batched_tokens, self.max_num_batched_tokens)
-        return self.model_copy(update={"max_prefill_tokens": budget})
+    def with_prefill_budget(self, platform_chunk: int | None,
+                            platform_decoding: int | None = None) -> EngineConfig:
+        """A copy with both prefill budgets set. ``max_prefill_tokens``: as given, else
+        ``platform_chunk`` (the backend's default chunk), else ``max_num_batched_tokens``, never
+        above the latter. ``max_prefill_tokens_decoding``: as given, else ``platform_decoding``,
+        else ``max_prefill_tokens``, never above it."""
+        update: dict[str, int] = {}
+        chunk = self.max_prefill_tokens
+        if chunk is None:
+            chunk = update["max_prefill_tokens"] = min(
+                platform_chunk or self.max_num_batched_tokens, self.max_num_batched_tokens)
+        decoding = min(self.max_prefill_tokens_decoding or platform_decoding or chunk, chunk)
+        if decoding != self.max_prefill_tokens_decoding:
+            update["max_prefill_tokens_decoding"] = decoding
+        return self.model_copy(update=update) if update else self

@@ -46,7 +46,8 @@ class Layout:
         """Called once, after the KV pool exists."""
         cfg = parts.config
         return Scheduler(parts.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                         cfg.max_prefill_tokens or cfg.max_num_batched_tokens)
+                         cfg.max_prefill_tokens or cfg.max_num_batched_tokens,
+                         cfg.max_prefill_tokens_decoding)
 
     def make_runner(self, parts: EngineParts, scheduler: Scheduler) -> StepRunner:
         """Called once, right after :meth:`make_scheduler` (``scheduler`` is its result)."""

@@ -1,8 +1,9 @@
 """Continuous batching with separate prefill and decode budgets.
 
 Every step: running sequences decode first (one token each, within ``max_num_seqs``); then the
-remaining token budget, capped by ``max_prefill_tokens``, goes to prefills, resuming chunked
-prompts before admitting new ones. When the KV pool cannot hold a decode, the most recently
+remaining token budget, capped by ``max_prefill_tokens`` (by ``max_prefill_tokens_decoding``
+when the step also decodes, or running sequences sit out a step with a token on its way), goes
+to prefills, resuming chunked prompts before admitting new ones. When the KV pool cannot hold a decode, the most recently
 admitted sequence is preempted by recompute: its blocks are freed and it goes back to the front
 of the waiting queue, keeping the tokens it generated. Before planning, running sequences give
 back the blocks that fell out of the model's sliding window (when every layer has one).
@@ -36,11 +37,13 @@ class Scheduler:
     methods under "the decisions a subclass may change"."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_prefill_tokens: int) -> None:
+                 max_prefill_tokens: int, max_prefill_tokens_decoding: int | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_tokens = max_prefill_tokens
+        #: The prefill budget of a step that also decodes (``None``: ``max_prefill_tokens``).
+        self.max_prefill_tokens_decoding = max_prefill_tokens_decoding
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
         self.num_steps = 0
@@ -132,6 +135,11 @@ class Scheduler:
             plan.decodes.append(DecodeOp(seq))
             scheduled.add(seq.request_id)
             budget.tokens -= 1
+
+        # A step that decodes (or follows one whose tokens are on their way) keeps its prefill
+        # short, so prompts arriving now delay those requests' next token by one chunk.
+        if (plan.decodes or hold) and self.max_prefill_tokens_decoding is not None:
+            budget.prefill = min(budget.prefill, self.max_prefill_tokens_decoding)
 
         # 2. Resume chunked prefills of running sequences, oldest first (those preempted by
         # step 1 are skipped: they are waiting again).
