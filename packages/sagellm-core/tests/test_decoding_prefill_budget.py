@@ -84,16 +84,15 @@ def test_without_a_decoding_budget_the_prefill_budget_applies() -> None:
 def test_the_config_resolves_and_checks_the_budget() -> None:
     cfg = EngineConfig(model="m", max_num_batched_tokens=4096)
     assert cfg.max_prefill_tokens_decoding is None
-    # The backend's default, capped by the prefill budget; else the prefill budget itself.
-    assert cfg.with_prefill_budget(None, 1024).max_prefill_tokens_decoding == 1024
-    assert cfg.with_prefill_budget(512, 1024).max_prefill_tokens_decoding == 512
-    assert cfg.with_prefill_budget(2048, None).max_prefill_tokens_decoding == 2048
+    # Unset: the prefill budget (the backend's chunk, else the step budget).
+    assert cfg.with_prefill_budget(2048).max_prefill_tokens_decoding == 2048
     assert cfg.with_prefill_budget(None).max_prefill_tokens_decoding == 4096
-    # A value given wins over the backend's.
+    # A value given stays, capped by a backend chunk below it.
     mine = EngineConfig(model="m", max_prefill_tokens_decoding=256)
-    assert mine.with_prefill_budget(None, 1024).max_prefill_tokens_decoding == 256
-    resolved = cfg.with_prefill_budget(None, 1024)
-    assert resolved.with_prefill_budget(None, 64) is resolved  # already resolved: unchanged
+    assert mine.with_prefill_budget(None).max_prefill_tokens_decoding == 256
+    assert mine.with_prefill_budget(128).max_prefill_tokens_decoding == 128
+    resolved = cfg.with_prefill_budget(1024)
+    assert resolved.with_prefill_budget(64) is resolved  # already resolved: unchanged
     for bad in ({"max_prefill_tokens_decoding": 8},
                 {"max_prefill_tokens_decoding": 9000},
                 {"max_prefill_tokens": 1024, "max_prefill_tokens_decoding": 2048}):
@@ -107,9 +106,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_engine_uses_the_budget_and_outputs_do_not_change(model_dir: Path) -> None:
-    """Through the engine: the CPU backend has no decoding budget of its own (its prefill chunk
-    applies); a configured one bounds the prefill of every step that decodes, and greedy
-    outputs equal an engine's without it."""
+    """Through the engine: unset, the prefill chunk applies to decoding steps too; a configured
+    budget bounds the prefill of every step that decodes, and greedy outputs equal an engine's
+    without it."""
     chunk = CpuPlatform.capabilities().prefill_chunk_tokens
     plain = LLMEngine(model=str(model_dir), num_kv_blocks=64)
     assert plain.scheduler.max_prefill_tokens_decoding == plain.config.max_prefill_tokens == chunk

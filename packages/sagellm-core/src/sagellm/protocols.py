@@ -418,12 +418,6 @@ class Capabilities:
     #: by ``max_num_batched_tokens``); ``None``: the whole step budget,
     #: ``max_num_batched_tokens``. Pick it so that one chunk's step stays around a second.
     prefill_chunk_tokens: int | None = None
-    #: Prefill tokens of a step in which running requests also decode, when
-    #: ``EngineConfig.max_prefill_tokens_decoding`` is unset (capped by the prefill budget): a
-    #: burst of prompts arriving beside running decodes is then prefilled in chunks of this many
-    #: tokens, each followed by the decodes' next token, instead of in one long step that holds
-    #: every decoding request's next token up. ``None``: the prefill budget.
-    decoding_prefill_tokens: int | None = None
     #: Whether the attention backend honours :attr:`AttentionLayerSpec.sliding_window` and
     #: :attr:`AttentionLayerSpec.logits_soft_cap`. Read by the engine when it loads a model: a
     #: model with a layer that needs a feature the platform lacks is refused with a message

@@ -87,10 +87,6 @@ class CudaPlatform(TorchAcceleratorPlatform):
             supports_logits_soft_cap=True,
             skips_out_of_window_blocks=True,
             async_steps=True,
-            # A quarter of the default step budget (8,192): a 512-token prompt's prefill step
-            # takes 4.1 ms for a 1.5B model on an H200, so such a chunk holds the decodes' next
-            # token up for roughly a quarter of what a whole budget's burst does.
-            decoding_prefill_tokens=2048,
         )
 
     def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> CudaKVBackend:

@@ -165,10 +165,9 @@ def assemble(config: EngineConfig, platform: Platform, layout: Layout | None = N
     platform.set_device()
     # Before the workers start, so every rank sees the prefill budget this engine uses; a
     # layout passed in gets the backend's default chunk too (a no-op where its config set one).
-    caps = platform.capabilities()
-    budgets = (caps.prefill_chunk_tokens, caps.decoding_prefill_tokens)
-    layout = layout or layout_for(config.with_prefill_budget(*budgets), platform)
-    parts = build_parts(layout.config.with_prefill_budget(*budgets), platform, layout.tp)
+    chunk = platform.capabilities().prefill_chunk_tokens
+    layout = layout or layout_for(config.with_prefill_budget(chunk), platform)
+    parts = build_parts(layout.config.with_prefill_budget(chunk), platform, layout.tp)
     scheduler = layout.make_scheduler(parts)
     return EngineAssembly(parts, layout, scheduler, layout.make_runner(parts, scheduler))
 
