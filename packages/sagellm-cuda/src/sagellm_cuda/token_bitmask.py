@@ -36,13 +36,10 @@ def _apply_bitmask_kernel(logits_ptr, mask_ptr, rows_ptr, vocab, words, logits_s
     tl.store(logits_ptr + row * logits_stride + cols, float("-inf"), mask=in_vocab & ~allowed)
 
 
-def apply_token_bitmask_triton(logits: torch.Tensor, bitmask: torch.Tensor,
-                               rows: torch.Tensor | None = None) -> None:
-    """Set to ``-inf``, in place, the logits ``[R, V]`` (float, last dim contiguous) that the
-    int32 ``bitmask`` ``[N, words]`` (on the host or the logits' device) disallows: row ``i``
-    of the mask applies to logits row ``rows[i]`` (an int64 index, ``N`` long), or to row ``i``
-    when ``rows`` is ``None`` (then ``N <= R``). Row indices are not checked on the device:
-    core's caller builds them from its own row list."""
+def _checked(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None
+             ) -> tuple[int, int, int]:
+    """``(mask rows, words, vocab)`` once the kernels' inputs are checked (``ValueError``
+    naming the one that is not as documented)."""
     if logits.dim() != 2 or not logits.is_floating_point() or logits.stride(1) != 1:
         raise ValueError(f"logits must be a 2-D float tensor with a contiguous last dim, got "
                          f"{logits.dtype} {tuple(logits.shape)} strides {logits.stride()}")
@@ -57,13 +54,30 @@ def apply_token_bitmask_triton(logits: torch.Tensor, bitmask: torch.Tensor,
     elif rows.dim() != 1 or rows.numel() != n or rows.dtype != torch.int64:
         raise ValueError(f"rows must be a 1-D int64 index of {n} rows (one per bitmask row), got "
                          f"{rows.dtype} {tuple(rows.shape)}")
-    if n == 0:
-        return
-    dev = logits.device
+    return n, words, vocab
+
+
+def _on_device(dev: torch.device, bitmask: torch.Tensor, rows: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask (rows contiguous) and the row index on ``dev``, copied without a wait; the index
+    is the mask itself when there is none (the kernel does not read it then)."""
     mask = bitmask.to(dev, non_blocking=True)
     if mask.stride(1) != 1:
         mask = mask.contiguous()
-    index = mask if rows is None else rows.to(dev, non_blocking=True)
+    return mask, mask if rows is None else rows.to(dev, non_blocking=True)
+
+
+def apply_token_bitmask_triton(logits: torch.Tensor, bitmask: torch.Tensor,
+                               rows: torch.Tensor | None = None) -> None:
+    """Set to ``-inf``, in place, the logits ``[R, V]`` (float, last dim contiguous) that the
+    int32 ``bitmask`` ``[N, words]`` (on the host or the logits' device) disallows: row ``i``
+    of the mask applies to logits row ``rows[i]`` (an int64 index, ``N`` long), or to row ``i``
+    when ``rows`` is ``None`` (then ``N <= R``). Row indices are not checked on the device:
+    core's caller builds them from its own row list."""
+    n, words, vocab = _checked(logits, bitmask, rows)
+    if n == 0:
+        return
+    mask, index = _on_device(logits.device, bitmask, rows)
     grid = (n, triton.cdiv(vocab, BLOCK))
     _apply_bitmask_kernel[grid](logits, mask, index, vocab, words, logits.stride(0),
                                 mask.stride(0), HAS_ROWS=rows is not None, BLOCK=BLOCK)
@@ -115,30 +129,14 @@ def masked_argmax(logits: torch.Tensor, bitmask: torch.Tensor,
     ``[R, V]`` in any float dtype (last dim contiguous) are only read; ``bitmask`` int32
     ``[N, words]`` on the host (page-locked: the copy does not wait) or the device. Returns
     int64 ids ``[N]`` on the logits' device."""
-    if logits.dim() != 2 or not logits.is_floating_point() or logits.stride(1) != 1:
-        raise ValueError(f"logits must be a 2-D float tensor with a contiguous last dim, got "
-                         f"{logits.dtype} {tuple(logits.shape)} strides {logits.stride()}")
-    if bitmask.dim() != 2 or bitmask.dtype != torch.int32:
-        raise ValueError(f"the bitmask must be a 2-D int32 tensor, got {bitmask.dtype} "
-                         f"{tuple(bitmask.shape)}")
-    n, words = bitmask.shape
-    num_rows, vocab = logits.shape
-    if rows is None:
-        if n > num_rows:
-            raise ValueError(f"the bitmask has {n} rows, the logits only {num_rows}")
-    elif rows.dim() != 1 or rows.numel() != n or rows.dtype != torch.int64:
-        raise ValueError(f"rows must be a 1-D int64 index of {n} rows (one per bitmask row), got "
-                         f"{rows.dtype} {tuple(rows.shape)}")
+    n, words, vocab = _checked(logits, bitmask, rows)
     dev = logits.device
     out = torch.empty(n, dtype=torch.int64, device=dev)
     if n == 0:
         return out
     if vocab >= 2**31:
         raise ValueError(f"masked_argmax indexes a row with int32, got {vocab} logits")
-    mask = bitmask.to(dev, non_blocking=True)
-    if mask.stride(1) != 1:
-        mask = mask.contiguous()
-    index = mask if rows is None else rows.to(dev, non_blocking=True)
+    mask, index = _on_device(dev, bitmask, rows)
     _masked_argmax_kernel[(n,)](logits, mask, index, out, vocab, words, logits.stride(0),
                                 mask.stride(0), HAS_ROWS=rows is not None, BLOCK=ARGMAX_BLOCK,
                                 num_warps=8)
