@@ -339,35 +339,31 @@ class CudaGraphModelRunner(ModelRunner):
             return out_ids[:n], None, seqs
         need = [i for i, s in enumerate(seqs) if not self.argmax_suffices([s])]
         assert out_logits is not None
-        if self.argmax_is_token([seqs[i] for i in need]):
+        sub = seqs if len(need) == n else [seqs[i] for i in need]
+        if self.argmax_is_token(sub):
             # The graph's argmax is every row's token and its logits are as the model made them
             # (nothing masks or penalises them): no float copy, no second argmax.
             ids = out_ids[:n]
             return ids, self.argmax_logprobs(out_logits[:n], ids, seqs), seqs
-        if fill is not None and all(seqs[i].params.argmax_suffices for i in need):
+        index = None if sub is seqs else \
+            self.platform.to_device(torch.tensor(need, dtype=torch.int64))
+        if fill is not None and all(s.params.argmax_suffices for s in sub):
             # Greedy rows that leave the argmax for their grammar alone: the mask goes into the
             # argmax itself (one launch, logits only read; no float copy, mask and argmax).
-            index = None if len(need) == n else \
-                self.platform.to_device(torch.tensor(need, dtype=torch.int64))
             try:
                 sub_ids = self.masked_argmax(out_logits, fill.take(seqs, out_logits.shape[1]),
                                              index)
             finally:
                 fill.release()
-            if index is None:
-                return sub_ids, None, seqs
-            return out_ids[:n].index_copy(0, index, sub_ids), None, [seqs[i] for i in need]
-        if len(need) == n:
-            # The buffer is rewritten by the next replay, so it may be changed in place here
-            # (``.float()`` of a float32 buffer is the buffer itself).
-            ids, logprobs = self.sample_tokens(out_logits[:n].float(), seqs, mask_fill=fill,
-                                               prev=prev)
-            return ids, logprobs, seqs
-        index = self.platform.to_device(torch.tensor(need, dtype=torch.int64))
-        sub = [seqs[i] for i in need]
-        sub_ids, logprobs = self.sample_tokens(out_logits.index_select(0, index).float(), sub,
-                                               mask_fill=fill, prev=prev)
-        return out_ids[:n].index_copy(0, index, sub_ids), logprobs, sub
+            logprobs = None
+        else:
+            # The whole batch's buffer is rewritten by the next replay, so it may be changed in
+            # place here (``.float()`` of a float32 buffer is the buffer itself).
+            logits = out_logits[:n] if index is None else out_logits.index_select(0, index)
+            sub_ids, logprobs = self.sample_tokens(logits.float(), sub, mask_fill=fill,
+                                                   prev=prev)
+        ids = sub_ids if index is None else out_ids[:n].index_copy(0, index, sub_ids)
+        return ids, logprobs, sub
 
     def masked_argmax(self, logits: torch.Tensor, bitmask: torch.Tensor,
                       rows: torch.Tensor | None) -> torch.Tensor:
