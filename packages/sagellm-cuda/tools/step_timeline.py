@@ -22,7 +22,6 @@ rows, rotating weight copies so that L2 does not hold them, and reports the band
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gzip
 import json
@@ -85,10 +84,12 @@ def kernel_events(prof: profile) -> list[tuple[float, float, str]]:
 
 
 def phase_events(prof: profile) -> list[tuple[float, float, str]]:
+    # Host side only: a label's device-side span has the same name.
     return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                  if e.name.startswith("phase:") or e.name in (
+                  if e.device_type == torch.autograd.DeviceType.CPU
+                  and (e.name.startswith("phase:") or e.name in (
                       "cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize",
-                      "cudaMemcpyAsync", "cudaGraphLaunch"))
+                      "cudaMemcpyAsync", "cudaGraphLaunch")))
 
 
 def summarize(kern: list[tuple[float, float, str]], phases: list[tuple[float, float, str]],
@@ -235,8 +236,7 @@ def main() -> None:
                               "async_scheduling": engine.async_scheduling, "cases": {}}
     for name in args.cases.split(","):
         rows, extra = table[name]
-        with contextlib.suppress(KeyboardInterrupt):
-            res = run_case(engine, name, rows, extra, args, trace_dir)
+        res = run_case(engine, name, rows, extra, args, trace_dir)
         out["cases"][name] = res  # type: ignore[index]
         print(f"\n=== {name}: wall {res['wall_ms_p50']:.3f} ms/step p50, kernels "
               f"{res['kernel_busy_us_per_step']:.0f} us/step ({res['kernels_per_step']:.0f} "
