@@ -3,8 +3,8 @@
 Every step: running sequences decode first (one token each, within ``max_num_seqs``); then the
 remaining token budget, capped by ``max_prefill_tokens`` (by ``max_prefill_tokens_decoding``
 when the step also decodes, or running sequences sit out a step with a token on its way), goes
-to prefills, resuming chunked prompts before admitting new ones. When the KV pool cannot hold a decode, the most recently
-admitted sequence is preempted by recompute: its blocks are freed and it goes back to the front
+to prefills, resuming chunked prompts before admitting new ones. When the KV pool cannot hold a
+decode, the most recently admitted sequence is preempted by recompute: its blocks are freed and it goes back to the front
 of the waiting queue, keeping the tokens it generated. Before planning, running sequences give
 back the blocks that fell out of the model's sliding window (when every layer has one).
 """
