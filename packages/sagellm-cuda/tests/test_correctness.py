@@ -178,18 +178,19 @@ def test_single_prompt_prefill_graphs_match_eager_and_transformers(
         _check_near_greedy(model, graphs, rtol=1e-4)  # differences only at genuine ties
 
 
-def _generate_staggered(path: Path, **kw: object) -> tuple[list[list[int]], int]:
+def _generate_staggered(path: Path, prompts: list[list[int]] | None = None,
+                        **kw: object) -> tuple[list[list[int]], int]:
     """A new prompt joins every 3 steps while the earlier ones decode (mixed steps)."""
     from sagellm.config import EngineConfig
     from sagellm.engine.llm_engine import LLMEngine
     from sagellm.sampling_params import SamplingParams
 
+    kw.setdefault("enable_prefix_caching", False)
     config = EngineConfig(model=str(path), dtype="float32", load_format="safetensors",
-                          num_kv_blocks=256, max_num_seqs=8, max_model_len=512,
-                          enable_prefix_caching=False, **kw)
+                          num_kv_blocks=256, max_num_seqs=8, max_model_len=512, **kw)
     engine = LLMEngine(config, platform=_cuda())  # type: ignore[arg-type]
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
-    pending, ids, done = list(_prompts()), [], {}
+    pending, ids, done = list(_prompts() if prompts is None else prompts), [], {}
     while pending or engine.has_unfinished_requests():
         if pending:
             ids.append(engine.add_request(pending.pop(0), params))
@@ -206,6 +207,31 @@ def test_prompt_joining_a_running_batch_uses_both_graphs(hf_model: tuple[Path, t
     eager, _ = _generate_staggered(path, enforce_eager=True)
     assert graph_prefills == len(PROMPT_LENS)
     assert graphs == eager
+
+
+def test_prefill_graph_over_a_cached_prefix_matches_eager_and_transformers(
+        hf_model: tuple[Path, torch.nn.Module]) -> None:
+    """Prompts sharing cached prefixes prefill their new tokens in the prefill graph (the
+    cached length read on the device at replay), next to running decodes: tokens equal the
+    eager runner's and transformers'. A chunked prompt's last chunk takes the same path."""
+    path, model = hf_model
+    g = torch.Generator().manual_seed(11)
+    base = torch.randint(3, 1000, (150,), generator=g).tolist()
+    tail = torch.randint(3, 1000, (40,), generator=g).tolist()
+    prompts = [base, base + tail[:7], base[:97] + tail, base[:33] + tail[:20] + base[:10]]
+    graphs, graph_prefills = _generate_staggered(path, prompts, enable_prefix_caching=True)
+    eager, _ = _generate_staggered(path, prompts, enable_prefix_caching=True, enforce_eager=True)
+    assert graph_prefills == len(prompts)  # the first whole, the others after their hits
+    assert graphs == eager
+    chunked, chunk_prefills = _generate_staggered(path, prompts, max_num_batched_tokens=64)
+    assert chunk_prefills == len(prompts) and chunked == eager
+    want = [_reference_greedy(model, p) for p in prompts]
+    if graphs != want:
+        for prompt, toks in zip(prompts, graphs):
+            logits = _reference_logits(model, prompt, toks)
+            picked = logits.gather(-1, torch.tensor(toks, device="cuda")[:, None])[:, 0]
+            gap = ((logits.max(-1).values - picked) / logits.std(-1)).max().item()
+            assert gap <= 1e-4, f"a token {gap:.2e} std below the reference's best"
 
 
 def test_asynchronous_scheduling_is_on_by_default_and_equals_synchronous(

@@ -105,7 +105,8 @@ def test_buckets_follow_the_config(tiny: Path) -> None:
 def test_staggered_arrivals_use_both_graphs_and_match_cpu(tiny: Path) -> None:
     """One prompt joins every 2 steps: it prefills through a prefill graph next to the decode
     graph of the running ones (batch 1, 2, then 3 padded to 4). The 70-token prompt exceeds the
-    largest prefill bucket (64) and runs eagerly."""
+    step budget (64): its first chunk runs eagerly, its last 6 tokens over the cached 64 replay
+    the 32-token prefill graph."""
     prompts = _prompts(5, 20, 9, 70)
     engine = _engine(CudaPartsOnCpu(), tiny)
     runner = _runner(engine)
@@ -113,22 +114,51 @@ def test_staggered_arrivals_use_both_graphs_and_match_cpu(tiny: Path) -> None:
     got = _run(engine, prompts, params, arrive_every=2)
     want = _run(_engine(CpuPlatform(), tiny), prompts, params, arrive_every=2)
     assert got == want
-    assert runner.num_prefill_graph_steps == 3  # the 5-, 20- and 9-token prompts
-    assert runner.num_graph_steps > 0 and runner.num_eager_steps >= 1  # the 70-token prompt
+    assert runner.num_prefill_graph_steps == 4  # 5, 20 and 9 tokens, the 70's last chunk
+    assert runner.num_graph_steps > 0 and runner.num_eager_steps >= 1  # the 70's first chunk
     replays = {bs: g.num_replays for bs, g in runner.graphs.items()
                if isinstance(g, ReplayedForward)}
     assert replays[4] > 0, "three decodes must replay the batch-4 graph (one padding row)"
-    assert runner.prefill_graphs[32].num_replays == 3  # type: ignore[attr-defined]
+    assert runner.prefill_graphs[32].num_replays == 4  # type: ignore[attr-defined]
 
 
-def test_batched_prefill_and_chunked_prefill_run_eagerly_and_match_cpu(tiny: Path) -> None:
+def test_batched_prefill_runs_eagerly_and_a_last_chunk_replays_the_prefill_graph(
+        tiny: Path) -> None:
+    """Three prompts in a 32-token budget: 7 + 11 + the first 14 of 50 together (eager), then
+    32 more of the 50 (a chunk that samples nothing: eager), then its last 4 tokens over the
+    46 in the cache, alone: the 32-token prefill graph with a cached prefix."""
     prompts = _prompts(7, 11, 50)
-    engine = _engine(CudaPartsOnCpu(), tiny, max_num_batched_tokens=32)  # 50 tokens: two chunks
+    engine = _engine(CudaPartsOnCpu(), tiny, max_num_batched_tokens=32)
     runner = _runner(engine)
     got = _run(engine, prompts, GREEDY)
     assert got == _run(_engine(CpuPlatform(), tiny, max_num_batched_tokens=32), prompts, GREEDY)
-    assert runner.num_prefill_graph_steps == 0  # never one whole prompt alone in a step
-    assert runner.num_eager_steps >= 2 and runner.num_graph_steps > 0
+    assert runner.num_prefill_graph_steps == 1
+    assert runner.num_eager_steps == 2 and runner.num_graph_steps > 0
+
+
+def test_prefix_cache_hits_replay_the_prefill_graph_over_the_cached_prefix(tiny: Path) -> None:
+    """Prompts that share a cached prefix prefill only their new tokens, in the prefill graph
+    (the cached length read from the staging buffer at replay), next to running decodes or
+    alone; one whose padded bucket would run past the block table (80 cached of a 90-token
+    prompt in a 96-token model: 80 + 32 > 96) runs eagerly. Tokens equal core's CPU backend."""
+    base = _prompts(41)[0]
+    long = _prompts(90)[0]
+    prompts = [base, base + [7, 8, 9], base[:37] + [5] * 10, long, long[:80] + [3] * 10]
+    kw: dict[str, Any] = dict(enable_prefix_caching=True, max_num_batched_tokens=96)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine = _engine(CudaPartsOnCpu(), tiny, **kw)
+    runner = _runner(engine)
+    got = _run(engine, prompts, params, arrive_every=3)
+    assert got == _run(_engine(CpuPlatform(), tiny, **kw), prompts, params, arrive_every=3)
+    hits = engine.block_manager.num_cache_hits
+    assert hits >= 3, hits
+    # base (41 tokens, whole), its two extensions (after 40 and 36 cached tokens); the two
+    # 90-token prompts exceed the largest bucket (64) whole, and the second one's 10 new
+    # tokens after 80 cached have no bucket that fits the table.
+    assert runner.num_prefill_graph_steps == 3, runner.num_prefill_graph_steps
+    assert runner.prefill_graphs[32].num_replays == 2  # type: ignore[attr-defined]
+    assert runner.prefill_graphs[64].num_replays == 1  # type: ignore[attr-defined]
+    assert runner.num_eager_steps == 2
 
 
 def test_enforce_eager_captures_nothing(tiny: Path) -> None:
@@ -506,7 +536,7 @@ def _counting_patches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 def test_async_staggered_graph_steps_take_pending_ids_on_the_device_and_match_sync(
         tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompts join every 2 steps (prefill graph next to the decode graph, batch 1..4, one
-    eager prompt): each decode graph's inputs are the previous step's ids, patched into the
+    prompt whose first chunk runs eagerly): each decode graph's inputs are the previous step's ids, patched into the
     staging buffer before the replay; sampled, greedy and logprob rows mixed."""
     counts = _counting_patches(monkeypatch)
     prompts = _prompts(5, 20, 9, 70)
@@ -520,7 +550,7 @@ def test_async_staggered_graph_steps_take_pending_ids_on_the_device_and_match_sy
     want = _run(_engine(CpuPlatform(), tiny), prompts, params, arrive_every=2)
     assert got == want
     runner = _runner(engine)
-    assert runner.num_prefill_graph_steps == 3 and runner.num_graph_steps > 0
+    assert runner.num_prefill_graph_steps == 4 and runner.num_graph_steps > 0
     assert counts["decode"] >= runner.num_graph_steps - 3
     assert engine.block_manager.ref_counts == {}
 

@@ -16,11 +16,14 @@ ids' copy (``fetch_sampled``). When the only extra is logprobs on greedy rows, t
 stays every row's token and the logprobs come from the buffer as it is (``argmax_logprobs``,
 the platform's ``logprobs`` op: two Triton launches on the GPU).
 
-A step that prefills exactly one prompt from its start (the common case of a request arriving
+A step whose only prefill is one prompt's last part (the common case of a request arriving
 alone: it decides time to first token) replays a prefill graph captured for the next token
-bucket (32 ... 2048). The prompt is padded at its end; causal attention keeps the padding out of
-the real rows, padded rows write no KV (slot -1), and the graph returns the last real row. Other
-steps with prefill tokens run eagerly through core's :class:`ModelRunner`.
+bucket (32 ... 2048): the whole prompt, or the tokens after its cached prefix (a prefix-cache
+hit, or the last chunk of a chunked prompt). The graph reads the cached length from its staging
+buffer, so one graph per bucket serves both. The tokens are padded at their end; causal
+attention keeps the padding out of the real rows, padded rows write no KV (slot -1), and the
+graph returns the last real row. Other steps with prefill tokens run eagerly through core's
+:class:`ModelRunner`.
 
 Built only on the public runner contract (:mod:`sagellm.runner`): the graphs call the model
 through ``forward_context``, sample through ``sample_tokens`` and wait through
@@ -140,19 +143,18 @@ class CudaGraphModelRunner(ModelRunner):
         self.out_logits: torch.Tensor | None = None
         self.prefill_out_logits: torch.Tensor | None = None
         # Single-sequence prefill graphs: [ids | positions | slots] each pt long, the block
-        # table row, then the index of the last real token.
+        # table row, then the index of the last real token, the cached length (the first new
+        # token's position) and the context length after the padded tokens.
         self.prefill_sizes = [b for b in PREFILL_BUCKETS
                               if b <= min(max_prefill_graph_tokens, max_model_len)]
         self.prefill_graphs: dict[int, Replayable] = {}
         self.num_prefill_graph_steps = 0
         pt = self._pt = max(self.prefill_sizes, default=0)
-        pn = 3 * pt + self.table_width + 1
+        pn = 3 * pt + self.table_width + 3
         self._pdev = torch.zeros(pn, dtype=torch.int32, device=device)
         self._phosts = HostTwins(pn, pin)
-        self._pmeta = {b: (torch.tensor([0, b], dtype=torch.int32, device=device),
-                           torch.tensor([b], dtype=torch.int32, device=device))
-                       for b in self.prefill_sizes}
-        self._zero = torch.zeros(1, dtype=torch.int32, device=device)
+        self._pcu = {b: torch.tensor([0, b], dtype=torch.int32, device=device)
+                     for b in self.prefill_sizes}
         self.prefill_out_ids = torch.zeros(1, dtype=torch.int64, device=device)
         if not enforce_eager:
             self.capture()
@@ -197,6 +199,8 @@ class CudaGraphModelRunner(ModelRunner):
         for bs in reversed(self.graph_sizes):
             self.graphs[bs] = capture.capture(functools.partial(self._static_forward, bs))
         for tb in reversed(self.prefill_sizes):
+            *_, seq_len = self._pviews(self._pdev, tb)
+            seq_len.fill_(tb)  # the capture's own run: no cached prefix
             self.prefill_graphs[tb] = capture.capture(functools.partial(self._static_prefill, tb))
         capture.synchronize()
         self.capture_seconds = time.perf_counter() - t0
@@ -207,18 +211,22 @@ class CudaGraphModelRunner(ModelRunner):
     # -- single-sequence prefill graphs ----------------------------------------------------
 
     def _pviews(self, buf: torch.Tensor | np.ndarray, tb: int):  # type: ignore[no-untyped-def]
+        """``(ids, positions, slots, block table [1, w], last row, cached length, context
+        length)`` of the prefill staging buffer for bucket ``tb``."""
         pt, w = self._pt, self.table_width
+        e = 3 * pt + w
         return (buf[0:tb], buf[pt:pt + tb], buf[2 * pt:2 * pt + tb],
-                buf[3 * pt:3 * pt + w].reshape(1, w), buf[3 * pt + w:3 * pt + w + 1])
+                buf[3 * pt:e].reshape(1, w), buf[e:e + 1], buf[e + 1:e + 2], buf[e + 2:e + 3])
 
     def _static_prefill(self, tb: int) -> None:
-        ids, pos, slots, table, last = self._pviews(self._pdev, tb)
-        cu, seq_lens = self._pmeta[tb]
+        ids, pos, slots, table, last, ctx, seq_len = self._pviews(self._pdev, tb)
+        # The cached length is read on the device at every replay, so the attention reads the
+        # prefix from the cache (``has_prefix``); no host list: their values change per replay.
         meta = AttentionMetadata(
             num_prefill_tokens=tb, num_decode_tokens=0, slot_mapping=slots, decode=None,
-            prefill=PrefillMetadata(cu_seqlens_q=cu, seq_lens=seq_lens, context_lens=self._zero,
-                                    block_tables=table, max_seqlen_q=tb, max_seqlen_k=tb,
-                                    has_prefix=False, seq_lens_list=[tb], context_lens_list=[0]))
+            prefill=PrefillMetadata(cu_seqlens_q=self._pcu[tb], seq_lens=seq_len,
+                                    context_lens=ctx, block_tables=table, max_seqlen_q=tb,
+                                    max_seqlen_k=self.max_model_len, has_prefix=True))
         hidden = self.model(ids, pos, self.forward_context(meta)).index_select(0, last)
         logits = self.model.compute_logits(hidden)  # type: ignore[operator]
         self.prefill_out_ids.copy_(logits.argmax(-1))
@@ -236,32 +244,38 @@ class CudaGraphModelRunner(ModelRunner):
         return torch.empty(rows, logits.shape[-1], dtype=logits.dtype, device=logits.device)
 
     def _prefill_graph_size(self, plan: StepPlan) -> int | None:
-        """The bucket for a step whose only prefill is one whole prompt (decodes may ride along)."""
+        """The bucket for a step whose only prefill is the last part of one prompt, after a
+        cached prefix or from its start (decodes may ride along). The padded tokens' positions
+        must stay inside the staged block table, which the kernel indexes up to them."""
         if len(plan.prefills) != 1 or not self.prefill_graphs:
             return None
         op = plan.prefills[0]
-        if op.start != 0 or not op.samples or op.seq.needs_prompt_logits:
+        if not op.samples or op.seq.needs_prompt_logits:
             return None
-        return next((b for b in self.prefill_sizes if b >= op.num_tokens), None)
+        room = self.table_width * self.block_size - op.start
+        return next((b for b in self.prefill_sizes if op.num_tokens <= b <= room), None)
 
     def _run_prefill_graph(self, plan: StepPlan, tb: int, fill: MaskFill | None,
                            prev: StepLaunch | None) -> _Sampled:
         op = plan.prefills[0]
-        seq, n, block = op.seq, op.num_tokens, self.block_size
+        seq, start, n, block = op.seq, op.start, op.num_tokens, self.block_size
         slot = self._phosts.take()
         host = self._phosts.tensors[slot]
-        ids, pos, slots, table, last = self._pviews(self._phosts.arrays[slot], tb)
-        p = np.arange(n, dtype=np.int64)
+        ids, pos, slots, table, last, ctx, seq_len = self._pviews(self._phosts.arrays[slot], tb)
+        p = np.arange(start, start + n, dtype=np.int64)
         bt = np.asarray(seq.block_table, dtype=np.int64)
-        ids[:n] = seq.token_ids[:n]
+        ids[:n] = seq.token_ids[start:start + n]
         pos[:n] = p
         slots[:n] = bt[p // block] * block + p % block
         ids[n:], pos[n:], slots[n:] = 0, 0, -1
+        # Padded rows read keys up to their own positions: entries past the table are block 0
+        # (a real block, never a stale NO_BLOCK of an earlier sequence).
         table[0, :len(bt)] = bt
-        last[0] = n - 1
+        table[0, len(bt):-(-(start + tb) // block)] = 0
+        last[0], ctx[0], seq_len[0] = n - 1, start, start + tb
         self._pdev.copy_(host, non_blocking=True)
         self._phosts.copied(self.platform.record_event())
-        if seq.token_ids[n - 1] == PENDING_TOKEN:  # a preempted sequence, recomputed at once
+        if seq.token_ids[start + n - 1] == PENDING_TOKEN:  # preempted, recomputed at once
             patch_pending(self._pdev[:tb], [n - 1], [seq], prev)
         self.prefill_graphs[tb].replay()
         self.num_prefill_graph_steps += 1
@@ -278,9 +292,9 @@ class CudaGraphModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan, prev: StepLaunch | None = None) -> StepLaunch:
-        """Graphs where the step's shape allows: decodes alone, one whole prompt alone, or one
-        whole prompt plus decodes (two replays: a new request joining a running batch, the
-        common step of online serving). Everything else runs eagerly (core's ``launch``).
+        """Graphs where the step's shape allows: decodes alone, one prompt's last part alone,
+        or that plus decodes (two replays: a new request joining a running batch, the common
+        step of online serving). Everything else runs eagerly (core's ``launch``).
         Either way one copy brings the step's ids (and logprobs) back, and nothing waits for it
         here: inputs still pending on ``prev`` are taken from its ids on the device.
 
