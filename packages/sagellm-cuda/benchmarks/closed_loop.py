@@ -103,7 +103,7 @@ class Recorder:
         self.wait_s.clear()
 
 
-def awaited_step(engine: Any, rec: Recorder) -> int | None:
+def awaited_step(engine: Any) -> int | None:
     """The step whose tokens the next ``engine.step()`` returns: the one queued ahead, or
     (steps waited one by one) the one that call plans, known only after it (``None``)."""
     pipe = engine.pipeline
@@ -143,7 +143,7 @@ def run_variant(engine: Any, rec: Recorder, name: str, extra: dict[str, object],
     intervals: list[tuple[float, int | None]] = []
     t_start = last = time.perf_counter()
     while engine.has_unfinished_requests():
-        awaited = awaited_step(engine, rec)
+        awaited = awaited_step(engine)
         before = rec.last_planned
         outs = engine.step()
         now = time.perf_counter()
