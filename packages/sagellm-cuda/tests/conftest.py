@@ -53,3 +53,18 @@ def fresh_tile_tables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     for tiles in (gemv_tiles, moe_tiles):
         tiles.clear_cache()
+
+
+@pytest.fixture(autouse=True)
+def _warmup_only_when_asked(request: pytest.FixtureRequest,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every CUDA engine warms up by default (``sagellm.engine.warmup``: about a
+    second each), and this suite builds about a hundred; here only engines with
+    ``warmup=True`` do, except in tests marked ``default_warmup`` (``test_warmup_gpu.py``),
+    which check the default itself. Step counts read by other tests stay those of their own
+    requests."""
+    if request.node.get_closest_marker("default_warmup") is not None:
+        return
+    from sagellm.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "use_warmup", lambda engine: engine.config.warmup is True)

@@ -86,6 +86,11 @@ class EngineConfig(BaseModel):
                           "device, so the host's work per step (outputs, scheduling, inputs) "
                           "overlaps the device's; default: on where the backend runs queued work "
                           "asynchronously (CUDA) and the engine has one rank")
+    warmup: bool | None = Field(
+        None, description="run a few short synthetic requests at start-up (prompt bursts, "
+                          "sampling, penalties, logprobs, grammars) so that kernels compile "
+                          "before the first requests instead of while they wait; default: on "
+                          "where the backend compiles kernels on first use (CUDA)")
     tensor_parallel_size: int = Field(
         1, ge=1, description="split the model over this many devices (device_index .. +N-1), one "
                              "worker process each")

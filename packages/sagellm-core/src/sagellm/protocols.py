@@ -435,6 +435,10 @@ class Capabilities:
     #: left to ``auto`` turns asynchronous scheduling on where this is true (and the runner
     #: queues steps through ``ModelRunner.launch``). Read once at start-up.
     async_steps: bool = False
+    #: Whether kernels compile the first time each shape class runs (Triton's JIT), so that the
+    #: first requests would wait for them: ``EngineConfig.warmup`` left to ``auto`` then runs
+    #: the start-up warm-up (``sagellm.engine.warmup``). Read once at start-up.
+    compiles_on_first_use: bool = False
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ class CudaPlatform(TorchAcceleratorPlatform):
             supports_logits_soft_cap=True,
             skips_out_of_window_blocks=True,
             async_steps=True,
+            compiles_on_first_use=True,
         )
 
     def make_kv_backend(self, spec: KVCacheSpec, num_blocks: int) -> CudaKVBackend:
@@ -168,11 +169,22 @@ class CudaPlatform(TorchAcceleratorPlatform):
 
     def make_model_runner(self, ctx: RunnerContext) -> CudaGraphModelRunner:
         """A runner that replays decode and single-prompt prefill steps as CUDA graphs."""
+        from sagellm_cuda import jit_watch
         from sagellm_cuda.graphs import CudaGraphModelRunner
 
+        jit_watch.install()
         return CudaGraphModelRunner(ctx)
 
 
 @hookimpl
 def sagellm_register_backends(register) -> None:  # type: ignore[no-untyped-def]
     register(CudaPlatform)
+
+
+@hookimpl
+def sagellm_engine_started(engine_info: dict[str, object]) -> None:
+    """An engine has warmed up: a Triton compile from now on is one that requests waited for
+    (logged by :mod:`sagellm_cuda.jit_watch`)."""
+    from sagellm_cuda import jit_watch
+
+    jit_watch.engine_started()

@@ -24,6 +24,7 @@ from sagellm.engine.plan import StepPlan
 from sagellm.engine.sequence import SequenceState, SequenceStatus
 from sagellm.engine.stats import EngineStats
 from sagellm.engine.step_launch import PENDING_TOKEN
+from sagellm.engine.warmup import WarmupReport, use_warmup, warm_up
 from sagellm.kv_cache.block_hash import check_cache_salt
 from sagellm.outputs import RequestMetrics, RequestOutput
 from sagellm.plugins import Registry, get_registry
@@ -90,14 +91,16 @@ class LLMEngine:
         self.pipeline = StepPipeline(self) if use_async_scheduling(self) else None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        #: What the start-up warm-up ran (``None``: no warm-up; ``sagellm.engine.warmup``).
+        self.warmup: WarmupReport | None = warm_up(self) if use_warmup(self) else None
         self.startup_seconds = time.perf_counter() - t0
         bs = self.config.block_size
         logger.info("engine ready in %.1f s: backend %s (%s), model %s, dtype %s, KV pool %d blocks "
-                    "x %d tokens = %d tokens, %s", self.startup_seconds, platform.name,
+                    "x %d tokens = %d tokens, %s, %s", self.startup_seconds, platform.name,
                     platform.device_name(), parts.loaded.source, parts.loaded.dtype,
                     self.kv.num_blocks, bs, self.kv.num_blocks * bs,
                     "asynchronous scheduling" if self.pipeline is not None
-                    else "steps waited for one by one")
+                    else "steps waited for one by one", _warmup_words(self.warmup))
         self._notify_started()
 
     @property
@@ -506,6 +509,15 @@ class LLMEngine:
             num_prefix_cache_hits=self.block_manager.num_cache_hits,
             num_kv_evictions=self.block_manager.num_evicted_blocks,
         )
+
+
+def _warmup_words(report: WarmupReport | None) -> str:
+    if report is None:
+        return "no warm-up"
+    if report.error is not None:
+        return f"warm-up failed after {report.seconds:.1f} s ({report.error})"
+    return (f"warm-up of {report.num_requests} requests in {report.steps} steps, "
+            f"{report.seconds:.1f} s")
 
 
 def _one_by_one(plan: StepPlan) -> list[StepPlan]:
