@@ -5,7 +5,7 @@ that requests waited for."""
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, deque
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +25,7 @@ def watch(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(jit_watch, "_started", False)
     monkeypatch.setattr(jit_watch, "counts", Counter())
     monkeypatch.setattr(jit_watch, "while_serving", Counter())
+    monkeypatch.setattr(jit_watch, "recent", deque(maxlen=4))
     assert jit_watch.install() and jit_watch.install()  # the second call changes nothing
     return knobs.runtime.jit_post_compile_hook, calls
 
@@ -38,6 +39,7 @@ def test_compiles_are_counted_and_the_earlier_hook_still_runs(watch: Any) -> Non
     assert jit_watch.counts == Counter({"_prefill_kernel": 2, "_write_kv_kernel": 1})
     assert jit_watch.total() == 3 and not jit_watch.while_serving
     assert [c["key"] for c in earlier] == [1, 2, 3]
+    assert list(jit_watch.recent)[0] == ("_prefill_kernel", "_prefill_kernel[...]")
 
 
 def test_after_an_engine_started_each_compile_is_logged(watch: Any,

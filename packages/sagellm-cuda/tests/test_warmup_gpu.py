@@ -81,11 +81,12 @@ def test_after_the_warmup_serving_traffic_compiles_no_kernel(model: Path) -> Non
     engine = _engine(model)
     assert engine.warmup is not None and engine.warmup.error is None, engine.warmup
     assert engine.warmup.requests.keys() == {"plain", "sampling", "grammar"}
-    before = Counter(jit_watch.counts)
+    before, seen = Counter(jit_watch.counts), len(jit_watch.recent)
     for i, feature in enumerate(FEATURES.values()):
         assert len(_serve_like(engine, feature, seed=i)) == 32
     compiled = Counter(jit_watch.counts) - before
-    assert not compiled, f"compiled while serving after the warm-up: {dict(compiled)}"
+    specs = "\n".join(f"{n}: {r}" for n, r in list(jit_watch.recent)[seen:])
+    assert not compiled, f"compiled while serving after the warm-up: {dict(compiled)}\n{specs}"
 
 
 def test_greedy_answers_after_the_warmup_equal_a_cold_engine(model: Path) -> None:

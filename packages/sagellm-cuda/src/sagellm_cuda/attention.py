@@ -104,7 +104,10 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Arguments that change from step to step (the block table's width, the split count) are not
+# specialised on (Triton would otherwise compile a variant per value class: 1, a multiple of
+# 16, other) so that a step of a new shape never waits for a compile (``jit_watch.py``).
+@triton.jit(do_not_specialize=["bt_stride", "num_splits"])
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, out_ptr, part_o_ptr,
                          part_lse_ptr, scale_log2, soft_cap, window,
                          q_stride_b, q_stride_h, o_stride_b, o_stride_h, bt_stride,
@@ -244,7 +247,7 @@ def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride"])  # the table's width changes per step
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, out_ptr, scale_log2,
                     soft_cap, window,
                     q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride,

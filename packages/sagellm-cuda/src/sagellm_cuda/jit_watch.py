@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 logger = logging.getLogger("sagellm.cuda.jit")
@@ -26,6 +26,8 @@ _started = False
 counts: Counter[str] = Counter()
 #: Compiles per kernel name after the first engine started (requests may have waited for them).
 while_serving: Counter[str] = Counter()
+#: The last compiles, as (kernel name, Triton's description of the specialisation).
+recent: deque[tuple[str, str]] = deque(maxlen=256)
 
 
 def install() -> bool:
@@ -53,6 +55,7 @@ def install() -> bool:
 def _count(fn: Any, spec: Any) -> None:
     name = str(getattr(fn, "name", None) or "?")
     counts[name] += 1
+    recent.append((name, str(spec)))
     if _started:
         while_serving[name] += 1
         logger.info("Triton compiled %s while serving (requests in that step waited for it): %s",

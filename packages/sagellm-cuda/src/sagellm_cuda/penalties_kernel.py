@@ -19,7 +19,11 @@ import triton.language as tl
 BLOCK = 2048
 
 
-@triton.jit
+# The row index and the per-row penalty vectors are read once per program: their addresses'
+# alignment (they may be views at any offset) is not specialised on, so that no step compiles
+# a variant of its own (``jit_watch.py``).
+@triton.jit(do_not_specialize_on_alignment=["rows_ptr", "presence_ptr", "frequency_ptr",
+                                            "repetition_ptr"])
 def _penalties_kernel(logits_ptr, counts_ptr, seen_ptr, rows_ptr, presence_ptr, frequency_ptr,
                       repetition_ptr, vocab, logits_stride, counts_stride, seen_stride,
                       HAS_ROWS: tl.constexpr, HAS_REPETITION: tl.constexpr,
