@@ -77,7 +77,9 @@ print("  ".join(f"{name}[{pid}] {100 * (t - a.get(pid, (name, 0.0))[1]) / wall:.
                 for pid, (name, t) in b.items() if t - a.get(pid, (name, 0.0))[1] > 0.05 * wall))
 PY
 }
-for v in plain json_schema penalties logprobs5 plain_again; do
+# VARIANTS picks some (plain runs first and last whatever it says).
+VARIANTS=${VARIANTS:-json_schema penalties logprobs5}
+for v in plain $VARIANTS plain_again; do
   body=${BODY[${v%_again}]}
   extra=()
   [ -n "$body" ] && extra=(--serve-extra-body "$body")
