@@ -114,7 +114,7 @@ def build_parts(config: EngineConfig, platform: Platform, tp: TPGroup = SINGLE) 
                        loaded.source, loaded.hf_config)
     platform.prepare_model(model)
     hf = loaded.hf_config
-    max_model_len = config.max_model_len or int(hf.max_position_embeddings)  # type: ignore[attr-defined]
+    max_model_len = model_len_of(config, hf, loaded.source)
     kv_spec = KVCacheSpec(
         num_layers=int(hf.num_hidden_layers),  # type: ignore[attr-defined]
         num_kv_heads=model.layers[0].self_attn.num_kv_heads,  # type: ignore[index]
@@ -262,3 +262,17 @@ def _profile_activation_bytes(platform: Platform, spec: KVCacheSpec, n: int, max
     del tmp_kv, runner, inp, hidden
     platform.empty_cache()
     return max(peak, 0)
+
+
+def model_len_of(config: EngineConfig, hf, source: str) -> int:  # type: ignore[no-untyped-def]
+    """The longest sequence the engine admits: ``max_model_len`` if set, else the model's
+    ``max_position_embeddings``. A longer setting is refused here, at start-up: the rotary
+    tables end at ``max_position_embeddings``, so a position past it would index outside them
+    in the middle of serving (a device-side assert on CUDA, which ends the process)."""
+    limit = int(hf.max_position_embeddings)
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ValueError(f"max_model_len={config.max_model_len} is longer than {source} supports "
+                         f"(max_position_embeddings={limit}); use --max-model-len {limit} or less")
+    return config.max_model_len
