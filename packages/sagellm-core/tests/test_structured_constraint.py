@@ -265,3 +265,21 @@ def test_batch_fill_refuses_bad_rows(smol_tok: Any) -> None:
     with pytest.raises(ValueError, match="int32 CPU"):
         GrammarConstraint.fill_bitmask_batch(cs, mask.to(torch.int64), [0, 1])
     GrammarConstraint.fill_bitmask_batch([], mask, [])  # nothing to do
+
+
+def test_grammar_threads_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sagellm.structured.constraint as mod
+
+    monkeypatch.delenv(mod.THREADS_ENV, raising=False)
+    assert mod.grammar_threads() is None
+    monkeypatch.setenv(mod.THREADS_ENV, " 3 ")
+    assert mod.grammar_threads() == 3
+    made: list[int | None] = []
+    monkeypatch.setattr(mod, "_EXECUTOR", None)
+    monkeypatch.setattr(mod.llguidance, "LLExecutor", lambda n: made.append(n) or object())
+    first = mod._executor()
+    assert mod._executor() is first and made == [3]  # one executor per process
+    for bad in ("0", "-2", "two", "1.5"):
+        monkeypatch.setenv(mod.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=mod.THREADS_ENV):
+            mod.grammar_threads()

@@ -3,6 +3,7 @@ sampler drives, backed by an llguidance matcher."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import llguidance
@@ -113,17 +114,33 @@ class GrammarConstraint:
             target[w] |= _bit(b)
 
 
-#: Threads of the parallel mask fill (llguidance's default: most of the machine's cores, up to
-#: 32); one executor per process, made on first use.
+#: Threads of the parallel mask fill: ``SAGELLM_GRAMMAR_THREADS`` if set, else llguidance's
+#: default (80% of the machine's cores, up to 32). One executor per process, made on first use.
+THREADS_ENV = "SAGELLM_GRAMMAR_THREADS"
 _EXECUTOR: llguidance.LLExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
+
+
+def grammar_threads() -> int | None:
+    """The mask fill's thread count from :data:`THREADS_ENV` (``None``: llguidance's default);
+    ``ValueError`` naming the variable for anything but a positive integer."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {raw!r}")
+    return n
 
 
 def _executor() -> llguidance.LLExecutor:
     global _EXECUTOR
     with _EXECUTOR_LOCK:
         if _EXECUTOR is None:
-            _EXECUTOR = llguidance.LLExecutor()
+            _EXECUTOR = llguidance.LLExecutor(grammar_threads())
         return _EXECUTOR
 
 
