@@ -1,6 +1,6 @@
 """``max_model_len`` is bounded by the model's positions: a longer setting is refused at start-up
 (naming the field and the model's limit) instead of failing mid-serving at the first position the
-rotary tables do not cover."""
+rotary tables do not cover; and the config refuses lengths and device indices below range."""
 
 from __future__ import annotations
 
@@ -34,3 +34,12 @@ def test_unset_is_the_model_limit_and_shorter_is_kept(tiny_llama_dir: Path) -> N
     assert _engine(tiny_llama_dir).max_model_len == limit
     assert _engine(tiny_llama_dir, max_model_len=limit).max_model_len == limit
     assert _engine(tiny_llama_dir, max_model_len=limit // 2).max_model_len == limit // 2
+
+
+@pytest.mark.parametrize("field,value", [("max_model_len", 0), ("max_model_len", -5),
+                                         ("device_index", -1)])
+def test_out_of_range_settings_are_refused_by_the_config(field: str, value: int) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        EngineConfig(model="m", **{field: value})

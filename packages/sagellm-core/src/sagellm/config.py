@@ -45,7 +45,7 @@ class EngineConfig(BaseModel):
                             "none: as loaded (a quantized checkpoint dequantized)")
     seed: int = Field(0, description="engine random seed (also the random weights of load_format dummy)")
     max_model_len: int | None = Field(
-        None, description="context length (prompt + completion); default: the model's own")
+        None, ge=1, description="context length (prompt + completion); default: the model's own")
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
     gpu_memory_utilization: float = Field(
         0.85, gt=0.0, le=1.0,
@@ -98,7 +98,7 @@ class EngineConfig(BaseModel):
     disaggregate_prefill: bool = Field(
         False, description="prefill on a second device (device_index + 1) and hand the KV blocks to "
                            "this one, which decodes")
-    device_index: int = Field(0, description="the device this engine (its first rank) runs on")
+    device_index: int = Field(0, ge=0, description="the device this engine (its first rank) runs on")
 
     @model_validator(mode="after")
     def _budgets(self) -> EngineConfig:
