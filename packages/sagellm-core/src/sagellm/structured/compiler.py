@@ -115,7 +115,7 @@ class GrammarCompiler:
             while len(self._cache) > self.max_cached:
                 self._cache.popitem(last=False)
             self.num_compiles += 1
-        (self._executor or _shared_executor()).submit(self._run, key, params, fut)
+        (self._executor or shared_executor()).submit(self._run, key, params, fut)
         return fut
 
     def compile(self, params: StructuredOutputParams,
@@ -178,7 +178,7 @@ _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
 
-def _shared_executor() -> ThreadPoolExecutor:
+def shared_executor() -> ThreadPoolExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:

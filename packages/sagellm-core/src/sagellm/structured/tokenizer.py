@@ -3,13 +3,18 @@
 ``LLMEngine.tokenizer`` is a Hugging Face fast tokenizer (``AutoTokenizer`` over an HF directory;
 a GGUF file is first converted into one, so the embedded SmolLM2 arrives the same way).
 llguidance reads its serialised form and builds a token trie, which takes a few hundred
-milliseconds for a 50k vocabulary: hence the cache, keyed on the tokenizer object (weakly, so a
-dropped engine frees it) and on the model's vocabulary size and end-of-sequence ids.
+milliseconds (about 0.45 s for Qwen2.5's 151k vocabulary on one core): hence the cache, keyed on
+the tokenizer's content (a digest of its serialised form, so the copies a server keeps for its
+worker threads share one build) and on the model's vocabulary size and end-of-sequence ids.
+Entries live while a tokenizer object that uses them does (weakly held: a dropped engine frees
+them). :func:`cached_guidance_tokenizer` answers without building, for callers that must not
+wait (the engine's step loop hands the build to a worker instead).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import threading
 import weakref
@@ -39,36 +44,86 @@ class GuidanceTokenizer:
         return (self.ll.vocab_size + 31) // 32
 
 
+#: Per tokenizer object: its content digest, and the built views it has used (which keeps them
+#: alive while it lives).
+_digests: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 _cache: weakref.WeakKeyDictionary[object, dict[tuple[int, tuple[int, ...]], GuidanceTokenizer]] = (
     weakref.WeakKeyDictionary())
+#: Built views by (content digest, vocabulary size, EOS ids), shared by equal tokenizers.
+_shared: weakref.WeakValueDictionary[tuple[str, int, tuple[int, ...]], GuidanceTokenizer] = (
+    weakref.WeakValueDictionary())
+#: One lock per view being built, so equal tokenizers on two threads build it once.
+_building: dict[tuple[str, int, tuple[int, ...]], threading.Lock] = {}
 _lock = threading.Lock()
 
 
 def guidance_tokenizer(tokenizer: object, vocab_size: int | None = None,
                        eos_token_ids: Iterable[int] | None = None) -> GuidanceTokenizer:
-    """The cached :class:`GuidanceTokenizer` for an HF fast ``tokenizer``.
+    """The cached :class:`GuidanceTokenizer` for an HF fast ``tokenizer`` (built on first use:
+    a blocking call of up to about half a second).
 
     ``vocab_size`` defaults to the tokenizer's length; ``eos_token_ids`` (the engine's
     ``LLMEngine.eos_token_ids``: the model config's ids and the tokenizer's) default to the
     tokenizer's ``eos_token_id``. Raises ``ValueError`` for a model without a tokenizer, a slow
     (Python) tokenizer, or one with no end-of-sequence token.
     """
-    if tokenizer is None:
-        raise ValueError("structured output needs the model's tokenizer, and this model has none")
-    n_tok = len(tokenizer)  # type: ignore[arg-type]
-    vocab = n_tok if vocab_size is None else int(vocab_size)
-    if vocab <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab}")
-    eos = _eos_ids(tokenizer, eos_token_ids, vocab)
+    vocab, eos, n_tok = _settings(tokenizer, vocab_size, eos_token_ids)
     key = (vocab, eos)
     with _lock:
         hit = _cache.get(tokenizer, {}).get(key)
     if hit is not None:
         return hit
-    built = GuidanceTokenizer(_build(tokenizer, max(vocab, n_tok), eos), vocab, eos)
+    shared_key = (_digest(tokenizer), vocab, eos)
     with _lock:
-        # Two threads may build at once; the first to store wins, so everyone shares one.
-        return _cache.setdefault(tokenizer, {}).setdefault(key, built)
+        building = _building.setdefault(shared_key, threading.Lock())
+    with building:
+        with _lock:
+            built = _shared.get(shared_key)
+        if built is None:
+            built = GuidanceTokenizer(_build(tokenizer, max(vocab, n_tok), eos), vocab, eos)
+        with _lock:
+            built = _shared.setdefault(shared_key, built)
+            _building.pop(shared_key, None)
+            return _cache.setdefault(tokenizer, {}).setdefault(key, built)
+
+
+def cached_guidance_tokenizer(tokenizer: object, vocab_size: int | None = None,
+                              eos_token_ids: Iterable[int] | None = None
+                              ) -> GuidanceTokenizer | None:
+    """:func:`guidance_tokenizer` if this tokenizer object has already used it, else ``None``
+    (nothing is built or digested here: microseconds). Raises the same ``ValueError`` for a
+    tokenizer the grammar engine cannot use at all (none, slow, no EOS id)."""
+    vocab, eos, _ = _settings(tokenizer, vocab_size, eos_token_ids)
+    with _lock:
+        return _cache.get(tokenizer, {}).get((vocab, eos))
+
+
+def _settings(tokenizer: object, vocab_size: int | None, eos_token_ids: Iterable[int] | None
+              ) -> tuple[int, tuple[int, ...], int]:
+    """``(vocab, eos ids, tokenizer length)``, checked (the cheap refusals)."""
+    if tokenizer is None:
+        raise ValueError("structured output needs the model's tokenizer, and this model has none")
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ValueError(f"structured output needs a fast (Rust) tokenizer; "
+                         f"{type(tokenizer).__name__} is not one")
+    n_tok = len(tokenizer)  # type: ignore[arg-type]
+    vocab = n_tok if vocab_size is None else int(vocab_size)
+    if vocab <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab}")
+    return vocab, _eos_ids(tokenizer, eos_token_ids, vocab), n_tok
+
+
+def _digest(tokenizer: object) -> str:
+    """SHA-256 of the tokenizer's serialised form (about 20 ms for a 151k vocabulary), once per
+    tokenizer object. Equal digests mean the grammar engine reads the two the same way."""
+    with _lock:
+        hit = _digests.get(tokenizer)
+    if hit is not None:
+        return hit
+    text = tokenizer.backend_tokenizer.to_str()  # type: ignore[attr-defined]
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    with _lock:
+        return _digests.setdefault(tokenizer, digest)
 
 
 def _eos_ids(tokenizer: object, given: Iterable[int] | None, vocab: int) -> tuple[int, ...]:
@@ -87,10 +142,7 @@ def _eos_ids(tokenizer: object, given: Iterable[int] | None, vocab: int) -> tupl
 
 
 def _build(tokenizer: object, n_vocab: int, eos: tuple[int, ...]) -> llguidance.LLTokenizer:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(f"structured output needs a fast (Rust) tokenizer; "
-                         f"{type(tokenizer).__name__} is not one")
+    backend = tokenizer.backend_tokenizer  # type: ignore[attr-defined]
     # As llguidance.hf.from_tokenizer does (a copy without padding or truncation, added tokens
     # included), with the byte-level fix below.
     backend = copy.copy(backend)
