@@ -406,16 +406,32 @@ class _Server:
         if structured is None:
             return
         try:
-            vocab, eos_ids = self.config.vocab_size, self.config.eos_token_ids
-
-            def check(tok: Any) -> None:
-                eos = eos_ids or ([tok.eos_token_id] if getattr(tok, "eos_token_id", None)
-                                  is not None else None)
-                compiler_for(tok, vocab, eos).validate(structured)
-
-            await self.tokenizers.run(check)
+            await self.tokenizers.run(lambda tok: self._compiler(tok).validate(structured))
         except ValueError as exc:
             raise ApiError(400, f"invalid {param}: {exc}", param=param, code="invalid_value") from None
+
+    def _compiler(self, tok: Any) -> Any:
+        """The grammar compiler for a tokenizer copy (builds the grammar engine's view of the
+        tokenizer on first use: up to about half a second for a large vocabulary)."""
+        eos = self.config.eos_token_ids or (
+            [tok.eos_token_id] if getattr(tok, "eos_token_id", None) is not None else None)
+        return compiler_for(tok, self.config.vocab_size, eos)
+
+    async def warm_grammar(self) -> None:
+        """Build the grammar engine's view of the tokenizer before the server takes requests
+        (in a worker thread; the copies of the other threads share it), so the first
+        structured-output requests do not wait for it. A tokenizer the grammar engine cannot
+        use is only logged (such requests get their 400 when they come), and so is any other failure
+here: the server starts all the same."""
+        if self.tokenizer is None:
+            return
+        try:
+            await self.tokenizers.run(self._compiler)
+        except ValueError as exc:
+            logger.info("structured output is not available for this model: %s", exc)
+        except Exception:  # noqa: BLE001 - a warm-up; the requests report their own failures
+            logger.warning("building the grammar engine's view of the tokenizer failed; "
+                           "structured-output requests will try again", exc_info=True)
 
     async def table(self) -> TokenTable:
         """The token table for logprobs, built on first use in a worker thread."""
@@ -676,6 +692,7 @@ def create_app(engine: EngineClient, config: ServerConfig, tokenizer: Any,
         engine.start(asyncio.get_running_loop())
         if supervisor is not None:
             supervisor.start()
+        await server.warm_grammar()
         logger_task = (asyncio.ensure_future(_log_stats(engine, config.log_interval))
                        if config.log_interval > 0 else None)
         try:
