@@ -55,6 +55,7 @@ from sagellm.runner import (
     patch_pending,
     pending_rows,
 )
+from sagellm_cuda.host_flag_wait import host_flag_wait
 from sagellm_cuda.penalties_kernel import apply_penalties_triton
 from sagellm_cuda.token_bitmask import apply_token_bitmask_triton
 from sagellm_cuda.token_bitmask import masked_argmax as masked_argmax_triton
@@ -122,6 +123,8 @@ class CudaGraphModelRunner(ModelRunner):
         mb = max(self.graph_sizes)
         self.table_width = -(-max_model_len // block_size)
         pin = device.type == "cuda"  # page-locked host twins on the GPU (CPU tests have none)
+        #: The device's wait for a mask fill's flag (``queue_mask_wait``), where it has one.
+        self._mask_wait = host_flag_wait(device)
         # One int32 staging buffer on the device, filled from page-locked host twins:
         # [ids | positions | slots | seq_lens] each mb long, then the block table mb x width.
         # Two host twins, used in turn (``_next_host``): with asynchronous scheduling the host
@@ -365,8 +368,8 @@ class CudaGraphModelRunner(ModelRunner):
             # Greedy rows that leave the argmax for their grammar alone: the mask goes into the
             # argmax itself (one launch, logits only read; no float copy, mask and argmax).
             try:
-                sub_ids = self.masked_argmax(out_logits, fill.take(seqs, out_logits.shape[1]),
-                                             index)
+                sub_ids = self.masked_argmax(
+                    out_logits, fill.take(seqs, out_logits.shape[1], self.queue_mask_wait), index)
             finally:
                 fill.release()
             logprobs = None
@@ -378,6 +381,11 @@ class CudaGraphModelRunner(ModelRunner):
                                                    prev=prev)
         ids = sub_ids if index is None else out_ids[:n].index_copy(0, index, sub_ids)
         return ids, logprobs, sub
+
+    def queue_mask_wait(self, flag: torch.Tensor, value: int) -> bool:
+        """On the GPU: ``cuStreamWaitValue32`` on the current stream
+        (:mod:`sagellm_cuda.host_flag_wait`), so the host never waits for a mask fill."""
+        return self._mask_wait is not None and self._mask_wait(flag, value)
 
     def masked_argmax(self, logits: torch.Tensor, bitmask: torch.Tensor,
                       rows: torch.Tensor | None) -> torch.Tensor:

@@ -13,15 +13,16 @@ device-side mask. Who calls what, each step:
   fills all of its rows in one call (the grammar engine's parallel fill). The runner begins that
   fill on a worker thread before it builds the step's inputs (``sagellm.engine.mask_fill``), so
   ``fill_bitmask`` may run on another thread than the engine's, never at the same time as
-  ``accept_token``. The rows it gets are reused buffers: they are cleared first unless the class
+  another call on the same constraint. The rows it gets are reused buffers: they are cleared first unless the class
   sets ``fills_whole_bitmask_row = True`` (it then writes every word of its row);
 * the engine calls :meth:`TokenConstraint.accept_token` once the token is committed to the
   sequence (in ``LLMEngine._advance``, never twice for one token), fails that request alone if
   it returns ``False``, and finishes it with ``finish_reason == "stop"`` once
-  :meth:`TokenConstraint.is_terminated` is true. With asynchronous scheduling the next step's
-  mask-fill worker may be the one that calls ``accept_token`` for a token still pending on the
-  host (just before it fills that row's next mask); the engine then does not call it again
-  (``SequenceState.num_accepted_tokens``) and fails the request if it refused.
+  :meth:`TokenConstraint.is_terminated` is true (asked right after each ``accept_token``, by
+  the same thread). With asynchronous scheduling the next step's mask-fill worker may be the one
+  that calls both for a token still pending on the host (just before it fills that row's next
+  mask); the engine then calls neither again for that token (``SequenceState.num_accepted_tokens``,
+  ``constraint_done``), and fails the request if it refused.
 """
 
 from __future__ import annotations

@@ -377,12 +377,16 @@ class LLMEngine:
                 raise RuntimeError(f"the runner gave no logprob for sampled token {tok}")
             seq.output_logprobs.append(lp)
         if seq.constraint is not None:
+            ready, seq.accept_ready = seq.accept_ready, None
+            if ready is not None:  # the next step's mask fill accepts this token
+                ready.wait()
             if seq.constraint_error is not None:  # refused by the next step's mask fill
                 raise ValueError(seq.constraint_error)
             if seq.num_accepted_tokens < seq.num_output_tokens:
                 if not seq.constraint.accept_token(tok):
                     raise ValueError(refusal(seq.constraint, tok))
                 seq.num_accepted_tokens += 1
+                seq.constraint_done = seq.constraint.is_terminated()
         self.num_generation_tokens += 1
         m = seq.metrics
         if m.first_token_time is None:
@@ -436,7 +440,7 @@ class LLMEngine:
     def _check_stop(self, seq: SequenceState, tok: int) -> None:
         p = seq.params
         n_out = seq.num_output_tokens
-        if seq.constraint is not None and seq.constraint.is_terminated():
+        if seq.constraint is not None and seq.constraint_done:
             seq.status = SequenceStatus.FINISHED_STOPPED
             return
         if n_out >= p.min_tokens:

@@ -238,7 +238,8 @@ class ModelRunner:
         self.logits_width = logits.shape[-1]
         raw = request_logits.raw_logprobs(logits, seqs)
         request_logits.apply_constraints(logits, seqs, self.bitmasks, fill=mask_fill,
-                                         apply=self.apply_token_bitmask)
+                                         apply=self.apply_token_bitmask,
+                                         device_wait=self.queue_mask_wait)
         self.suppress_early_stop(logits, seqs)
         request_logits.apply_penalties_and_bias(logits, seqs, self.token_counts,
                                                  self.penalty_settings, self.apply_penalties,
@@ -289,6 +290,15 @@ class ModelRunner:
         if self.logits_width is None:
             return None
         return begin_mask_fill(self.bitmasks, seqs, self.logits_width, prev)
+
+    def queue_mask_wait(self, flag: torch.Tensor, value: int) -> bool:
+        """Queue on the device a wait until the page-locked int32 word ``flag`` (host memory)
+        reaches ``value`` (a cyclic 32-bit comparison: ``(int32)(flag - value) >= 0``), so that
+        the work queued after it (the copy of a structured-output mask the mask-fill worker is
+        still writing) runs only then, and the host need not wait for the worker; ``False``
+        when it cannot, and the host waits. Core's version: ``False``. A backend whose device
+        can wait on host memory (CUDA's ``cuStreamWaitValue32``) returns ``True``."""
+        return False
 
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                             rows: torch.Tensor | None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sagellm.engine.constraint import apply_token_bitmask, fill_bitmasks
-from sagellm.engine.mask_fill import BitmaskPool, MaskFill
+from sagellm.engine.mask_fill import BitmaskPool, DeviceWait, MaskFill
 from sagellm.engine.plan import PrefillOp, StepPlan
 from sagellm.engine.sequence import SequenceState
 from sagellm.engine.step_launch import StepLaunch
@@ -35,12 +35,14 @@ ApplyBitmask = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Non
 
 def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState], pool: BitmaskPool, *,
                       fill: MaskFill | None = None,
-                      apply: ApplyBitmask = apply_token_bitmask) -> None:
+                      apply: ApplyBitmask = apply_token_bitmask,
+                      device_wait: DeviceWait | None = None) -> None:
     """Mask, in place, the tokens each constrained row's constraint disallows.
 
     ``fill``: the masks begun by the runner for these rows (:mod:`sagellm.engine.mask_fill`,
-    checked to be theirs); without it they are filled here, into a buffer of ``pool``. Either
-    way they go over in one non-blocking copy while the device still runs."""
+    checked to be theirs; ``device_wait``, where the device can wait for the fill instead of
+    the host: :meth:`MaskFill.take`); without it they are filled here, into a buffer of
+    ``pool``. Either way they go over in one non-blocking copy while the device still runs."""
     rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
     if not rows:
         if fill is not None:
@@ -48,7 +50,7 @@ def apply_constraints(logits: torch.Tensor, seqs: list[SequenceState], pool: Bit
         return
     dev, vocab = logits.device, logits.shape[-1]
     if fill is not None:
-        bitmask, done = fill.take(seqs, vocab), fill.release
+        bitmask, done = fill.take(seqs, vocab, device_wait), fill.release
     else:
         slot, bitmask = pool.acquire(len(rows), vocab)
         fill_bitmasks([seqs[i].constraint for i in rows], bitmask)  # type: ignore[misc]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -90,6 +91,12 @@ class SequenceState:
         #: Why the constraint refused a token the mask fill accepted for it (then the engine
         #: fails the request when it sees the token).
         self.constraint_error: str | None = None
+        #: Whether the constraint was complete after the last token it accepted (read by the
+        #: engine instead of asking the constraint, which the next mask fill may be reading).
+        self.constraint_done = False
+        #: Set by the mask fill that accepts this sequence's pending token once it has (the
+        #: engine waits for it before it looks at the constraint); ``None`` when none does.
+        self.accept_ready: threading.Event | None = None
         #: With ``params.logprobs``: one entry per generated token, appended by the engine.
         self.output_logprobs: list[TokenLogprob] | None = (
             [] if params.logprobs is not None else None)

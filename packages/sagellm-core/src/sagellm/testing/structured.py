@@ -56,18 +56,20 @@ class Scripted:
 
 
 def run_scripted_beside_greedy(engine: Any, scripts: Sequence[Sequence[int]],
-                               max_greedy_tokens: int = 16) -> list[Any]:
+                               max_greedy_tokens: int = 16,
+                               constraint_class: type[Scripted] | None = None) -> list[Any]:
     """Run ``engine`` (an ``LLMEngine``) with one plain greedy request and a :class:`Scripted`
-    constrained request per script, the latter added one per step (so steps hold a prompt
-    beside running decodes, whole-batch and partly constrained); returns each scripted
-    request's finished output, in ``scripts`` order. A stale or missing mask shows up as an
-    output with an error or other tokens than its script."""
+    constrained request per script (``constraint_class``: a subclass of it instead), the latter
+    added one per step (so steps hold a prompt beside running decodes, whole-batch and partly
+    constrained); returns each scripted request's finished output, in ``scripts`` order. A
+    stale or missing mask shows up as an output with an error or other tokens than its script."""
     from sagellm.sampling_params import SamplingParams
 
     greedy = SamplingParams(max_tokens=max(len(s) for s in scripts) + 4, temperature=0.0,
                             ignore_eos=True)
     engine.add_request([9, 8, 7], SamplingParams(max_tokens=max_greedy_tokens, temperature=0.0,
                                                  ignore_eos=True))
+    cls = constraint_class or Scripted
     pending = list(enumerate(scripts))
     ids: list[str] = []
     done: dict[str, Any] = {}
@@ -75,7 +77,7 @@ def run_scripted_beside_greedy(engine: Any, scripts: Sequence[Sequence[int]],
         if pending:
             k, script = pending.pop(0)
             ids.append(engine.add_request([3 + k, 4, 5], greedy,
-                                          constraint=lambda s=script: Scripted(s)))
+                                          constraint=lambda s=script: cls(s)))
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out
