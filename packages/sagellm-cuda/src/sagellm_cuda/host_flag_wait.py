@@ -7,9 +7,13 @@ for the worker before it queues the mask's copy and the masked argmax, so the wo
 With it the host queues the copy behind a stream wait on the worker's flag word and goes on:
 the device, which is still running the forward, reaches the wait later and rarely waits there.
 
-The driver entry point is called through ``ctypes`` (PyTorch does not expose it). It is probed
-once per process with a wait that is already satisfied; where the symbol is missing or the call
-fails, or ``SAGELLM_MASK_DEVICE_WAIT=0``, the runner keeps the host wait.
+**Off by default; ``SAGELLM_MASK_DEVICE_WAIT=1`` turns it on.** On an H100 (driver 580.159.04,
+CUDA 13) serving worked with it, but a test whose stream reached the wait before the host wrote
+the word never saw the write and hung the process. Until that is understood, turning it on runs
+:func:`check` first, in a child process with a time limit: the wait must hold the stream, then
+let it go once the host writes the word. Where it does not (or the symbol is missing, or the
+call fails), the runner keeps the host wait and logs why. The driver entry point is called
+through ``ctypes`` (PyTorch does not expose it).
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import torch
 
 logger = logging.getLogger("sagellm.cuda")
 
-#: ``0`` (or ``false``, ``no``, ``off``) keeps the host waiting for every mask fill.
+#: ``1`` (or ``true``, ``yes``, ``on``) lets the device wait for mask fills; unset or ``0``
+#: keeps the host waiting for every one.
 ENV = "SAGELLM_MASK_DEVICE_WAIT"
+#: Seconds the child process of :func:`check` may take (CUDA start-up included).
+CHECK_TIMEOUT_S = 90
 #: ``CU_STREAM_WAIT_VALUE_GEQ``: wait until ``(int32_t)(*addr - value) >= 0`` (cyclic).
 _WAIT_GEQ = 0x0
 
@@ -35,12 +42,12 @@ _LOCK = threading.Lock()
 
 
 def enabled_by_env() -> bool:
-    """Whether :data:`ENV` allows device waits (unset: yes); ``ValueError`` naming it for a
+    """Whether :data:`ENV` asks for device waits (unset: no); ``ValueError`` naming it for a
     value that is not a yes or a no."""
     raw = os.environ.get(ENV, "").strip().lower()
-    if raw in ("", "1", "true", "yes", "on"):
+    if raw in ("1", "true", "yes", "on"):
         return True
-    if raw in ("0", "false", "no", "off"):
+    if raw in ("", "0", "false", "no", "off"):
         return False
     raise ValueError(f"{ENV} must be 0 or 1, got {raw!r}")
 
@@ -62,16 +69,65 @@ def _probe(device: torch.device) -> Callable[..., int] | None:
     fn = _load()
     if fn is None:
         return None
-    with torch.inference_mode(False):
-        flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-    stream = torch.cuda.current_stream(device)
-    rc = fn(stream.cuda_stream, flag.data_ptr(), 0, _WAIT_GEQ)  # already true: never blocks
-    stream.synchronize()
-    if rc != 0:
-        logger.info("cuStreamWaitValue32 is not usable here (CUresult %d): structured-output "
-                    "masks are waited for on the host", rc)
+    verdict = check(device.index or 0)
+    if verdict != "ok":
+        logger.warning("the GPU's wait on a host word failed its check (%s): structured-output "
+                       "masks are waited for on the host", verdict)
         return None
     return fn
+
+
+def check(device_index: int, timeout_s: float = CHECK_TIMEOUT_S, start: int = 0,
+          value: int = 1) -> str:
+    """Run :func:`_check_here` in a child process (a wait that never ends takes only the child
+    with it): ``"ok"``, or what went wrong."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-m", "sagellm_cuda.host_flag_wait", "--check",
+                               str(device_index), str(start), str(value)], capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"the check did not finish in {timeout_s:g} s"
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return f"the check exited with {done.returncode}: {done.stderr.strip()[-300:]}"
+    return lines[-1]
+
+
+def _check_here(device_index: int, start: int = 0, value: int = 1) -> str:
+    """Queue a wait for ``value`` on a word that holds ``start`` (cyclically before it), behind
+    it a kernel and an event; the event must not complete until the host writes ``value``, and
+    must within 2 s after it."""
+    import time
+
+    fn = _load()
+    if fn is None:
+        return "no cuStreamWaitValue32_v2"
+    device = torch.device("cuda", device_index)
+    torch.cuda.set_device(device)
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    word = flag.numpy().view("uint32")
+    word[0] = start & 0xFFFFFFFF
+    out = torch.zeros(1, device=device)
+    stream = torch.cuda.current_stream(device)
+    rc = fn(stream.cuda_stream, flag.data_ptr(), value & 0xFFFFFFFF, _WAIT_GEQ)
+    if rc != 0:
+        return f"cuStreamWaitValue32 returned CUresult {rc}"
+    out += 1
+    event = torch.cuda.Event()
+    event.record(stream)
+    time.sleep(0.05)
+    if event.query():
+        return "the stream did not wait for the word"
+    word[0] = value & 0xFFFFFFFF
+    deadline = time.monotonic() + 2.0
+    while not event.query():
+        if time.monotonic() > deadline:
+            return "the stream did not see the host's write within 2 s"
+        time.sleep(0.001)
+    return "ok"
 
 
 def host_flag_wait(device: torch.device) -> Callable[[torch.Tensor, int], bool] | None:
@@ -99,3 +155,12 @@ def host_flag_wait(device: torch.device) -> Callable[[torch.Tensor, int], bool] 
         return True
 
     return wait
+
+
+if __name__ == "__main__":  # the child process of :func:`check`
+    import sys
+
+    if len(sys.argv) == 5 and sys.argv[1] == "--check":
+        print(_check_here(*(int(a) for a in sys.argv[2:])), flush=True)
+        os._exit(0)  # never wait for a stream that may still be held
+    sys.exit("usage: python -m sagellm_cuda.host_flag_wait --check DEVICE_INDEX START VALUE")
