@@ -291,11 +291,12 @@ def _engine(platform: Any, model: Path) -> LLMEngine:
     return LLMEngine(config, registry=Registry(), platform=platform)
 
 
-def _run_scripted(engine: LLMEngine, plain: bool = True) -> dict[str, Any]:
+def _run_scripted(engine: LLMEngine, plain: bool = True,
+                  make: Any = Scripted) -> dict[str, Any]:
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for k, script in enumerate(SCRIPTS):
         engine.add_request([3 + k, 4, 5, 6 + k], greedy, request_id=f"s{k}",
-                           constraint=lambda script=script: Scripted(script))
+                           constraint=lambda script=script: make(script))
     if plain:
         engine.add_request([7, 8, 9], greedy, request_id="plain")
     done: dict[str, Any] = {}
@@ -407,20 +408,13 @@ def test_device_waits_give_the_scripts_and_the_engine_never_races_the_worker(
             finally:
                 busy.release()
 
-    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     made: list[Exclusive] = []
-    for k, script in enumerate(SCRIPTS):
-        def factory(script: list[int] = script) -> Exclusive:
-            made.append(Exclusive(script))
-            return made[-1]
-        engine.add_request([3 + k, 4, 5, 6 + k], greedy, request_id=f"s{k}", constraint=factory)
-    engine.add_request([7, 8, 9], greedy, request_id="plain")
-    done: dict[str, Any] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    _check(done)
+
+    def make(script: list[int]) -> Exclusive:
+        made.append(Exclusive(script))
+        return made[-1]
+
+    _check(_run_scripted(engine, make=make))
     assert len(tickets) >= 4 and tickets == sorted(tickets)
     # Each token was offered to its constraint once: by the worker or by the engine.
     assert [c.accepted for c in made] == [len(s) for s in SCRIPTS]

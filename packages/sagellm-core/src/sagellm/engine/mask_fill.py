@@ -201,8 +201,7 @@ class MaskFill:
             raise RuntimeError(f"the mask fill was begun for {self.vocab} logits, sampling has "
                                f"{vocab}")
         self.taken = True
-        if device_wait is not None and self.pool.pin and not self.future.done() \
-                and device_wait(self.pool.flag, self.ticket):
+        if device_wait is not None and self.pool.pin and device_wait(self.pool.flag, self.ticket):
             self.device_waits = True
             return self.bitmask
         self.future.result()
