@@ -269,7 +269,12 @@ def _accept_pending(pending: list[SequenceState], prev: StepLaunch | None) -> No
             else:
                 s.constraint_error = refusal(constraint, tok)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-            s.constraint_error = f"the output constraint failed: {type(exc).__name__}: {exc}"
+            s.constraint_error = _failed(exc)
+
+
+def _failed(exc: Exception) -> str:
+    """The ``constraint_error`` of a row whose grammar raised."""
+    return f"the output constraint failed: {type(exc).__name__}: {exc}"
 
 
 def _fill_rows(seqs: list[SequenceState], bitmask: torch.Tensor) -> None:
@@ -289,8 +294,7 @@ def _fill_rows(seqs: list[SequenceState], bitmask: torch.Tensor) -> None:
             try:
                 fill_bitmasks([seqs[i].constraint], bitmask[i:i + 1])  # type: ignore[list-item]
             except Exception as exc:  # noqa: BLE001 - this request fails, the step goes on
-                seqs[i].constraint_error = (f"the output constraint failed: "
-                                            f"{type(exc).__name__}: {exc}")
+                seqs[i].constraint_error = _failed(exc)
                 bitmask[i] = -1
     for i in range(len(seqs)):
         if i not in ok:
