@@ -97,3 +97,45 @@ def test_a_response_whose_first_chunk_holds_every_token_has_no_tpot(
     # Only the second request's (0.4 - 0.1) s over its 3 tokens after the first chunk.
     assert r["tpot_ms"]["p50"] == pytest.approx(100.0)
     assert r["ttft_ms"]["p50"] == pytest.approx(150.0)
+
+
+def test_out_lens_are_per_request_in_index_order() -> None:
+    srv = FakeServer()
+    outs = [5, 1, 12, 3, 8]
+    r = serve.run_requests(srv.url, 3, [[5] * 4 for _ in outs], outs)
+    assert r["out_lens"] == outs and r["out_tokens"] == sum(outs)
+
+
+def test_lengths_from_an_earlier_run_replace_the_workloads(tmp_path: Path) -> None:
+    """A grammar that ends requests early leaves shorter out_lens; a plain run given them asks
+    each request for exactly as many tokens, so the two runs do the same work."""
+    srv = FakeServer()
+    earlier = tmp_path / "json.json"
+    lens = [1 + (7 * i) % 200 for i in range(8)]
+    lens[2] = 0  # a failed request keeps the workload's own length
+    earlier.write_text(json.dumps({"serve_c1": {"out_lens": lens}}))
+    out = tmp_path / "plain.json"
+    rc = bench_main.main(["--serve-url", srv.url, "--workloads", "serve_c1", "--out", str(out),
+                          "--serve-lengths-from", str(earlier)])
+    row = json.loads(out.read_text())["serve_c1"]
+    want = [n or 256 for n in lens]
+    assert rc == 0 and row["matched_lengths"] is True
+    assert row["out_lens"] == want and row["requested_tokens"] == sum(want)
+
+
+@pytest.mark.parametrize(("row", "match"), [
+    ({}, "no serve_c1 row with out_lens"),
+    ({"serve_c1": {"out_lens": [3, 4]}}, "has 2 out_lens, the workload 8"),
+])
+def test_unusable_lengths_files_are_refused(tmp_path: Path, row: dict[str, object],
+                                            match: str) -> None:
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(row))
+    with pytest.raises(ValueError, match=match):
+        serve.matched_lengths(path, "serve_c1")
+
+
+@pytest.mark.parametrize("lens", [[3] * 7, [0] + [3] * 7, [True] * 8, [2.5] * 8])
+def test_run_workload_refuses_lengths_it_cannot_send(lens: list[object]) -> None:
+    with pytest.raises(ValueError, match="8 output lengths of at least 1"):
+        serve.run_workload("http://127.0.0.1:9", "serve_c1", None, lens)  # type: ignore[arg-type]

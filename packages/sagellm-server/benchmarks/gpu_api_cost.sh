@@ -8,7 +8,7 @@
 #
 # Run from the repository root; carry .whl (shared/device/wheels.sh plus the llguidance wheel)
 # and the model folder. Writes $OUT/api_<variant>_<run>.json, $OUT/api_cost_runs.json (all runs)
-# $OUT/api_cost.txt (the table) and $OUT/api_cpu.txt (per variant, the CPU share of the server
+# $OUT/api_cost.txt (the table, json_schema also against plain_matched) and $OUT/api_cpu.txt (per variant, the CPU share of the server
 # process and of the engine process under it). Time: server start-up (~45 s) + about 15 s per variant.
 set -u
 MODEL=${1:?usage: gpu_api_cost.sh MODEL_DIR}
@@ -77,20 +77,31 @@ print("  ".join(f"{name}[{pid}] {100 * (t - a.get(pid, (name, 0.0))[1]) / wall:.
                 for pid, (name, t) in b.items() if t - a.get(pid, (name, 0.0))[1] > 0.05 * wall))
 PY
 }
-# VARIANTS picks some (plain runs first and last whatever it says).
+# VARIANTS picks some (plain runs first and last whatever it says). After json_schema,
+# plain_matched runs plain requests whose lengths are the first json_schema run's (its
+# out_lens): the grammar ends requests early, so json_schema decodes fewer tokens per prompt
+# than plain, and "vs matched" compares the two at the same work.
 VARIANTS=${VARIANTS:-json_schema penalties logprobs5}
-for v in plain $VARIANTS plain_again; do
-  body=${BODY[${v%_again}]}
-  extra=()
+run_variant() {  # NAME [bench args...]
+  local v=$1; shift
+  local body=${BODY[${v%_again}]:-}
+  local extra=()
   [ -n "$body" ] && extra=(--serve-extra-body "$body")
   warm "$body"
   before=$(cpu_times); t0=$(date +%s.%N)
   for r in $(seq "$REPS"); do
     python3 -m sagellm.bench --serve-url "$URL" --workloads serve_c16 --out "$OUT/api_${v}_$r.json" \
-      "${extra[@]}" > /dev/null 2>&1 || echo "variant $v run $r failed"
+      "${extra[@]}" "$@" > /dev/null 2>&1 || echo "variant $v run $r failed"
   done
   echo "$v CPU, % of one core: $(cpu_share "$before" "$(cpu_times)" "$t0")" \
     | tee -a "$OUT/api_cpu.txt"
+}
+for v in plain $VARIANTS plain_again; do
+  run_variant "$v"
+  if [ "$v" = json_schema ] && [ -f "$OUT/api_json_schema_1.json" ]; then
+    BODY[plain_matched]=''
+    run_variant plain_matched --serve-lengths-from "$OUT/api_json_schema_1.json"
+  fi
 done
 python3 - "$OUT" <<'PY' | tee "$OUT/api_cost.txt"
 import json, statistics, sys, pathlib
@@ -101,15 +112,19 @@ for f in sorted(out.glob("api_*_[0-9]*.json")):
     runs.setdefault(v, []).append(json.loads(f.read_text())["serve_c16"])
 json.dump(runs, open(out / "api_cost_runs.json", "w"), indent=1)
 med = lambda rs, f: statistics.median(f(r) for r in rs)
-base = med(runs.get("plain", []), lambda r: r["out_tok_s"]) if runs.get("plain") else float("nan")
+tok_s = lambda v: med(runs[v], lambda r: r["out_tok_s"]) if runs.get(v) else float("nan")
+base, matched = tok_s("plain"), tok_s("plain_matched")
 plain = [round(r["out_tok_s"]) for r in runs.get("plain", [])]
 print(f"plain runs (tok/s, first and last variant): {plain}")
-print(f"{'serve_c16':<12}{'runs':>5}{'tok/s':>10}{'TPOT p50':>10}{'TTFT p50':>10}{'TTFT p90':>10}{'errors':>8}{'vs plain':>10}")
+print(f"{'serve_c16':<14}{'runs':>5}{'tokens':>8}{'tok/s':>9}{'TPOT p50':>10}{'TTFT p50':>10}"
+      f"{'TTFT p90':>10}{'errors':>8}{'vs plain':>10}{'vs matched':>12}")
 for v, rs in runs.items():
     tok = med(rs, lambda r: r["out_tok_s"])
-    print(f"{v:<12}{len(rs):>5}{tok:>10,.0f}{med(rs, lambda r: r['tpot_ms']['p50']):>10.2f}"
+    tokens = statistics.median_low(round(r["out_tok_s"] * r["duration_s"]) for r in rs)
+    vs_matched = f"{tok / matched:>12.3f}" if v == "json_schema" and runs.get("plain_matched") else ""
+    print(f"{v:<14}{len(rs):>5}{tokens:>8,}{tok:>9,.0f}{med(rs, lambda r: r['tpot_ms']['p50']):>10.2f}"
           f"{med(rs, lambda r: r['ttft_ms']['p50']):>10.1f}{med(rs, lambda r: r['ttft_ms']['p90']):>10.1f}"
-          f"{sum(r['n_errors'] for r in rs):>8}{tok / base:>10.3f}")
+          f"{sum(r['n_errors'] for r in rs):>8}{tok / base:>10.3f}{vs_matched}")
 PY
 stop_server
 trap - EXIT

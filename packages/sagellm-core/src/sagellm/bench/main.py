@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-extra-body", type=json.loads, default=None, metavar="JSON",
                    help="JSON object merged into every serve workload request (e.g. "
                         "'{\"logprobs\": 5}'), to measure what a feature costs")
+    p.add_argument("--serve-lengths-from", type=Path, default=None, metavar="JSON",
+                   help="an earlier result file: each serve workload's request i asks as many "
+                        "tokens as that file's request i produced (its out_lens), so a plain "
+                        "run does the same work as a run whose grammar ended requests early")
     p.add_argument("--kv-eviction", default="lru,lfu,s3fifo",
                    help="comma list of eviction policies (lru, lfu, s3fifo); prefix_chat runs once "
                         "per policy, each on a fresh engine (the other workloads use the first); "
@@ -229,7 +233,10 @@ def _serve_workload(args: argparse.Namespace, name: str) -> dict[str, Any]:
         return soak.run_soak(args)
     from sagellm.bench import serve
 
-    return serve.run_workload(args.serve_url, name, getattr(args, "serve_extra_body", None))
+    source = getattr(args, "serve_lengths_from", None)
+    lengths = serve.matched_lengths(source, name) if source else None
+    return serve.run_workload(args.serve_url, name, getattr(args, "serve_extra_body", None),
+                              lengths)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

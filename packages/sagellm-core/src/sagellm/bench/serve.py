@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -60,14 +61,40 @@ WORKLOADS: dict[str, ServeWorkload] = {
 }
 
 
-def run_workload(url: str, name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_workload(url: str, name: str, extra: dict[str, Any] | None = None,
+                 max_tokens: list[int] | None = None) -> dict[str, Any]:
+    """One serve workload; ``max_tokens`` (one per request) replaces the workload's output
+    lengths: given another run's ``out_lens``, plain requests do the same work as that run's
+    (a grammar ends requests early, so a constrained run would otherwise decode fewer tokens
+    per prompt than its plain base, and the two would not compare like for like)."""
     w = WORKLOADS[name]
-    prompts, max_tokens = w.requests()
-    out = run_requests(url, w.concurrency, prompts, max_tokens, extra)
+    prompts, lens = w.requests()
+    if max_tokens is not None:
+        if len(max_tokens) != len(prompts) or any(
+                not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in max_tokens):
+            raise ValueError(f"{name} needs {len(prompts)} output lengths of at least 1, one per "
+                             f"request; got {len(max_tokens)}")
+        lens = max_tokens
+    out = run_requests(url, w.concurrency, prompts, lens, extra)
     out["workload"] = name
     if extra:
         out["extra_body"] = extra
+    if max_tokens is not None:
+        out["matched_lengths"] = True
     return out
+
+
+def matched_lengths(path: Path, name: str) -> list[int]:
+    """The per-request output lengths (``out_lens``) of workload ``name`` in the result file
+    ``path``; a failed request (length 0) keeps the workload's own length."""
+    row = json.loads(path.read_text()).get(name)
+    if not isinstance(row, dict) or not isinstance(row.get("out_lens"), list):
+        raise ValueError(f"{path} has no {name} row with out_lens")
+    default = WORKLOADS[name].requests()[1]
+    lens = row["out_lens"]
+    if len(lens) != len(default):
+        raise ValueError(f"{path}: {name} has {len(lens)} out_lens, the workload {len(default)}")
+    return [int(n) if n else d for n, d in zip(lens, default, strict=True)]
 
 
 def one_request(url: str, prompt: list[int], max_tokens: int, model: str | None = None,
@@ -125,6 +152,7 @@ def run_requests(url: str, concurrency: int, prompts: list[list[int]], max_token
     lock = threading.Lock()
     next_idx = [0]
     results: list[dict[str, Any]] = []
+    out_lens = [0] * num_requests
     errors: list[str] = []
 
     def client() -> None:
@@ -138,6 +166,7 @@ def run_requests(url: str, concurrency: int, prompts: list[list[int]], max_token
                 r = one_request(url, prompts[i], max_tokens[i], extra=extra)
                 with lock:
                     results.append(r)
+                    out_lens[i] = sum(r["counts"])
             except Exception as exc:  # recorded, not fatal: the row reports errors
                 with lock:
                     errors.append(repr(exc))
@@ -170,4 +199,5 @@ def run_requests(url: str, concurrency: int, prompts: list[list[int]], max_token
             "requested_tokens": sum(max_tokens), "duration_s": duration, "completed": len(results),
             "n_errors": len(errors), "errors": errors[:5], "out_tok_s": total / duration,
             "req_s": len(results) / duration, "ttft_ms": _summary(ttft), "tpot_ms": _summary(tpot),
-            "itl_ms": _summary(itl), "e2e_ms": _summary(e2e)}
+            "itl_ms": _summary(itl), "e2e_ms": _summary(e2e), "out_tokens": total,
+            "out_lens": out_lens}
