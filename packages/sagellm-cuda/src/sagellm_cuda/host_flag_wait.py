@@ -7,13 +7,23 @@ for the worker before it queues the mask's copy and the masked argmax, so the wo
 With it the host queues the copy behind a stream wait on the worker's flag word and goes on:
 the device, which is still running the forward, reaches the wait later and rarely waits there.
 
-**Off by default; ``SAGELLM_MASK_DEVICE_WAIT=1`` turns it on.** On an H100 (driver 580.159.04,
-CUDA 13) serving worked with it, but a test whose stream reached the wait before the host wrote
-the word never saw the write and hung the process. Until that is understood, turning it on runs
-:func:`check` first, in a child process with a time limit: the wait must hold the stream, then
-let it go once the host writes the word. Where it does not (or the symbol is missing, or the
-call fails), the runner keeps the host wait and logs why. The driver entry point is called
-through ``ctypes`` (PyTorch does not expose it).
+**Off by default; ``SAGELLM_MASK_DEVICE_WAIT=1`` turns it on**, and then :func:`check` runs
+first, in a child process with a time limit: the wait must hold the stream, then let it go once
+the host writes the word. Where it does not (or the symbol is missing, or the call fails), the
+runner keeps the host wait and logs why. The driver entry point is called through ``ctypes``
+(PyTorch does not expose it).
+
+**Lazy module loading and the one way to deadlock.** With CUDA's lazy loading (the default
+since CUDA 12), the first launch of a kernel loads its module, and loading may synchronise the
+context, so it waits for every stream, the held one included. A thread that queues a wait and
+then launches a kernel the process has not launched before blocks until the word is written;
+if that same thread is the one that writes the word, it never is. That is how the first GPU
+test of this wait hung (on an H100, driver 580.159.04): its kernel after the wait was new to
+the process. The check therefore launches its kernels once before it queues the wait. In the
+engine the word is written by the mask-fill worker, which needs nothing from the thread that
+queued the wait except the GIL (PyTorch and Triton release it while they load or launch), so a
+first launch behind a wait only stalls until the fill is done; the start-up warm-up launches
+every kernel of a step before any request is served.
 """
 
 from __future__ import annotations
@@ -111,12 +121,15 @@ def _check_here(device_index: int, start: int = 0, value: int = 1) -> str:
     word = flag.numpy().view("uint32")
     word[0] = start & 0xFFFFFFFF
     out = torch.zeros(1, device=device)
+    out += 1  # load the kernel now: a first launch behind the wait would wait for it (above)
+    event = torch.cuda.Event()
+    event.record()
+    torch.cuda.synchronize(device)
     stream = torch.cuda.current_stream(device)
     rc = fn(stream.cuda_stream, flag.data_ptr(), value & 0xFFFFFFFF, _WAIT_GEQ)
     if rc != 0:
         return f"cuStreamWaitValue32 returned CUresult {rc}"
     out += 1
-    event = torch.cuda.Event()
     event.record(stream)
     time.sleep(0.05)
     if event.query():
