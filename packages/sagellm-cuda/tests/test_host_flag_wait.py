@@ -1,5 +1,5 @@
 """The device's wait for a mask fill's flag word (``sagellm_cuda.host_flag_wait``): the switch
-(off unless asked for), the check in a child process that guards it, and on a GPU the wait
+(on unless turned off), the check in a child process that guards it, and on a GPU the wait
 itself and whole engines whose mask fills outlast the forward, so the device, not the host,
 waits."""
 
@@ -21,9 +21,9 @@ from sagellm_cuda import host_flag_wait as hfw
 gpu = pytest.mark.gpu
 
 
-@pytest.mark.parametrize(("raw", "on"), [("", False), ("1", True), ("on", True), ("0", False),
+@pytest.mark.parametrize(("raw", "on"), [("", True), ("1", True), ("on", True), ("0", False),
                                          ("False", False), (" off ", False), ("YES", True)])
-def test_the_switch_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch, raw: str,
+def test_the_switch_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch, raw: str,
                                         on: bool) -> None:
     monkeypatch.setenv(hfw.ENV, raw)
     assert hfw.enabled_by_env() is on
@@ -35,12 +35,15 @@ def test_a_bad_switch_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> Non
         hfw.enabled_by_env()
 
 
-def test_no_wait_off_the_gpu_or_unless_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert hfw.host_flag_wait(torch.device("cpu")) is None
+def test_no_wait_off_the_gpu_or_when_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[int] = []
+    monkeypatch.setattr(hfw, "_PROBES", {})
+    monkeypatch.setattr(hfw, "_start_check", lambda index: started.append(index))
     monkeypatch.delenv(hfw.ENV, raising=False)
-    assert hfw.host_flag_wait(torch.device("cuda", 0)) is None  # decided before any probe
+    assert hfw.host_flag_wait(torch.device("cpu")) is None
     monkeypatch.setenv(hfw.ENV, "0")
     assert hfw.host_flag_wait(torch.device("cuda", 0)) is None
+    assert started == []  # decided before any probe
 
 
 def test_the_check_runs_in_a_child_and_reports_what_went_wrong() -> None:
@@ -52,15 +55,69 @@ def test_the_check_runs_in_a_child_and_reports_what_went_wrong() -> None:
     assert hfw.check(0, timeout_s=0.01) == "the check did not finish in 0.01 s"
 
 
-def test_a_failed_check_keeps_the_host_wait(monkeypatch: pytest.MonkeyPatch,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+class _Answer:
+    def __init__(self, verdict: str, asked: list[str]) -> None:
+        self.verdict, self.asked = verdict, asked
+
+    def result(self) -> str:
+        self.asked.append(self.verdict)
+        return self.verdict
+
+
+def test_the_check_starts_with_the_wait_and_is_answered_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Making the wait starts the check's child (once per device); the first use takes its
+    answer, and a failed check logs why and keeps the host wait from then on."""
+    started: list[int] = []
+    asked: list[str] = []
+    verdicts = {0: "the stream did not see the host's write", 1: "ok"}
+    monkeypatch.setattr(hfw, "_PROBES", {})
     monkeypatch.setattr(hfw, "_load", lambda: (lambda *a: 0))
-    monkeypatch.setattr(hfw, "check", lambda index: "the stream did not see the host's write")
+
+    def start(index: int) -> _Answer:
+        started.append(index)
+        return _Answer(verdicts[index], asked)
+
+    monkeypatch.setattr(hfw, "_start_check", start)
+    monkeypatch.delenv(hfw.ENV, raising=False)
+    assert hfw.host_flag_wait(torch.device("cuda", 0)) is not None
+    assert hfw.host_flag_wait(torch.device("cuda", 0)) is not None
+    assert hfw.host_flag_wait(torch.device("cuda", 1)) is not None
+    assert started == [0, 1] and asked == []  # started, not yet waited for
+    bad, good = hfw._PROBES[0], hfw._PROBES[1]
     with caplog.at_level(logging.WARNING, logger="sagellm.cuda"):
-        assert hfw._probe(torch.device("cuda", 0)) is None
-    assert "did not see the host's write" in caplog.text
-    monkeypatch.setattr(hfw, "check", lambda index: "ok")
-    assert hfw._probe(torch.device("cuda", 0)) is not None
+        assert not bad.usable() and not bad.usable()
+        assert good.usable()
+    assert asked == [verdicts[0], "ok"]  # each answer taken once
+    assert caplog.text.count("did not see the host's write") == 1
+
+
+def test_no_driver_entry_point_means_no_wait_and_no_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[int] = []
+    monkeypatch.setattr(hfw, "_PROBES", {})
+    monkeypatch.setattr(hfw, "_load", lambda: None)
+    monkeypatch.setattr(hfw, "_start_check", lambda index: started.append(index))
+    monkeypatch.delenv(hfw.ENV, raising=False)
+    assert hfw.host_flag_wait(torch.device("cuda", 0)) is None and started == []
+    assert not hfw._PROBES[0].usable()
+
+
+def test_a_child_that_overruns_is_killed_and_reported(tmp_path: Path) -> None:
+    """The pending check's deadline runs from its start: a child still running at ``result``
+    past it is killed, and a child that fails says how."""
+    import subprocess
+    import sys
+
+    pending = hfw._PendingCheck.__new__(hfw._PendingCheck)
+    pending.timeout_s, pending.deadline = 0.2, time.monotonic() + 0.2
+    pending.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert pending.result() == "the check did not finish in 0.2 s"
+    assert pending.proc.returncode is not None  # killed, not left running
+    pending.deadline = time.monotonic() + 30
+    pending.proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('no GPU here')"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert pending.result() == "the check exited with 1: no GPU here"
 
 
 # -- on a GPU ---------------------------------------------------------------------------------

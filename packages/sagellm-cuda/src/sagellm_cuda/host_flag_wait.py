@@ -7,11 +7,14 @@ for the worker before it queues the mask's copy and the masked argmax, so the wo
 With it the host queues the copy behind a stream wait on the worker's flag word and goes on:
 the device, which is still running the forward, reaches the wait later and rarely waits there.
 
-**Off by default; ``SAGELLM_MASK_DEVICE_WAIT=1`` turns it on**, and then :func:`check` runs
-first, in a child process with a time limit: the wait must hold the stream, then let it go once
-the host writes the word. Where it does not (or the symbol is missing, or the call fails), the
-runner keeps the host wait and logs why. The driver entry point is called through ``ctypes``
-(PyTorch does not expose it).
+**On by default; ``SAGELLM_MASK_DEVICE_WAIT=0`` keeps the host wait.** Before the first wait,
+:func:`check` must have passed, in a child process with a time limit (a wait that never ends
+takes only the child with it): the wait must hold the stream, then let it go once the host
+writes the word. The child starts when the runner is made (after the KV cache is sized, so its
+CUDA context is not counted as used memory) and runs beside graph capture; the first mask
+fill that could use the wait takes its answer (a few seconds at most, once). Where the check
+fails (or the symbol is missing, or the call fails), the runner keeps the host wait and logs
+why. The driver entry point is called through ``ctypes`` (PyTorch does not expose it).
 
 **Lazy module loading and the one way to deadlock.** With CUDA's lazy loading (the default
 since CUDA 12), the first launch of a kernel loads its module, and loading may synchronise the
@@ -38,26 +41,25 @@ import torch
 
 logger = logging.getLogger("sagellm.cuda")
 
-#: ``1`` (or ``true``, ``yes``, ``on``) lets the device wait for mask fills; unset or ``0``
-#: keeps the host waiting for every one.
+#: ``0`` (or ``false``, ``no``, ``off``) keeps the host waiting for every mask fill; unset or
+#: ``1`` lets the device wait, once :func:`check` has passed.
 ENV = "SAGELLM_MASK_DEVICE_WAIT"
 #: Seconds the child process of :func:`check` may take (CUDA start-up included).
 CHECK_TIMEOUT_S = 90
 #: ``CU_STREAM_WAIT_VALUE_GEQ``: wait until ``(int32_t)(*addr - value) >= 0`` (cyclic).
 _WAIT_GEQ = 0x0
 
-_FN: Callable[..., int] | None = None
-_PROBED = False
+_PROBES: dict[int, _Probe] = {}
 _LOCK = threading.Lock()
 
 
 def enabled_by_env() -> bool:
-    """Whether :data:`ENV` asks for device waits (unset: no); ``ValueError`` naming it for a
+    """Whether :data:`ENV` allows device waits (unset: yes); ``ValueError`` naming it for a
     value that is not a yes or a no."""
     raw = os.environ.get(ENV, "").strip().lower()
-    if raw in ("1", "true", "yes", "on"):
+    if raw in ("", "1", "true", "yes", "on"):
         return True
-    if raw in ("", "0", "false", "no", "off"):
+    if raw in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{ENV} must be 0 or 1, got {raw!r}")
 
@@ -75,35 +77,70 @@ def _load() -> Callable[..., int] | None:
     return fn  # type: ignore[no-any-return]
 
 
-def _probe(device: torch.device) -> Callable[..., int] | None:
-    fn = _load()
-    if fn is None:
-        return None
-    verdict = check(device.index or 0)
-    if verdict != "ok":
-        logger.warning("the GPU's wait on a host word failed its check (%s): structured-output "
-                       "masks are waited for on the host", verdict)
-        return None
-    return fn
+class _Probe:
+    """The driver's entry point and the verdict of :func:`check` for one device: the check's
+    child process starts when the probe is made, and :meth:`usable` takes its answer once."""
+
+    def __init__(self, device_index: int) -> None:
+        self.fn = _load()
+        self.verdict: str | None = None if self.fn is not None else "no cuStreamWaitValue32_v2"
+        self._pending = _start_check(device_index) if self.fn is not None else None
+        self._lock = threading.Lock()
+
+    def usable(self) -> bool:
+        """Whether the check passed (waiting for its child the first time)."""
+        with self._lock:
+            if self.verdict is None:
+                assert self._pending is not None
+                self.verdict, self._pending = self._pending.result(), None
+                if self.verdict != "ok":
+                    logger.warning("the GPU's wait on a host word failed its check (%s): "
+                                   "structured-output masks are waited for on the host",
+                                   self.verdict)
+        return self.verdict == "ok"
+
+
+class _PendingCheck:
+    """A running check: its child process and deadline."""
+
+    def __init__(self, device_index: int, timeout_s: float, start: int, value: int) -> None:
+        import subprocess
+        import sys
+        import time
+
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sagellm_cuda.host_flag_wait", "--check", str(device_index),
+             str(start), str(value)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(self) -> str:
+        """``"ok"``, or what went wrong (a child past its deadline is killed)."""
+        import subprocess
+        import time
+
+        try:
+            out, err = self.proc.communicate(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            return f"the check did not finish in {self.timeout_s:g} s"
+        lines = out.strip().splitlines()
+        if self.proc.returncode != 0 or not lines:
+            return f"the check exited with {self.proc.returncode}: {err.strip()[-300:]}"
+        return lines[-1]
+
+
+def _start_check(device_index: int, timeout_s: float = CHECK_TIMEOUT_S, start: int = 0,
+                 value: int = 1) -> _PendingCheck:
+    return _PendingCheck(device_index, timeout_s, start, value)
 
 
 def check(device_index: int, timeout_s: float = CHECK_TIMEOUT_S, start: int = 0,
           value: int = 1) -> str:
     """Run :func:`_check_here` in a child process (a wait that never ends takes only the child
     with it): ``"ok"``, or what went wrong."""
-    import subprocess
-    import sys
-
-    try:
-        done = subprocess.run([sys.executable, "-m", "sagellm_cuda.host_flag_wait", "--check",
-                               str(device_index), str(start), str(value)], capture_output=True, text=True,
-                              timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return f"the check did not finish in {timeout_s:g} s"
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return f"the check exited with {done.returncode}: {done.stderr.strip()[-300:]}"
-    return lines[-1]
+    return _start_check(device_index, timeout_s, start, value).result()
 
 
 def _check_here(device_index: int, start: int = 0, value: int = 1) -> str:
@@ -146,20 +183,24 @@ def _check_here(device_index: int, start: int = 0, value: int = 1) -> str:
 def host_flag_wait(device: torch.device) -> Callable[[torch.Tensor, int], bool] | None:
     """``wait(flag, value)`` for ``device``'s current stream, or ``None`` where the device
     cannot wait on host memory (not a CUDA device, the driver lacks it, or :data:`ENV` says no).
-    ``wait`` queues the wait and returns ``True``; ``False`` (nothing queued) for a flag that is
-    not page-locked host memory; a failing driver call raises ``RuntimeError``."""
-    global _FN, _PROBED
+    Starts the device's :func:`check` (once per process and device). ``wait`` queues the wait
+    and returns ``True``; ``False`` (nothing queued) where the check failed or for a flag that
+    is not page-locked host memory; a failing driver call raises ``RuntimeError``."""
     if device.type != "cuda" or not enabled_by_env():
         return None
+    index = device.index or 0
     with _LOCK:
-        if not _PROBED:
-            _FN, _PROBED = _probe(device), True
-        fn = _FN
+        probe = _PROBES.get(index)
+        if probe is None:
+            probe = _PROBES[index] = _Probe(index)
+    fn = probe.fn
     if fn is None:
         return None
 
     def wait(flag: torch.Tensor, value: int) -> bool:
         if flag.device.type != "cpu" or not flag.is_pinned() or flag.dtype != torch.int32:
+            return False
+        if not probe.usable():
             return False
         rc = fn(torch.cuda.current_stream(device).cuda_stream, flag.data_ptr(),
                 value & 0xFFFFFFFF, _WAIT_GEQ)
